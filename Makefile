@@ -1,0 +1,50 @@
+# Two commands for a new user: `make demo` and `make test`. Both set up what they need first
+# (idempotent: a second call skips what is done).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Offline by design: no telemetry from any tool; Prefect's temporary server gets time to start.
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+.PHONY: setup labelstudio-install labelstudio-start labelstudio-stop demo baseline test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+labelstudio-install:
+	bash infra/labelstudio.sh install
+
+labelstudio-start: labelstudio-install
+	bash infra/labelstudio.sh start
+
+labelstudio-stop:
+	bash infra/labelstudio.sh stop
+
+baseline: setup
+	$(VENV)/bin/xbl baseline
+
+demo: setup
+	$(VENV)/bin/xbl baseline
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) -m bench.throughput
+
+clean:
+	rm -rf runs mlflow.db mlartifacts .prefect data/prepared

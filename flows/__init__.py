@@ -1,0 +1,3 @@
+"""Prefect flows that compose the tasks, and the command line."""
+
+from tasks import offline as _offline  # noqa: F401

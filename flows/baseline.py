@@ -1,0 +1,40 @@
+"""prepare → train → evaluate: the baseline on DVC-versioned data, tracked in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from tasks.data import prepare_data
+from tasks.runs import close_run, log_model_run, open_parent_run, publish_table, set_model_alias
+from tasks.training import evaluate_checkpoint, train_baseline
+from xbl.config import load_params
+
+
+def run_dir(project: Path) -> Path:
+    """Checkpoints of this flow run, under the project (git-ignored)."""
+    return project / "runs" / (flow_run.get_name() or "local")
+
+
+@flow(name="xbl-baseline", log_prints=True)
+def baseline_flow(project: str = ".", params_file: str = "params.yaml") -> dict:
+    root = Path(project).resolve()
+    params = load_params(root / params_file)
+    data = prepare_data(str(root), params_file)
+    parent = open_parent_run(str(root), params["mlflow"]["experiment"], "baseline",
+                             data.version)
+    outcome = train_baseline(data.path, params["train"], str(run_dir(root) / "baseline.pt"))
+    evaluation = evaluate_checkpoint(outcome.checkpoint, data.path)
+    name = params["mlflow"]["model_name"]
+    child = log_model_run(str(root), parent, "baseline", params["train"], outcome, evaluation,
+                          data.version, name)
+    set_model_alias(str(root), name, "baseline", child["model_version"])
+    close_run(str(root), parent)
+    table = publish_table({"baseline": child["metrics"]}, "baseline-metrics",
+                          "Baseline: confounded validation vs decoy-randomized test")
+    get_run_logger().info("baseline run %s, model %s v%s", child["run_id"], name,
+                          child["model_version"])
+    return {"parent_run_id": parent, "baseline": child, "data_version": data.version,
+            "table": table}

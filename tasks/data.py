@@ -1,0 +1,32 @@
+"""Data steps: build and version the dataset with DVC, restore a run's data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+
+from tasks import dvc
+from xbl.config import load_params
+
+PREPARE_STAGE = "prepare"
+
+
+@dataclass(frozen=True)
+class DataRef:
+    path: str          # the prepared dataset.npz
+    version: str       # DVC content hash of the prepared output
+    out: str           # the DVC-tracked output folder, relative to the project
+
+
+@task(retries=2, retry_delay_seconds=[2, 5])
+def prepare_data(project: str, params_file: str = "params.yaml") -> DataRef:
+    """Run the DVC `prepare` stage, push it to the remote, and return its version."""
+    root = Path(project)
+    out = load_params(root / params_file)["data"].get("out", "data/prepared")
+    dvc.ensure_repo(root)
+    dvc.repro(root, PREPARE_STAGE)
+    dvc.push(root, PREPARE_STAGE)
+    version = dvc.locked_out_hash(root, PREPARE_STAGE, out)
+    return DataRef(path=str(root / out / "dataset.npz"), version=version, out=out)

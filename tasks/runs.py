@@ -1,0 +1,77 @@
+"""MLflow steps: the flow's parent run, a child run per trained model, aliases, the table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from tasks import tracking
+from tasks.training import TrainOutcome, load_model
+
+HEADLINE = ("val_accuracy", "test_accuracy", "val_macro_precision", "val_macro_recall",
+            "min_val_loss", "test_wrong_reason_share", "test_activation_recall")
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def open_parent_run(project: str, experiment: str, name: str, data_version: str) -> str:
+    """One MLflow parent run per flow run; children hang under it."""
+    client = tracking.client_for(Path(project))
+    exp_id = tracking.experiment_id(client, Path(project), experiment)
+    return tracking.start_run(client, exp_id, name, tags={tracking.DATA_VERSION_TAG: data_version})
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def log_model_run(project: str, parent_id: str, name: str, params: dict, outcome: TrainOutcome,
+                  evaluation: dict, data_version: str, registered_name: str,
+                  extra_tags: dict | None = None) -> dict:
+    """A child run with settings, per-epoch curves, final metrics, confusion matrix and model."""
+    root = Path(project)
+    client = tracking.client_for(root)
+    parent = client.get_run(parent_id)
+    tags = {tracking.DATA_VERSION_TAG: data_version, **(extra_tags or {})}
+    run_id = tracking.start_run(client, parent.info.experiment_id, name, parent_id, tags)
+    tracking.log_params(client, run_id, {**params, "device": outcome.device})
+    tracking.log_history(client, run_id, outcome.history)
+    final = {**evaluation["metrics"], "min_val_loss": outcome.min_val_loss,
+             "best_epoch": outcome.best_epoch}
+    if outcome.effective_lambda is not None:
+        final["effective_lambda"] = outcome.effective_lambda
+    tracking.log_metrics(client, run_id, final)
+    tracking.log_confusion_matrix(client, run_id, np.array(evaluation["confusion_matrix"]),
+                                  evaluation["classes"])
+    if (root / "dvc.lock").is_file():
+        tracking.log_file(client, run_id, root / "dvc.lock")
+    model = load_model(outcome.checkpoint)
+    example = np.zeros((1, *_input_shape(model, outcome)), dtype=np.float32)
+    version = tracking.log_model(run_id, model, example, registered_name)
+    client.set_terminated(run_id)
+    return {"run_id": run_id, "model_version": version, "metrics": final}
+
+
+def _input_shape(model, outcome: TrainOutcome) -> tuple[int, int, int]:
+    from xbl.train import load_checkpoint
+
+    meta = load_checkpoint(Path(outcome.checkpoint))[1]
+    return meta["in_channels"], meta["image_size"], meta["image_size"]
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def set_model_alias(project: str, registered_name: str, alias: str, version: str) -> None:
+    tracking.set_alias(tracking.client_for(Path(project)), registered_name, alias, version)
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def close_run(project: str, run_id: str) -> None:
+    tracking.client_for(Path(project)).set_terminated(run_id)
+
+
+@task
+def publish_table(rows: dict[str, dict], key: str, description: str) -> list[dict]:
+    """Headline metrics per model as a Prefect table artifact (and returned for printing)."""
+    table = [{"model": name, **{m: round(float(metrics[m]), 4) for m in HEADLINE if m in metrics}}
+             for name, metrics in rows.items()]
+    create_table_artifact(table=table, key=key, description=description)
+    return table

@@ -1,0 +1,132 @@
+"""The one MLflow module: experiments, parent/child runs, metrics, models and aliases.
+
+Runs are addressed by id (never the thread-local active run), so Prefect may run these
+calls on any worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from tasks import offline as _offline  # noqa: F401
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+
+DATA_VERSION_TAG = "xbl.data_version"
+FEEDBACK_VERSION_TAG = "xbl.feedback_version"
+# Spelled out so log_model does not spend seconds inferring them (and never asks the network).
+MODEL_REQUIREMENTS = ["torch", "numpy"]
+
+
+def tracking_uri(project: Path) -> str:
+    """MLFLOW_TRACKING_URI when set, else a SQLite store inside the project."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(project).resolve()}/mlflow.db"
+
+
+def client_for(project: Path) -> MlflowClient:
+    uri = tracking_uri(project)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, uri)
+
+
+def experiment_id(client: MlflowClient, project: Path, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:"):
+        location = (Path(project).resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_run(client: MlflowClient, exp_id: str, name: str, parent_id: str | None = None,
+              tags: dict | None = None) -> str:
+    tags = dict(tags or {})
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict, prefix: str = "") -> None:
+    """Flatten nested settings into dotted keys (MLflow params are flat strings)."""
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            log_params(client, run_id, value, prefix=f"{name}.")
+        else:
+            client.log_param(run_id, name, value)
+
+
+def log_history(client: MlflowClient, run_id: str, history: list[dict]) -> None:
+    """Learning curves under `curve/`, so they never shadow the final metrics of the best epoch."""
+    for row in history:
+        for key, value in row.items():
+            if key != "epoch":
+                client.log_metric(run_id, f"curve/{key}", float(value), step=int(row["epoch"]))
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict) -> None:
+    for key, value in metrics.items():
+        if value is not None and np.isfinite(value):
+            client.log_metric(run_id, key, float(value))
+
+
+def log_file(client: MlflowClient, run_id: str, path: Path, artifact_dir: str | None = None) -> None:
+    client.log_artifact(run_id, str(path), artifact_dir)
+
+
+def log_confusion_matrix(client: MlflowClient, run_id: str, cm: np.ndarray, classes: list[str],
+                         name: str = "confusion_matrix.png") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes,
+           yticklabels=classes, xlabel="predicted", ylabel="true")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        client.log_artifact(run_id, str(path))
+
+
+def log_model(run_id: str, model, example: np.ndarray, registered_name: str) -> str:
+    """Log and register the model with its signature; returns the registered version."""
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()
+    import torch
+
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(model, name="model", signature=signature,
+                                        pip_requirements=MODEL_REQUIREMENTS,
+                                        # pickle keeps a dynamic batch size; pt2 would trace one.
+                                        serialization_format="pickle",
+                                        registered_model_name=registered_name)
+    return str(info.registered_model_version)
+
+
+def set_alias(client: MlflowClient, registered_name: str, alias: str, version: str) -> None:
+    client.set_registered_model_alias(registered_name, alias, version)
+
+
+def alias_version(client: MlflowClient, registered_name: str, alias: str):
+    """The model version behind an alias, or None when the alias is not set."""
+    try:
+        return client.get_model_version_by_alias(registered_name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None

@@ -1,0 +1,135 @@
+"""Decoy-digits and user manifests: the data every later step trusts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xbl.data import ManifestError, decoy_digits, radiography_manifest, read_manifest
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return decoy_digits(seed=0)
+
+
+def patch_values(data):
+    """The value each image's confounder patch carries."""
+    return np.array([data.images[i, 0][data.confounder[i]].mean() for i in range(len(data))])
+
+
+def test_decoy_value_codes_the_label_in_train_and_val(digits):
+    for split in ("train", "val"):
+        idx = digits.indices(split)
+        assert np.array_equal(patch_values(digits)[idx], 255 - 25 * digits.labels[idx])
+
+
+def test_decoy_value_is_random_in_test(digits):
+    idx = digits.indices("test")
+    coded = patch_values(digits)[idx] == 255 - 25 * digits.labels[idx]
+    assert 0.02 < coded.mean() < 0.25          # ~1/10 agree by chance
+    assert len(np.unique(patch_values(digits)[idx])) == 10
+
+
+def test_masks_align_with_images(digits):
+    assert digits.confounder.shape == digits.relevance.shape == digits.images[:, 0].shape
+    assert (digits.confounder.sum(axis=(1, 2)) == 16).all()          # one 4x4 patch
+    assert not (digits.confounder & digits.relevance).any()          # the patch is off the digit
+    ink = digits.images[:, 0] > 32
+    assert np.array_equal(ink & ~digits.confounder, digits.relevance)
+    corners = digits.confounder[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners.sum(axis=1) == 1).all()                         # in exactly one corner
+
+
+def test_splits_are_stratified_and_deterministic(digits):
+    again = decoy_digits(seed=0)
+    assert np.array_equal(again.images, digits.images)
+    assert set(np.unique(digits.split)) == {"train", "val", "test"}
+    for k in range(10):
+        assert (digits.split[digits.labels == k] == "test").sum() > 10
+    assert not np.array_equal(decoy_digits(seed=1).images, digits.images)
+
+
+# ---------------------------------------------------------------- manifests
+def write_png(path, size=(16, 16), value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size[::-1], value, dtype=np.uint8)).save(path)
+
+
+def write_manifest(root, rows, header="image,label,split,mask"):
+    path = root / "manifest.csv"
+    path.write_text(header + "\n" + "\n".join(",".join(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def good_rows(tmp_path):
+    for name in ("a", "b", "c", "d"):
+        write_png(tmp_path / "img" / f"{name}.png")
+        write_png(tmp_path / "mask" / f"{name}.png", value=255)
+    return [["img/a.png", "cat", "train", "mask/a.png"], ["img/b.png", "dog", "train", ""],
+            ["img/c.png", "cat", "val", "mask/c.png"], ["img/d.png", "dog", "test", "mask/d.png"]]
+
+
+def test_good_manifest_loads(tmp_path, good_rows):
+    data = read_manifest(write_manifest(tmp_path, good_rows), image_size=8)
+    assert data.images.shape == (4, 1, 8, 8)
+    assert data.classes.tolist() == ["cat", "dog"]
+    assert data.labels.tolist() == [0, 1, 0, 1]
+    assert data.split.tolist() == ["train", "train", "val", "test"]
+    assert data.relevance.all()                      # full masks and a missing one = everything
+    assert not data.confounder.any()
+
+
+@pytest.mark.parametrize("row_index,change,expected", [
+    (0, lambda r, d: r.__setitem__(0, "img/missing.png"), "image not found"),
+    (1, lambda r, d: (d / "img" / "b.png").write_bytes(b"not a png"), "unreadable image"),
+    (2, lambda r, d: write_png(d / "mask" / "c.png", size=(10, 16)), "mask"),
+    (3, lambda r, d: r.__setitem__(2, "holdout"), "unknown split"),
+    (1, lambda r, d: r.__setitem__(1, ""), "empty class"),
+    (0, lambda r, d: r.__setitem__(3, "mask/nope.png"), "mask not found"),
+])
+def test_bad_row_names_the_row_and_the_problem(tmp_path, good_rows, row_index, change, expected):
+    change(good_rows[row_index], tmp_path)
+    with pytest.raises(ManifestError) as err:
+        read_manifest(write_manifest(tmp_path, good_rows), image_size=8)
+    message = str(err.value)
+    assert f"line {row_index + 2}" in message and expected in message
+
+
+def test_class_without_training_images_is_refused(tmp_path, good_rows):
+    good_rows[3][1] = "bird"
+    with pytest.raises(ManifestError, match="class 'bird' has no training images"):
+        read_manifest(write_manifest(tmp_path, good_rows), image_size=8)
+
+
+def test_every_problem_is_reported_at_once(tmp_path, good_rows):
+    good_rows[0][0] = "img/missing.png"
+    good_rows[3][2] = "holdout"
+    with pytest.raises(ManifestError, match="2 problem"):
+        read_manifest(write_manifest(tmp_path, good_rows), image_size=8)
+
+
+def test_missing_column_is_refused(tmp_path, good_rows):
+    path = write_manifest(tmp_path, [r[:2] for r in good_rows], header="image,label")
+    with pytest.raises(ManifestError, match="missing column"):
+        read_manifest(path, image_size=8)
+
+
+def test_radiography_folder_becomes_a_manifest(tmp_path):
+    for cls in ("COVID", "Normal"):
+        for i in range(10):
+            write_png(tmp_path / "db" / cls / "images" / f"{cls}-{i}.png", value=10 * i)
+            mask = np.zeros((16, 16), dtype=np.uint8)
+            mask[4:12, 4:12] = 255
+            (tmp_path / "db" / cls / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(tmp_path / "db" / cls / "masks" / f"{cls}-{i}.png")
+    manifest = radiography_manifest(tmp_path / "db", tmp_path / "db" / "manifest.csv",
+                                    {"train": 0.6, "val": 0.2, "test": 0.2})
+    data = read_manifest(manifest, image_size=16)
+    assert data.classes.tolist() == ["COVID", "Normal"]
+    assert len(data) == 20
+    for k in range(2):
+        assert (data.split[data.labels == k] == "train").sum() == 6
+    assert data.relevance[:, 4:12, 4:12].all() and not data.relevance[:, :4].any()

@@ -1,0 +1,46 @@
+"""Activation Recall and wrong-reason share on maps small enough to work out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from xbl.metrics import activation_recall, wrong_reason_share
+
+# 2x2 images; M marks the left column
+M = np.array([[[1, 0], [1, 0]]] * 4, dtype=float)
+
+
+def test_activation_recall_by_hand():
+    G = np.array([
+        [[1.0, 0.0], [1.0, 0.0]],  # exactly the evidence -> 1
+        [[0.0, 1.0], [0.0, 1.0]],  # only outside the evidence -> 0
+        [[0.5, 1.0], [0.0, 1.0]],  # (0.5 + 0) / 2 -> 0.25
+        [[1.0, 1.0], [1.0, 1.0]],  # everywhere -> 1 (AR is recall, not precision)
+    ])
+    assert activation_recall(G, M) == pytest.approx([1.0, 0.0, 0.25, 1.0])
+
+
+def test_activation_recall_is_nan_for_an_empty_mask_and_accepts_torch():
+    G = torch.tensor([[[0.2, 0.4], [0.6, 0.8]]] * 2)
+    masks = torch.tensor([[[0, 0], [0, 0]], [[0, 1], [0, 1]]], dtype=torch.bool)
+    ar = activation_recall(G, masks)
+    assert isinstance(ar, np.ndarray) and ar.shape == (2,)
+    assert np.isnan(ar[0]) and ar[1] == pytest.approx((0.4 + 0.8) / 2)
+
+
+def test_wrong_reason_share_by_hand():
+    W_true = np.array([[[1, 0], [0, 0]]] * 4, dtype=float)  # the confounder is the top-left pixel
+    A = np.array([
+        [[3.0, 0.0], [0.0, 0.0]],   # all attribution on the confounder -> 1
+        [[0.0, 2.0], [1.0, 0.0]],   # none on it -> 0
+        [[-1.0, 1.0], [-1.0, 1.0]],  # |A| counts: 1 of 4 -> 0.25
+        [[0.0, 0.0], [0.0, 0.0]],   # no attribution anywhere -> 0, not NaN
+    ])
+    assert wrong_reason_share(A, W_true) == pytest.approx([1.0, 0.0, 0.25, 0.0])
+
+
+def test_wrong_reason_share_single_map_and_torch():
+    A = torch.tensor([[2.0, -2.0], [0.0, 0.0]])
+    assert wrong_reason_share(A, torch.tensor([[0, 1], [0, 0]])) == pytest.approx([0.5])

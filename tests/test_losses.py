@@ -1,0 +1,294 @@
+"""Explanation-feedback terms: values, empty masks, and that each one reaches the weights."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.attr import LayerGradCam
+from torch import nn
+
+from xbl.losses import (FEEDBACK_METHODS, counterexamples, exbl_triplet, explanation, feedback_term,
+                        gradcam_map, hint_penalty, input_gradients, rrr_g_penalty, rrr_penalty,
+                        select_exemplars)
+from xbl.metrics import activation_recall
+from xbl.models import SmallCNN
+from xbl.saliency import gradcam
+
+GRADIENT_METHODS = ("rrr", "rrr_output", "rrr_g", "hint", "exbl")
+
+
+class CornerNet(nn.Module):
+    """Logits depend only on the top-left 4x4 patch, so GradCAM lives in the top-left corner."""
+
+    def __init__(self, n_classes: int = 3, size: int = 28):
+        super().__init__()
+        corner = torch.zeros(1, 1, size, size)
+        corner[..., :4, :4] = 1.0
+        self.register_buffer("corner", corner)
+        self.last_conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(2 * size * size, n_classes)
+        with torch.no_grad():
+            self.last_conv.weight.fill_(1 / 9)
+            self.head.weight.copy_(torch.linspace(0.1, 1.0, n_classes)[:, None].expand_as(self.head.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.last_conv(x * self.corner)).flatten(1))
+
+
+class LinearNet(nn.Module):
+    def __init__(self, shape=(2, 3, 3), n_classes: int = 4):
+        super().__init__()
+        self.fc = nn.Linear(int(np.prod(shape)), n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture
+def model() -> SmallCNN:
+    torch.manual_seed(0)
+    return SmallCNN()
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images, labels, a feedback mask W (top-left 8x8 decoy region) and M = its complement."""
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 3, 5, 7])
+    W = torch.zeros(4, 28, 28)
+    W[:, :8, :8] = 1.0
+    return x, y, W, 1.0 - W
+
+
+# --- input gradients and RRR ---------------------------------------------------------------
+
+def test_input_gradients_of_a_linear_model_by_hand():
+    torch.manual_seed(0)
+    net, x = LinearNet(), torch.rand(5, 2, 3, 3)
+    w = net.fc.weight.detach().reshape(4, 2, 3, 3)  # (K,C,H,W)
+    p = F.softmax(net(x), dim=1).detach()
+    # d/dx sum_k log p_k = sum_k w_k - K * sum_j p_j w_j
+    logp_by_hand = (w.sum(0) - 4 * torch.einsum("nj,jchw->nchw", p, w)).sum(1)
+    assert torch.allclose(input_gradients(net, x, "logp"), logp_by_hand, atol=1e-5)
+    output_by_hand = w.sum(0).sum(0).expand(5, 3, 3)
+    assert torch.allclose(input_gradients(net, x, "output"), output_by_hand, atol=1e-6)
+
+
+def test_input_gradients_leave_the_callers_tensor_alone(model, batch):
+    x = batch[0]
+    before = x.clone()
+    input_gradients(model, x)
+    assert not x.requires_grad and x.grad is None and torch.equal(x, before)
+
+
+def test_rrr_penalty_of_a_linear_model_by_hand():
+    torch.manual_seed(0)
+    net, x = LinearNet(), torch.rand(5, 2, 3, 3)
+    W = (torch.rand(5, 3, 3) > 0.5).float()
+    w = net.fc.weight.detach().reshape(4, 2, 3, 3)
+    p = F.softmax(net(x), dim=1).detach()
+    grads = (w.sum(0) - 4 * torch.einsum("nj,jchw->nchw", p, w)).sum(1)
+    assert rrr_penalty(net, x, W).item() == pytest.approx((W * grads**2).sum().item(), rel=1e-5)
+
+
+def test_without_create_graph_rrr_gives_the_weights_no_gradient(model, batch):
+    x, y, W, _ = batch
+    detached = (W * input_gradients(model, x, create_graph=False) ** 2).sum()
+    assert detached.item() > 0 and not detached.requires_grad
+
+    # the paper's later code: CE + penalty, where the penalty is a constant -> CE's gradient only
+    def conv_grad(extra):
+        model.zero_grad()
+        (F.cross_entropy(model(x), y) + extra).backward()
+        return model.last_conv.weight.grad.clone()
+
+    assert torch.equal(conv_grad(detached), conv_grad(0.0))
+    assert not torch.equal(conv_grad(rrr_penalty(model, x, W)), conv_grad(0.0))
+
+
+# --- every gradient-based term ---------------------------------------------------------------
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_term_is_positive_on_a_masked_batch(model, batch, method):
+    x, y, W, M = batch
+    term = feedback_term(method, model, x, y, W=W, M=M)
+    assert term.dim() == 0 and term.item() > 0 and term.requires_grad
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_one_step_on_the_term_alone_moves_the_conv_weights(model, batch, method):
+    x, y, W, M = batch
+    before = [model.features[0].weight.detach().clone(), model.last_conv.weight.detach().clone()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    feedback_term(method, model, x, y, W=W, M=M).backward()
+    optimizer.step()
+    after = [model.features[0].weight, model.last_conv.weight]
+    assert not any(torch.equal(b, a) for b, a in zip(before, after))
+
+
+@pytest.mark.parametrize("method", ["rrr", "rrr_output", "rrr_g"])
+def test_rrr_terms_are_exactly_zero_for_an_empty_mask(model, batch, method):
+    x, y, _, _ = batch
+    assert feedback_term(method, model, x, y, W=torch.zeros(4, 28, 28)).item() == 0.0
+
+
+@pytest.mark.parametrize("method", ["hint", "exbl"])
+def test_relevance_terms_are_zero_for_empty_masks(model, batch, method):
+    x, y, _, _ = batch
+    assert feedback_term(method, model, x, y, M=torch.zeros(4, 28, 28)).item() == 0.0
+
+
+@pytest.mark.parametrize("method", FEEDBACK_METHODS)
+def test_an_empty_batch_gives_zero(model, method):
+    empty = torch.zeros(0, 1, 28, 28)
+    masks = torch.zeros(0, 28, 28)
+    term = feedback_term(method, model, empty, torch.zeros(0, dtype=torch.long), W=masks, M=masks)
+    assert term.shape == () and term.item() == 0.0
+
+
+def test_counterexamples_term_is_zero(model, batch):
+    x, y, W, M = batch
+    assert feedback_term("counterexamples", model, x, y, W=W, M=M).item() == 0.0
+
+
+def test_unknown_method_and_missing_masks_are_errors(model, batch):
+    x, y, W, M = batch
+    with pytest.raises(ValueError) as err:
+        feedback_term("gradient_shrinkage", model, x, y, W=W)
+    assert all(name in str(err.value) for name in FEEDBACK_METHODS)
+    with pytest.raises(ValueError, match="W"):
+        feedback_term("rrr", model, x, y, M=M)
+    with pytest.raises(ValueError, match="M"):
+        feedback_term("hint", model, x, y, W=W)
+
+
+# --- GradCAM-based terms ----------------------------------------------------------------------
+
+def test_gradcam_map_matches_captum(model, batch):
+    x, y, _, _ = batch
+    ours = gradcam_map(model, x, y, create_graph=False).detach()
+    theirs = LayerGradCam(model, model.last_conv).attribute(x, target=y, relu_attributions=True)[:, 0]
+    theirs = theirs / theirs.flatten(1).amax(1).clamp_min(1e-8)[:, None, None]
+    assert ours.shape == (4, 14, 14)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert ours.min() >= 0 and ours.max() <= 1 + 1e-6
+
+
+def test_gradcam_map_defaults_to_the_predicted_class(model, batch):
+    x = batch[0]
+    predicted = model(x).argmax(1)
+    assert torch.allclose(gradcam_map(model, x), gradcam_map(model, x, predicted))
+
+
+def test_rrr_g_forbids_a_map_cell_touched_by_any_masked_pixel(model, batch):
+    x = batch[0]
+    one_pixel_per_cell = torch.zeros(4, 28, 28)
+    one_pixel_per_cell[:, ::2, ::2] = 1.0  # every 2x2 block of the 14x14 map has one marked pixel
+    full = rrr_g_penalty(model, x, torch.ones(4, 28, 28))
+    assert rrr_g_penalty(model, x, one_pixel_per_cell).item() == pytest.approx(full.item(), rel=1e-6)
+
+
+def test_hint_is_zero_when_the_mask_is_the_map_itself(model, batch):
+    x, y, _, _ = batch
+    cam = gradcam_map(model, x, y, create_graph=False).detach()
+    M = F.interpolate(cam[:, None], size=(28, 28), mode="bilinear", align_corners=False)[:, 0]
+    assert hint_penalty(model, x, y, M).item() < 1e-10
+    assert hint_penalty(model, x, y, 1.0 - M).item() > 0.01
+
+
+def test_hint_ignores_images_without_a_relevance_mask(model, batch):
+    x, y, _, M = batch
+    M = M.clone()
+    M[1] = 0.0
+    keep = [0, 2, 3]
+    only_annotated = hint_penalty(model, x[keep], y[keep], M[keep])
+    assert hint_penalty(model, x, y, M).item() == pytest.approx(only_annotated.item())
+
+
+def test_explanation_is_the_image_weighted_by_gradcam(model, batch):
+    x, y, _, _ = batch
+    x = x.clone()
+    x[:, :, 10:12] = 0.0
+    e = explanation(model, x, y)
+    assert e.shape == x.shape
+    assert (e >= 0).all() and (e <= x + 1e-6).all()
+    assert (e[:, :, 10:12] == 0).all() and e.abs().sum() > 0
+
+
+# --- eXBL ---------------------------------------------------------------------------------------
+
+def _region(rows: slice, cols: slice) -> torch.Tensor:
+    m = torch.zeros(28, 28)
+    m[rows, cols] = 1.0
+    return m
+
+
+def test_exemplars_are_the_max_and_min_activation_recall():
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 0])
+    M = torch.stack([
+        torch.zeros(28, 28),                          # no evidence marked: must not be chosen
+        torch.ones(28, 28),                           # low AR: the map covers a small part
+        _region(slice(0, 4), slice(0, 4)),            # the corner the model looks at: high AR
+        _region(slice(20, 28), slice(20, 28)),        # nowhere near the corner: AR 0
+    ])
+    net = CornerNet()
+    assert select_exemplars(net, x, y, M) == (2, 3)
+    assert select_exemplars(net, x[:3], y[:3], M[:3]) == (2, 1)
+    ar = activation_recall(gradcam(net, x, y), M)  # Captum's GradCAM, independently
+    assert (np.nanargmax(ar), np.nanargmin(ar)) == (2, 3)
+
+
+def test_exemplars_need_some_relevance_mask(model, batch):
+    x, y, _, _ = batch
+    with pytest.raises(ValueError):
+        select_exemplars(model, x, y, torch.zeros(4, 28, 28))
+
+
+def test_exbl_triplet_by_hand(model, batch):
+    x, y, _, _ = batch
+    e = explanation(model, x[:1], y[:1], create_graph=False).detach()
+    d = float(np.sqrt(e.numel()))  # ||c * ones|| over the image
+    # e_good = e + 0.1, e_bad = e + 0.3: max(0.1 d - 0.3 d + margin, 0)
+    assert exbl_triplet(model, x[:1], y[:1], e + 0.1, e + 0.3, margin=10.0).item() == pytest.approx(
+        max(0.1 * d - 0.3 * d + 10.0, 0.0), rel=1e-4)
+    assert exbl_triplet(model, x[:1], y[:1], e, e + 1.0, margin=1.0).item() == 0.0
+    assert exbl_triplet(model, x, y, e, e, margin=0.7).item() == pytest.approx(0.7)
+
+
+def test_exbl_uses_given_exemplars_without_masks(model, batch):
+    x, y, _, _ = batch
+    e = explanation(model, x[:1], y[:1], create_graph=False).detach()
+    term = feedback_term("exbl", model, x, y, exemplars=(e, e), margin=0.5)
+    assert term.item() == pytest.approx(0.5)
+
+
+# --- counterexamples -----------------------------------------------------------------------------
+
+def test_counterexamples_keep_labels_and_change_only_masked_pixels():
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([4, 5, 6])
+    W = torch.zeros(3, 8, 8, dtype=torch.bool)
+    W[0, :2, :2] = True
+    W[2, 5:, 3:7] = True  # image 1 has no mask: no copies
+    x_new, y_new = counterexamples(x, y, W, copies=2, generator=torch.Generator().manual_seed(1))
+    assert x_new.shape == (4, 3, 8, 8) and y_new.tolist() == [4, 4, 6, 6]
+    source = x[[0, 0, 2, 2]]
+    inside = W[[0, 0, 2, 2]].unsqueeze(1).expand_as(source)
+    assert torch.equal(x_new[~inside], source[~inside])
+    assert (x_new[inside] != source[inside]).all()
+    assert (x_new >= 0).all() and (x_new <= 1).all()
+    assert not torch.equal(x_new[0], x_new[1])  # copies draw fresh noise
+
+
+def test_counterexamples_are_reproducible_with_a_seeded_generator():
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([1, 2])
+    W = torch.ones(2, 8, 8)
+    a = counterexamples(x, y, W, 3, torch.Generator().manual_seed(5))[0]
+    b = counterexamples(x, y, W, 3, torch.Generator().manual_seed(5))[0]
+    assert torch.equal(a, b)

@@ -1,0 +1,58 @@
+"""Classification and explanation metrics (METHODS.md, 'Metrics')."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return cm
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, float]:
+    """Accuracy, macro precision and recall, and per-class accuracy (= per-class recall)."""
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    hits = np.diag(cm).astype(float)
+    present = support > 0
+    recall = np.divide(hits, support, out=np.zeros(n_classes), where=present)
+    precision = np.divide(hits, predicted, out=np.zeros(n_classes), where=predicted > 0)
+    out = {
+        "accuracy": float(hits.sum() / max(cm.sum(), 1)),
+        "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
+        "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
+    }
+    out.update({f"class_{k}_accuracy": float(recall[k]) for k in range(n_classes) if present[k]})
+    return out
+
+
+def _per_image(a) -> np.ndarray:
+    """torch or numpy, (N,...) or a single (H,W) map -> float (N, pixels)."""
+    a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+    a = a.astype(np.float64)
+    a = a[None] if a.ndim == 2 else a
+    return a.reshape(a.shape[0], -1)
+
+
+def activation_recall(G, M) -> np.ndarray:
+    """AR = sum(M * G) / sum(M) per image (eXBL): how much of the evidence the map covers.
+
+    NaN where M is empty: with no marked evidence there is nothing to recall.
+    """
+    G, M = _per_image(G), _per_image(M)
+    evidence = M.sum(axis=1)
+    return np.divide((M * G).sum(axis=1), evidence, out=np.full(len(M), np.nan), where=evidence > 0)
+
+
+def wrong_reason_share(A, W_true) -> np.ndarray:
+    """sum(W_true * |A|) / sum(|A|) per image: the share of attribution on the known confounder.
+
+    0 where A is all zero: a map that points nowhere does not point at the confounder.
+    """
+    A, W_true = np.abs(_per_image(A)), _per_image(W_true)
+    total = A.sum(axis=1)
+    return np.divide((W_true * A).sum(axis=1), total, out=np.zeros(len(A)), where=total > 0)

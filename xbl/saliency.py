@@ -1,0 +1,180 @@
+"""What the annotator sees: saliency maps, their grid cells, and the PNGs shown in Label Studio.
+
+METHODS.md, 'Query selection': DeepLIFT (Rescale) for the predicted class against a blurred
+baseline, or GradCAM on `model.last_conv`; the map is cut into a grid and the top cells by mean
+attribution are outlined.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from captum.attr import DeepLift, LayerGradCam
+from matplotlib import colormaps
+from PIL import Image, ImageDraw
+from torch import nn
+
+_EPS = 1e-12
+OUTLINE_RGB = (255, 0, 255)  # magenta: absent from both 'jet' and 'bwr', so outlines stay visible
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N,C,H,W) images, per channel, with reflect padding."""
+    if sigma <= 0:
+        return x.clone()
+    n, c, h, w = x.shape
+    # reflect padding needs pad < side; a kernel wider than the image adds nothing anyway
+    radius = min(max(1, round(3 * sigma)), h - 1, w - 1)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    out = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Explain the deployed model (no dropout, frozen batch-norm), then hand it back as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def predicted_class(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(dim=1)
+
+
+def _scale_per_image(attr: torch.Tensor) -> torch.Tensor:
+    """Divide each map by its max |.|; an all-zero map stays zero instead of becoming NaN."""
+    peak = attr.abs().flatten(1).amax(dim=1).clamp_min(_EPS)
+    return attr / peak.view(-1, *([1] * (attr.dim() - 1)))
+
+
+def deeplift_blurred(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None = None,
+                     sigma: float = 3.0) -> torch.Tensor:
+    """DeepLIFT (Rescale) against a blurred copy of x, summed over channels, scaled by max |.|."""
+    # blur before requires_grad: a baseline inside the graph would leak gradient into DeepLIFT
+    baseline = gaussian_blur(x.detach(), sigma)
+    x = x.detach().clone().requires_grad_(True)
+    with eval_mode(model):
+        if target is None:
+            target = predicted_class(model, x)
+        with warnings.catch_warnings():  # Captum's notice that it hooks the ReLUs, on every call
+            warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
+            attr = DeepLift(model).attribute(x, baselines=baseline, target=target)
+    return _scale_per_image(attr.detach().sum(dim=1))
+
+
+def gradcam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Captum GradCAM of `model.last_conv`, relu'd, bilinearly upsampled, scaled to [0, 1]."""
+    x = x.detach()
+    with eval_mode(model):
+        if target is None:
+            target = predicted_class(model, x)
+        cam = LayerGradCam(model, model.last_conv).attribute(x, target=target, relu_attributions=True)
+    cam = F.interpolate(cam.detach(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return _scale_per_image(cam[:, 0])
+
+
+def cell_scores(attr: torch.Tensor, cell: int) -> torch.Tensor:
+    """Mean attribution per cell x cell block: (N,H,W) -> (N, H//cell, W//cell)."""
+    attr = torch.as_tensor(attr).float()
+    return F.avg_pool2d(attr.unsqueeze(1), kernel_size=cell)[:, 0]
+
+
+def top_cells(attr: torch.Tensor, cell: int, k: int) -> torch.Tensor:
+    """(row, col) of the k cells with the highest mean attribution, best first: (N, k, 2).
+
+    k is capped at the number of cells. topk returns cell indices directly; the paper's code
+    ranked with argsort(argsort(.)), which yields ranks, not the cells.
+    """
+    scores = cell_scores(attr, cell)
+    n_cols = scores.shape[-1]
+    k = min(k, scores[0].numel())
+    best = scores.flatten(1).topk(k, dim=1).indices
+    return torch.stack([best // n_cols, best % n_cols], dim=-1)
+
+
+def cells_to_mask(cells: torch.Tensor | np.ndarray | Iterable[tuple[int, int]], cell: int,
+                  height: int, width: int) -> np.ndarray:
+    """Boolean (H, W) mask that is True inside every given (row, col) cell."""
+    mask = np.zeros((height, width), dtype=bool)
+    for row, col in np.asarray(cells, dtype=np.int64).reshape(-1, 2):
+        if not (0 <= row * cell < height and 0 <= col * cell < width):
+            raise ValueError(f"cell ({row}, {col}) lies outside a {height}x{width} image")
+        mask[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell] = True
+    return mask
+
+
+def _gray(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(C,H,W) or (H,W), float in [0,1] or uint8 -> float (H,W) in [0,1]; colour is averaged."""
+    arr = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
+    arr = arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
+    if arr.ndim == 3:
+        arr = arr.mean(axis=0)
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _upscale(rgb: np.ndarray, scale: int) -> np.ndarray:
+    return np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
+
+
+def _heatmap(attr: np.ndarray) -> np.ndarray:
+    """RGB in [0,1]: 'jet' for non-negative maps, 'bwr' centred on zero for signed ones."""
+    peak = max(float(np.abs(attr).max()), _EPS)
+    if attr.min() < 0:
+        return colormaps["bwr"](0.5 + attr / (2 * peak))[..., :3]
+    return colormaps["jet"](attr / peak)[..., :3]
+
+
+def image_png(image: torch.Tensor | np.ndarray, path: str | Path, scale: int = 10) -> Path:
+    """Write the image alone, upscaled by `scale` (nearest) so a 28 px digit is visible."""
+    arr = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] == 3:
+        rgb = np.moveaxis(arr, 0, -1)
+        rgb = rgb.astype(np.float64) / 255.0 if rgb.dtype == np.uint8 else np.clip(rgb, 0.0, 1.0)
+    else:
+        rgb = np.repeat(_gray(arr)[..., None], 3, axis=-1)
+    return _save_rgb(_upscale(rgb, scale), path)
+
+
+def overlay_png(image: torch.Tensor | np.ndarray, attr: torch.Tensor | np.ndarray,
+                cells: torch.Tensor | np.ndarray | Iterable[tuple[int, int]], cell: int,
+                path: str | Path, scale: int = 10, alpha: float = 0.5) -> Path:
+    """Write the grayscale image blended with the attribution heat map, given cells outlined."""
+    gray = _gray(image)
+    attr = attr.detach().cpu().numpy() if torch.is_tensor(attr) else np.asarray(attr, dtype=np.float64)
+    rgb = (1 - alpha) * gray[..., None] + alpha * _heatmap(attr)
+    canvas = Image.fromarray(_to_uint8(_upscale(rgb, scale)))
+    draw = ImageDraw.Draw(canvas)
+    side = cell * scale
+    for row, col in np.asarray(cells, dtype=np.int64).reshape(-1, 2):
+        box = (col * side, row * side, (col + 1) * side - 1, (row + 1) * side - 1)
+        draw.rectangle(box, outline=OUTLINE_RGB, width=max(1, scale // 4))
+    return _save(canvas, path)
+
+
+def _to_uint8(rgb: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _save_rgb(rgb: np.ndarray, path: str | Path) -> Path:
+    return _save(Image.fromarray(_to_uint8(rgb)), path)
+
+
+def _save(canvas: Image.Image, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.convert("RGB").save(path, format="PNG")
+    return path
