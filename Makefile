@@ -37,10 +37,10 @@ labelstudio-stop:
 baseline: setup
 	$(VENV)/bin/xbl baseline
 
-demo: setup
+demo: setup labelstudio-install
 	$(VENV)/bin/xbl baseline
 
-test: setup
+test: setup labelstudio-install
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup

@@ -12,7 +12,8 @@ from xbl.config import resolve_device
 from xbl.data import PreparedData
 from xbl.evaluate import evaluate, split_tensors
 from xbl.models import build_model
-from xbl.train import Feedback, TrainConfig, load_checkpoint, save_checkpoint, train
+from xbl.train import (Feedback, TrainConfig, load_checkpoint, save_checkpoint, seed_everything,
+                       train)
 
 
 @dataclass
@@ -42,6 +43,7 @@ def fit(data: PreparedData, train_params: dict, out: Path, init: str | None = No
     """Train on the train split, early-stopped on val; the checkpoint holds the best weights."""
     device = resolve_device(train_params.get("device", "auto"))
     name = model_name or train_params.get("model", "small_cnn")
+    seed_everything(int(train_params.get("seed", 0)))  # the initial weights follow the seed too
     model = model_for(data, name)
     if init:
         model.load_state_dict(load_checkpoint(Path(init))[0])

@@ -12,7 +12,7 @@ import yaml
 
 from tasks import offline as _offline  # noqa: F401
 
-pytest_plugins = ["tests.ls_server"] if (Path(__file__).parent / "ls_server.py").exists() else []  # TEMP
+pytest_plugins = ["tests.ls_server"]
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 64
     seed: int = 0
-    patience: int = 5
+    patience: int = 5            # 0: no early stopping, keep the last epoch's weights
 
     @classmethod
     def from_params(cls, section: dict) -> "TrainConfig":
@@ -164,8 +164,9 @@ def train(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
             result.history.append(row)
             if on_epoch:
                 on_epoch(row)
-            if val_loss < result.min_val_loss - 1e-6:
-                result.min_val_loss, result.best_epoch, stale = val_loss, epoch, 0
+            if val_loss < result.min_val_loss - 1e-6 or cfg.patience <= 0:
+                result.min_val_loss = min(result.min_val_loss, val_loss)
+                result.best_epoch, stale = epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1

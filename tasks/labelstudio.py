@@ -1,0 +1,328 @@
+"""The one Label Studio client module: every call to the server goes through here.
+
+Which server: LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY when set (a team's server), else the
+local one started by infra/labelstudio.sh (http://127.0.0.1:$XBL_LABEL_STUDIO_PORT, token from
+XBL_LABEL_STUDIO_TOKEN or .labelstudio/env). The token is never printed or logged.
+
+Images reach Label Studio as file uploads (served back at /data/upload/...), so a remote server
+needs no access to this machine's disk. Label Studio accepts direct uploads only into projects
+with a single data key, so they go to a companion project "<title> (images)" that holds files
+and no tasks. Tasks are found again by `data.round` and `data.image_id`, which makes pushing a
+round idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+
+from xbl import labelstudio as mapping
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_PORT = 8089
+# Retries live here, not in the SDK (its own are turned off): a read is repeated after any
+# transport error or a gateway/overload answer, a write only when it never left (connect).
+RETRY_STATUSES = (429, 502, 503, 504)
+IMAGES_CONFIG = '<View><Image name="image" value="$image"/></View>'
+
+
+class LabelStudioError(RuntimeError):
+    """The server answered, but not as needed (rejected token, invalid request)."""
+
+
+class LabelStudioUnavailable(LabelStudioError):
+    """The server could not be reached."""
+
+
+@dataclass(frozen=True)
+class LabelStudioClient:
+    """The server's URL and an SDK client; the token stays inside the SDK and out of repr."""
+
+    url: str
+    sdk: LabelStudio = field(repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return f"LabelStudioClient(url={self.url!r}, token='***')"
+
+
+# --- settings and connection -----------------------------------------------------------------
+
+def _local_settings() -> dict[str, str]:
+    """XBL_LABEL_STUDIO_* from the environment over the git-ignored .labelstudio/env file."""
+    home = Path(os.environ.get("XBL_LABEL_STUDIO_HOME") or PROJECT_DIR / ".labelstudio")
+    values: dict[str, str] = {}
+    env_file = home / "env"
+    if env_file.is_file():
+        for line in env_file.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not key.startswith("#"):
+                values[key.strip()] = value.strip()
+    values.update({k: v for k, v in os.environ.items() if k.startswith("XBL_LABEL_STUDIO_") and v})
+    return values
+
+
+def server_settings() -> tuple[str, str | None]:
+    """(url, token) of the server to use: a team's server when LABEL_STUDIO_URL is set."""
+    if os.environ.get("LABEL_STUDIO_URL"):
+        token = os.environ.get("LABEL_STUDIO_API_KEY")
+        if not token:
+            raise LabelStudioError("LABEL_STUDIO_URL is set but LABEL_STUDIO_API_KEY is not")
+        return os.environ["LABEL_STUDIO_URL"], token
+    local = _local_settings()
+    port = local.get("XBL_LABEL_STUDIO_PORT") or DEFAULT_PORT
+    return f"http://127.0.0.1:{port}", local.get("XBL_LABEL_STUDIO_TOKEN")
+
+
+def _transient(err: Exception, write: bool) -> bool:
+    if isinstance(err, ApiError):
+        return not write and err.status_code in RETRY_STATUSES
+    return isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout) if write else httpx.TransportError)
+
+
+def _retry(call: Callable[[], Any], write: bool = False, attempts: int = 4, first_delay_s: float = 0.5):
+    """Run `call`, retrying transient failures with exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except (httpx.TransportError, ApiError) as err:
+            if not _transient(err, write):
+                raise
+            reason = (f"HTTP {err.status_code}" if isinstance(err, ApiError)
+                      else f"{type(err).__name__}: {err}")
+            if attempt == attempts - 1:
+                raise LabelStudioUnavailable(f"Label Studio unreachable ({reason})") from err
+            delay = first_delay_s * 2 ** attempt
+            log.warning("Label Studio unreachable (%s); retry in %.1fs", reason, delay)
+            time.sleep(delay)
+
+
+def _is_loopback(url: str) -> bool:
+    return urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def connect(url: str | None = None, token: str | None = None, timeout_s: float = 30.0) -> LabelStudioClient:
+    """A checked connection (reachable, token accepted) to the configured server."""
+    env_url, env_token = server_settings() if not (url and token) else (url, token)
+    url, token = (url or env_url).rstrip("/"), token or env_token
+    if not token:
+        raise LabelStudioError("no Label Studio API token: set LABEL_STUDIO_API_KEY, or start the local "
+                               "server with `infra/labelstudio.sh start` (it writes .labelstudio/env)")
+    http = httpx.Client(timeout=timeout_s, trust_env=not _is_loopback(url))  # no proxy for loopback
+    try:
+        sdk = LabelStudio(base_url=url, api_key=token, httpx_client=http, max_retries=0)
+        _retry(sdk.users.whoami, attempts=2)
+    except LabelStudioUnavailable as err:
+        http.close()
+        raise LabelStudioUnavailable(f"Label Studio is not reachable at {url} (start the local server with "
+                                     "`infra/labelstudio.sh start`)") from err
+    except ApiError as err:
+        http.close()
+        what = "rejected the API token" if err.status_code in (401, 403) else "answered"
+        raise LabelStudioError(f"Label Studio at {url} {what} (HTTP {err.status_code})") from None
+    return LabelStudioClient(url, sdk)
+
+
+def project_link(client: LabelStudioClient, project_id: int) -> str:
+    """Where an annotator opens the project."""
+    return f"{client.url}/projects/{project_id}/data"
+
+
+# --- projects --------------------------------------------------------------------------------
+
+def _find_project(client: LabelStudioClient, title: str) -> int | None:
+    found = _retry(lambda: [p.id for p in client.sdk.projects.list(title=title) if p.title == title])
+    return min(found) if found else None
+
+
+def _use_model_version(client: LabelStudioClient, project_id: int, model_version: str) -> None:
+    """Pre-label tasks with this model version's cells ("Label All Tasks" shows them drawn)."""
+    if client.sdk.projects.get(project_id).model_version == model_version:
+        return
+    try:
+        client.sdk.projects.update(project_id, model_version=model_version)
+    except ApiError as err:  # the server accepts a version only once predictions carry it
+        log.debug("model_version %s not set yet: %s", model_version, err.body)
+
+
+def ensure_project(client: LabelStudioClient, title: str, model_version: str) -> int:
+    """The project with this title (created with the xbl labeling config when missing)."""
+    sdk = client.sdk
+    project_id = _find_project(client, title)
+    settings = dict(label_config=mapping.labeling_config(), show_collab_predictions=True,
+                    show_skip_button=False)  # a skipped task would never count as annotated
+    if project_id is not None:
+        _retry(lambda: sdk.projects.update(project_id, **settings), write=True)
+    else:
+        project_id = _retry(lambda: sdk.projects.create(
+            title=title, model_version=model_version, description="xbl explanation feedback",
+            **settings).id, write=True)
+    _retry(lambda: _use_model_version(client, project_id, model_version))
+    return project_id
+
+
+def _images_project(client: LabelStudioClient, project_id: int) -> int:
+    """The companion project that receives the uploaded images (no tasks, one data key)."""
+    title = f"{_retry(lambda: client.sdk.projects.get(project_id).title)} (images)"
+    return _find_project(client, title) or _retry(lambda: client.sdk.projects.create(
+        title=title, label_config=IMAGES_CONFIG,
+        description=f"Uploaded images for project {project_id}; it holds no tasks. Do not delete."
+    ).id, write=True)
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    """Task parts come back as dicts or SDK models depending on the endpoint."""
+    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+
+
+def _round_tasks(client: LabelStudioClient, project_id: int, round_: int, fields: str = "task_only") -> list:
+    query = json.dumps({"filters": {"conjunction": "and", "items": [
+        {"filter": "filter:tasks:data.round", "operator": "equal", "type": "Number", "value": int(round_)}]}})
+    tasks = _retry(lambda: list(client.sdk.tasks.list(project=project_id, query=query, fields=fields)))
+    return [t for t in tasks if str((t.data or {}).get("round")) == str(int(round_))]
+
+
+def upload_file(client: LabelStudioClient, project_id: int, path: str | Path) -> str:
+    """Upload a local file into a (single data key) project; returns the host-relative URL
+    Label Studio serves it at."""
+    path = Path(path)
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    http = client.sdk._client_wrapper.httpx_client  # the SDK's authenticated client; it has no upload call
+
+    def post() -> httpx.Response:
+        with path.open("rb") as fh:
+            return http.request(f"api/projects/{project_id}/import", method="POST",
+                                params={"commit_to_project": "false"},
+                                files={"file": (path.name, fh, mime)}, force_multipart=True)
+
+    response = _retry(post, write=True)
+    if response.status_code != 201:
+        raise LabelStudioError(f"upload of {path.name} failed: HTTP {response.status_code} "
+                               f"{response.text[:300]}")
+    file_id = response.json()["file_upload_ids"][0]
+    name = _retry(lambda: client.sdk.files.get(file_id).file)
+    return f"{urlparse(client.url).path.rstrip('/')}/data/{name}"
+
+
+def _task(client: LabelStudioClient, images_id: int, query: dict, model_version: str) -> dict:
+    urls = {"image_url": upload_file(client, images_id, query["image_path"]),
+            "overlay_url": upload_file(client, images_id, query["overlay_path"])}
+    task = mapping.task_payload({**query, **urls})
+    task["predictions"] = [mapping.cell_predictions(query["cells"], query["cell"], query["height"],
+                                                    query["width"], model_version, score=query["entropy"])]
+    return task
+
+
+def push_round(client: LabelStudioClient, project_id: int, queries: list[dict], model_version: str) -> dict:
+    """Upload each query's image and overlay and create its task with the pre-drawn cells;
+    a task whose (image_id, round) is already in the project is skipped."""
+    seen = {(str(t.data["image_id"]), int(t.data["round"]))
+            for round_ in {int(q["round"]) for q in queries}
+            for t in _round_tasks(client, project_id, round_)}
+    new = []
+    for query in queries:
+        key = (str(query["image_id"]), int(query["round"]))
+        if key not in seen:
+            seen.add(key)
+            new.append(query)
+    images_id = _images_project(client, project_id) if new else None
+    tasks = [_task(client, images_id, query, model_version) for query in new]
+    if tasks:  # one request: the round's tasks and predictions are created together
+        _retry(lambda: client.sdk.projects.import_tasks(project_id, request=tasks), write=True)
+        _retry(lambda: _use_model_version(client, project_id, model_version))
+    return {"created": len(tasks), "skipped": len(queries) - len(tasks)}
+
+
+# --- annotations -----------------------------------------------------------------------------
+
+def _done_annotations(task: Any) -> list:
+    return [a for a in (_field(task, "annotations") or []) if not _field(a, "was_cancelled")]
+
+
+def round_progress(client: LabelStudioClient, project_id: int, round_: int) -> tuple[int, int]:
+    """(tasks with a submitted annotation, tasks) in this round."""
+    tasks = _round_tasks(client, project_id, round_)
+    return sum(1 for t in tasks if (t.total_annotations or 0) > 0), len(tasks)
+
+
+def collect_annotations(client: LabelStudioClient, project_id: int, round_: int) -> list[dict]:
+    """The latest submitted (not cancelled) annotation of each annotated task in the round."""
+    out = []
+    for task in _round_tasks(client, project_id, round_, fields="all"):
+        done = _done_annotations(task)
+        if not done:
+            continue
+        latest = max(done, key=lambda a: (str(_field(a, "updated_at")), _field(a, "id")))
+        out.append({"image_id": str(task.data["image_id"]), "task_id": task.id,
+                    "annotation_id": _field(latest, "id"), "result": _field(latest, "result") or []})
+    return out
+
+
+def oracle_annotate(client: LabelStudioClient, project_id: int, round_: int,
+                    relevance_masks: dict[str, np.ndarray], max_overlap: float) -> int:
+    """Annotate, through the API as a person would, the round's tasks that have no annotation
+    yet: shown cells mostly off the relevance mask are relabelled "ignore"."""
+    created = 0
+    for task in _round_tasks(client, project_id, round_, fields="all"):
+        data, predictions = task.data, _field(task, "predictions") or []
+        if _done_annotations(task) or not predictions:
+            continue
+        if data["image_id"] not in relevance_masks:
+            log.warning("oracle: no relevance mask for image %s (task %s)", data["image_id"], task.id)
+            continue
+        cells = mapping.cells_from_prediction(_field(predictions[-1], "result"), data["cell"],
+                                              data["height"], data["width"])
+        result = mapping.oracle_annotation(cells, data["cell"], data["height"], data["width"],
+                                           relevance_masks[data["image_id"]], max_overlap)
+        _retry(lambda: client.sdk.annotations.create(task.id, result=result, was_cancelled=False,
+                                                     lead_time=0.0), write=True)
+        created += 1
+    return created
+
+
+def wait_for_round(client_factory: Callable[[], LabelStudioClient], project_id: int, round_: int,
+                   target: int, timeout_s: float, poll_s: float,
+                   on_progress: Callable[[int, int], None] | None = None,
+                   max_backoff_s: float = 30.0) -> tuple[int, int]:
+    """Poll until `target` tasks of the round are annotated or `timeout_s` passes; returns
+    the last (annotated, total). An outage is waited out with exponential backoff; a server
+    never reached before the timeout raises LabelStudioUnavailable."""
+    deadline = time.monotonic() + timeout_s
+    client, last, failures = None, None, 0
+    while True:
+        try:
+            client = client or client_factory()
+            progress = round_progress(client, project_id, round_)
+        except LabelStudioUnavailable as err:
+            client, failures = None, failures + 1
+            delay = min(max_backoff_s, poll_s * 2 ** (failures - 1))
+            log.warning("waiting for round %s: %s; next try in %.1fs", round_, err, delay)
+        else:
+            failures, delay = 0, poll_s
+            if progress != last and on_progress is not None:
+                on_progress(*progress)
+            last = progress
+            if progress[0] >= target:
+                return progress
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if last is None:
+                raise LabelStudioUnavailable(f"Label Studio stayed unreachable for {timeout_s:.0f}s")
+            return last
+        time.sleep(min(delay, remaining))
