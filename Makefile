@@ -38,7 +38,7 @@ baseline: setup
 	$(VENV)/bin/xbl baseline
 
 demo: setup labelstudio-install
-	$(VENV)/bin/xbl baseline
+	$(VENV)/bin/xbl demo
 
 test: setup labelstudio-install
 	$(PY) -m pytest -q -p no:cacheprovider

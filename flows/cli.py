@@ -43,6 +43,52 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def cmd_round(args) -> int:
+    """One feedback round; `demo` first makes sure the local Label Studio is up."""
+    from flows.loop import feedback_round_flow
+
+    if args.command == "demo" and not os.environ.get("LABEL_STUDIO_URL"):
+        if subprocess.call(["bash", str(INFRA / "labelstudio.sh"), "start"]) != 0:
+            return 1
+    project = Path(args.project).resolve()
+    result = feedback_round_flow(str(project), args.params)
+    print(f"\nround {result['round']}: baseline vs feedback, read back from MLflow\n")
+    print(_table(result["table"]))
+    print(f"\npromotion: {'champion' if result['promotion']['promoted'] else 'kept'} "
+          f"({result['promotion']['reason']})")
+    print(f"data version {result['data_version']}, feedback masks {result['feedback_version']}")
+    print(f"Annotated tasks in Label Studio: {result['labelstudio_url']}")
+    print(_mlflow_hint(project))
+    return 0
+
+
+def cmd_annotate(args) -> int:
+    """The simulated annotator answers the open round (as a person would, through the API)."""
+    from flows.loop import finished_rounds, project_title
+    from tasks import labelstudio as ls
+    from xbl.config import load_params
+    from xbl.data import PreparedData
+
+    project = Path(args.project).resolve()
+    params = load_params(project / args.params)
+    n = args.round or len(finished_rounds(project)) + 1
+    queries = project / "data" / "rounds" / f"round-{n}" / "queries.json"
+    if not queries.is_file():
+        print(f"xbl annotate: round {n} has no queries ({queries}); push a round first",
+              file=sys.stderr)
+        return 2
+    import json
+
+    data = PreparedData.load(project / params["data"].get("out", "data/prepared") / "dataset.npz")
+    relevance = {q["image_id"]: data.relevance[q["index"]] for q in json.loads(queries.read_text())}
+    client = ls.connect()
+    project_id = ls.find_project(client, project_title(params))
+    made = ls.oracle_annotate(client, project_id, n, relevance,
+                              float(params["labelstudio"].get("oracle_overlap", 0.1)))
+    print(f"oracle annotated {made} task(s) of round {n}")
+    return 0
+
+
 def cmd_data_checkout(args) -> int:
     from tasks.checkout import checkout_run_data
 
@@ -63,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("baseline", help="prepare data, train and log the baseline").set_defaults(
         func=cmd_baseline)
+    for name, text in (("demo", "start Label Studio and run one unattended round with the oracle"),
+                       ("round", "run one feedback round against the configured Label Studio")):
+        sub.add_parser(name, help=text).set_defaults(func=cmd_round)
+    annotate = sub.add_parser("annotate", help="answer the open round with the simulated annotator")
+    annotate.add_argument("--oracle", action="store_true", required=True,
+                          help="the simulated annotator (the only automatic one)")
+    annotate.add_argument("--round", type=int, default=None)
+    annotate.set_defaults(func=cmd_annotate)
     data = sub.add_parser("data", help="data versions").add_subparsers(dest="action", required=True)
     checkout = data.add_parser("checkout", help="restore the exact data an MLflow run used")
     checkout.add_argument("run_id")

@@ -30,3 +30,13 @@ def prepare_data(project: str, params_file: str = "params.yaml") -> DataRef:
     dvc.push(root, PREPARE_STAGE)
     version = dvc.locked_out_hash(root, PREPARE_STAGE, out)
     return DataRef(path=str(root / out / "dataset.npz"), version=version, out=out)
+
+
+@task(retries=2, retry_delay_seconds=[2, 5])
+def version_feedback(project: str, feedback_root: str = "data/feedback") -> str:
+    """Track every round's masks with DVC, push them, and return their content hash."""
+    root = Path(project)
+    dvc.ensure_repo(root)
+    version = dvc.add(root, feedback_root)
+    dvc.push(root, f"{feedback_root}.dvc")
+    return version

@@ -26,7 +26,7 @@ def open_parent_run(project: str, experiment: str, name: str, data_version: str)
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def log_model_run(project: str, parent_id: str, name: str, params: dict, outcome: TrainOutcome,
                   evaluation: dict, data_version: str, registered_name: str,
-                  extra_tags: dict | None = None) -> dict:
+                  extra_tags: dict | None = None, extra_files: tuple[str, ...] = ()) -> dict:
     """A child run with settings, per-epoch curves, final metrics, confusion matrix and model."""
     root = Path(project)
     client = tracking.client_for(root)
@@ -42,8 +42,9 @@ def log_model_run(project: str, parent_id: str, name: str, params: dict, outcome
     tracking.log_metrics(client, run_id, final)
     tracking.log_confusion_matrix(client, run_id, np.array(evaluation["confusion_matrix"]),
                                   evaluation["classes"])
-    if (root / "dvc.lock").is_file():
-        tracking.log_file(client, run_id, root / "dvc.lock")
+    for path in (root / "dvc.lock", *map(Path, extra_files)):
+        if path.is_file():
+            tracking.log_file(client, run_id, path)
     model = load_model(outcome.checkpoint)
     example = np.zeros((1, *_input_shape(model, outcome)), dtype=np.float32)
     version = tracking.log_model(run_id, model, example, registered_name)
@@ -75,3 +76,51 @@ def publish_table(rows: dict[str, dict], key: str, description: str) -> list[dic
              for name, metrics in rows.items()]
     create_table_artifact(table=table, key=key, description=description)
     return table
+
+
+def promotion_decision(baseline: dict, candidate: dict, rule: dict) -> tuple[bool, str]:
+    """Champion if validation accuracy drops at most `max_val_acc_drop` and (when required)
+    the explanation score on validation images with masks improves."""
+    drop = baseline["val_accuracy"] - candidate["val_accuracy"]
+    if drop > float(rule.get("max_val_acc_drop", 0.02)):
+        return False, f"val accuracy dropped {drop:.3f} (> {rule.get('max_val_acc_drop', 0.02)})"
+    if rule.get("require_better_explanation", True):
+        before, after = baseline.get("val_explanation_score"), candidate.get("val_explanation_score")
+        if before is None or after is None or after <= before:
+            return False, f"explanation score did not improve ({before} → {after})"
+        return True, f"explanation score {before:.3f} → {after:.3f}, val accuracy drop {drop:.3f}"
+    return True, f"val accuracy drop {drop:.3f}"
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def promote(project: str, registered_name: str, baseline: dict, candidate: dict, rule: dict) -> dict:
+    """Move alias `champion` to the candidate when the rule says it is better."""
+    client = tracking.client_for(Path(project))
+    promoted, reason = promotion_decision(baseline["metrics"], candidate["metrics"], rule)
+    client.set_tag(candidate["run_id"], "xbl.promotion", reason)
+    if promoted:
+        tracking.set_alias(client, registered_name, "champion", candidate["model_version"])
+    elif tracking.alias_version(client, registered_name, "champion") is None:
+        # the first round leaves a champion either way: the better of what exists
+        tracking.set_alias(client, registered_name, "champion", baseline["model_version"])
+    return {"promoted": promoted, "reason": reason}
+
+
+COMPARED = ("val_accuracy", "test_accuracy", "test_wrong_reason_share_inputgrad",
+            "test_activation_recall_gradcam")
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def compare_children(project: str, parent_id: str) -> list[dict]:
+    """The parent run's children, side by side, as MLflow has them."""
+    client = tracking.client_for(Path(project))
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    rows = [{"model": run.info.run_name,
+             **{m: round(run.data.metrics[m], 4) for m in COMPARED if m in run.data.metrics}}
+            for run in children]
+    create_table_artifact(table=rows, key="baseline-vs-feedback",
+                          description="Read back from MLflow: baseline vs feedback")
+    return rows

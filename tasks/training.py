@@ -73,3 +73,25 @@ def evaluate_checkpoint(checkpoint: str, dataset: str) -> dict:
     data = PreparedData.load(Path(dataset))
     metrics, cm = evaluate(load_model(checkpoint), data)
     return {"metrics": metrics, "confusion_matrix": cm.tolist(), "classes": data.classes.tolist()}
+
+
+@task
+def train_with_feedback(dataset: str, baseline_checkpoint: str, manifests: list[str],
+                        train_params: dict, feedback_params: dict, out: str) -> TrainOutcome:
+    """Retrain from the baseline weights with CE + λ·L_expl on every round's annotated images."""
+    from tasks.annotation import read_feedback
+    from xbl.feedback import build_feedback
+
+    data = PreparedData.load(Path(dataset))
+    indices, W, ratings = read_feedback(manifests)
+    if len(indices) == 0:
+        raise ValueError("no annotated images to learn from: every round's feedback is empty")
+    method = feedback_params.get("method", "rrr")
+    baseline = load_model(baseline_checkpoint, resolve_device(train_params.get("device", "auto")))
+    feedback = build_feedback(method, data, indices, W,
+                              {**feedback_params, "seed": train_params.get("seed", 0)},
+                              model=baseline, ratings=ratings)
+    # A fixed schedule: early stopping on the confounded val split would pick the shortcut back.
+    schedule = {**train_params, "epochs": feedback_params.get("epochs", 10),
+                "lr": feedback_params.get("lr", train_params.get("lr")), "patience": 0}
+    return fit(data, schedule, Path(out), init=baseline_checkpoint, feedback=feedback)

@@ -29,8 +29,65 @@ def evaluate_split(model: nn.Module, data: PreparedData, split: str) -> tuple[di
 
 
 def evaluate(model: nn.Module, data: PreparedData) -> tuple[dict, np.ndarray]:
-    """Validation (confounded, what a user sees) and test (decoy-randomized: the shortcut)."""
+    """Validation (confounded, what a user sees) and test (decoy-randomized: the shortcut),
+    with the explanation metrics on both."""
     metrics, _ = evaluate_split(model, data, "val")
     test_metrics, test_cm = evaluate_split(model, data, "test")
     metrics.update(test_metrics)
+    for split in ("val", "test"):
+        metrics.update(explanation_metrics(model, data, split))
+    metrics["val_explanation_score"] = explanation_score(metrics, "val")
     return metrics, test_cm
+
+
+def _attribution_maps(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-image maps for the predicted class: GradCAM, and |input gradient| scaled to [0,1]."""
+    from xbl.losses import input_gradients
+    from xbl.saliency import gradcam
+
+    device = next(model.parameters()).device
+    x = x.to(device)
+    was_training = model.training
+    model.eval()
+    grads = input_gradients(model, x, create_graph=False).detach().abs()
+    model.train(was_training)
+    grads = grads / grads.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    return {"gradcam": gradcam(model, x).cpu().numpy(), "inputgrad": grads.cpu().numpy()}
+
+
+def explanation_metrics(model: nn.Module, data: PreparedData, split: str,
+                        batch_size: int = 256) -> dict[str, float]:
+    """Mean AR (relevance masks) and wrong-reason share (confounder masks) per explainer.
+
+    Images without a mask of that kind are left out of its mean.
+    """
+    from xbl.metrics import activation_recall, wrong_reason_share
+
+    idx = data.indices(split)
+    per_map: dict[str, dict[str, list]] = {}
+    for start in range(0, len(idx), batch_size):
+        part = idx[start:start + batch_size]
+        maps = _attribution_maps(model, to_tensor(data.images[part]))
+        for name, A in maps.items():
+            scores = per_map.setdefault(name, {"ar": [], "wrs": []})
+            scores["ar"].append(activation_recall(A, data.relevance[part]))
+            has_confounder = data.confounder[part].any(axis=(1, 2))
+            scores["wrs"].append(wrong_reason_share(A[has_confounder],
+                                                    data.confounder[part][has_confounder]))
+    out = {}
+    for name, scores in per_map.items():
+        ar, wrs = np.concatenate(scores["ar"]), np.concatenate(scores["wrs"])
+        if np.isfinite(ar).any():
+            out[f"{split}_activation_recall_{name}"] = float(np.nanmean(ar))
+        if len(wrs):
+            out[f"{split}_wrong_reason_share_{name}"] = float(wrs.mean())
+    return out
+
+
+def explanation_score(metrics: dict, split: str = "val") -> float | None:
+    """One number, higher = righter reasons: 1 − wrong-reason share where a confounder is
+    known, else the activation recall of the relevance masks (input gradients)."""
+    wrs = metrics.get(f"{split}_wrong_reason_share_inputgrad")
+    if wrs is not None:
+        return 1.0 - wrs
+    return metrics.get(f"{split}_activation_recall_inputgrad")
