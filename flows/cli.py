@@ -52,6 +52,10 @@ def cmd_round(args) -> int:
             return 1
     project = Path(args.project).resolve()
     result = feedback_round_flow(str(project), args.params)
+    if result["status"] == "waiting":
+        print(f"round {result['round']}: {result['annotated']}/{result['total']} annotated; "
+              "the next run carries on")
+        return 0
     print(f"\nround {result['round']}: baseline vs feedback, read back from MLflow\n")
     print(_table(result["table"]))
     print(f"\npromotion: {'champion' if result['promotion']['promoted'] else 'kept'} "
@@ -63,26 +67,28 @@ def cmd_round(args) -> int:
 
 
 def cmd_annotate(args) -> int:
-    """The simulated annotator answers the open round (as a person would, through the API)."""
-    from flows.loop import finished_rounds, project_title
+    """The simulated annotator answers a round (the newest by default) through the API, as a
+    person would; it needs the prepared dataset for the relevance masks."""
+    from flows.loop import project_title
     from tasks import labelstudio as ls
     from xbl.config import load_params
     from xbl.data import PreparedData
 
     project = Path(args.project).resolve()
     params = load_params(project / args.params)
-    n = args.round or len(finished_rounds(project)) + 1
-    queries = project / "data" / "rounds" / f"round-{n}" / "queries.json"
-    if not queries.is_file():
-        print(f"xbl annotate: round {n} has no queries ({queries}); push a round first",
+    title = project_title(params)
+    client = ls.connect()
+    rounds, _ = ls.pushed_rounds(client, title)
+    if not rounds:
+        print(f"xbl annotate: no round pushed to Label Studio project {title!r} yet",
               file=sys.stderr)
         return 2
-    import json
-
+    n = args.round or max(rounds)
     data = PreparedData.load(project / params["data"].get("out", "data/prepared") / "dataset.npz")
-    relevance = {q["image_id"]: data.relevance[q["index"]] for q in json.loads(queries.read_text())}
-    client = ls.connect()
-    project_id = ls.find_project(client, project_title(params))
+    index = {str(image_id): i for i, image_id in enumerate(data.ids)}
+    project_id = ls.find_project(client, title)
+    relevance = {t["image_id"]: data.relevance[index[t["image_id"]]]
+                 for t in ls.round_task_data(client, project_id, n) if t["image_id"] in index}
     made = ls.oracle_annotate(client, project_id, n, relevance,
                               float(params["labelstudio"].get("oracle_overlap", 0.1)))
     print(f"oracle annotated {made} task(s) of round {n}")

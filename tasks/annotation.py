@@ -36,23 +36,35 @@ def push_queries(queries_json: str, title: str, model_version: str) -> dict:
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def oracle_answers(project_id: int, round_number: int, dataset: str, queries_json: str,
+def oracle_answers(title: str, round_number: int, dataset: str, queries_json: str,
                    max_overlap: float) -> int:
     """The simulated annotator, through the API: 'ignore' on shown cells off the evidence."""
     data = PreparedData.load(Path(dataset))
     relevance = {q["image_id"]: data.relevance[q["index"]] for q in load_queries(queries_json)}
-    return ls.oracle_annotate(ls.connect(), project_id, round_number, relevance, max_overlap)
+    client = ls.connect()
+    return ls.oracle_annotate(client, ls.find_project(client, title), round_number, relevance,
+                              max_overlap)
 
 
 def annotation_target(total: int, settings: dict) -> int:
     return max(1, int(np.ceil(float(settings.get("target_fraction", 1.0)) * total)))
 
 
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def round_progress(title: str, round_number: int) -> tuple[int, int]:
+    """(annotated, total) tasks of the round, as Label Studio has them now."""
+    client = ls.connect()
+    return ls.round_progress(client, ls.find_project(client, title), round_number)
+
+
 @task
-def wait_for_annotations(project_id: int, round_number: int, total: int, settings: dict) -> int:
+def wait_for_annotations(title: str, round_number: int, settings: dict) -> int:
     """Poll until the round's target is annotated; on timeout go on with at least
     `min_annotated`, else stop with nothing lost. Returns how many are annotated."""
     logger = get_run_logger()
+    client = ls.connect()
+    project_id = ls.find_project(client, title)
+    total = ls.round_progress(client, project_id, round_number)[1]
     target = annotation_target(total, settings)
     artifact = create_progress_artifact(0.0, key=f"round-{round_number}-annotations",
                                         description=f"round {round_number}: annotated tasks")
@@ -78,14 +90,15 @@ def wait_for_annotations(project_id: int, round_number: int, total: int, setting
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def collect_feedback_masks(project_id: int, round_number: int, queries_json: str,
+def collect_feedback_masks(title: str, round_number: int, queries_json: str,
                            out_dir: str) -> str:
     """Annotations → ignore masks W at image resolution, saved with a manifest; bad regions
     are reported (naming the task) and skipped, the rest of the annotation kept."""
     logger = get_run_logger()
     queries = {q["image_id"]: q for q in load_queries(queries_json)}
     h, w = next(iter(queries.values()))["height"], next(iter(queries.values()))["width"]
-    annotations = ls.collect_annotations(ls.connect(), project_id, round_number)
+    client = ls.connect()
+    annotations = ls.collect_annotations(client, ls.find_project(client, title), round_number)
     masks, ratings, problems = masks_from_annotations(annotations, h, w)
     for problem in problems:
         logger.warning("annotation problem: %s", problem)

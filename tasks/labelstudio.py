@@ -206,6 +206,35 @@ def _round_tasks(client: LabelStudioClient, project_id: int, round_: int, fields
     return [t for t in tasks if str((t.data or {}).get("round")) == str(int(round_))]
 
 
+def pushed_rounds(client: LabelStudioClient, title: str) -> tuple[dict[int, str], set[str]]:
+    """Rounds present in the experiment's project → the model version their cells came from
+    (the baseline's MLflow run id), and every image id already queried; empty when the project
+    does not exist yet."""
+    project_id = _find_project(client, title)
+    if project_id is None:
+        return {}, set()
+    tasks = _retry(lambda: list(client.sdk.tasks.list(project=project_id, fields="all")))
+    rounds: dict[int, str] = {}
+    images: set[str] = set()
+    for task in tasks:
+        data, predictions = task.data or {}, _field(task, "predictions") or []
+        images.add(str(data.get("image_id")))
+        if predictions and data.get("round") is not None:
+            rounds[int(data["round"])] = str(_field(predictions[-1], "model_version"))
+    return rounds, images
+
+
+def round_task_data(client: LabelStudioClient, project_id: int, round_: int) -> list[dict]:
+    """The round's task data with the cells that were shown (from each task's prediction)."""
+    out = []
+    for task in _round_tasks(client, project_id, round_, fields="all"):
+        data, predictions = dict(task.data), _field(task, "predictions") or []
+        cells = (mapping.cells_from_prediction(_field(predictions[-1], "result"), data["cell"],
+                                               data["height"], data["width"]) if predictions else [])
+        out.append({**data, "cells": [list(c) for c in cells], "task_id": task.id})
+    return out
+
+
 def upload_file(client: LabelStudioClient, project_id: int, path: str | Path) -> str:
     """Upload a local file into a (single data key) project; returns the host-relative URL
     Label Studio serves it at."""

@@ -26,7 +26,8 @@ def open_parent_run(project: str, experiment: str, name: str, data_version: str)
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def log_model_run(project: str, parent_id: str, name: str, params: dict, outcome: TrainOutcome,
                   evaluation: dict, data_version: str, registered_name: str,
-                  extra_tags: dict | None = None, extra_files: tuple[str, ...] = ()) -> dict:
+                  extra_tags: dict | None = None, extra_files: tuple[str, ...] = (),
+                  finish: bool = True) -> dict:
     """A child run with settings, per-epoch curves, final metrics, confusion matrix and model."""
     root = Path(project)
     client = tracking.client_for(root)
@@ -42,13 +43,15 @@ def log_model_run(project: str, parent_id: str, name: str, params: dict, outcome
     tracking.log_metrics(client, run_id, final)
     tracking.log_confusion_matrix(client, run_id, np.array(evaluation["confusion_matrix"]),
                                   evaluation["classes"])
+    tracking.log_file(client, run_id, Path(outcome.checkpoint), "checkpoint")
     for path in (root / "dvc.lock", *map(Path, extra_files)):
         if path.is_file():
             tracking.log_file(client, run_id, path)
     model = load_model(outcome.checkpoint)
     example = np.zeros((1, *_input_shape(model, outcome)), dtype=np.float32)
     version = tracking.log_model(run_id, model, example, registered_name)
-    client.set_terminated(run_id)
+    if finish:  # else the run stays open until promotion, so a crash cannot look complete
+        client.set_terminated(run_id)
     return {"run_id": run_id, "model_version": version, "metrics": final}
 
 
@@ -97,12 +100,14 @@ def promote(project: str, registered_name: str, baseline: dict, candidate: dict,
     """Move alias `champion` to the candidate when the rule says it is better."""
     client = tracking.client_for(Path(project))
     promoted, reason = promotion_decision(baseline["metrics"], candidate["metrics"], rule)
-    client.set_tag(candidate["run_id"], "xbl.promotion", reason)
     if promoted:
         tracking.set_alias(client, registered_name, "champion", candidate["model_version"])
     elif tracking.alias_version(client, registered_name, "champion") is None:
         # the first round leaves a champion either way: the better of what exists
         tracking.set_alias(client, registered_name, "champion", baseline["model_version"])
+    # last: a round counts as done only once its run is promoted (or not) and finished
+    client.set_tag(candidate["run_id"], tracking.PROMOTION_TAG, reason)
+    client.set_terminated(candidate["run_id"])
     return {"promoted": promoted, "reason": reason}
 
 

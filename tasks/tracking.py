@@ -130,3 +130,40 @@ def alias_version(client: MlflowClient, registered_name: str, alias: str):
         return client.get_model_version_by_alias(registered_name, alias)
     except mlflow.exceptions.MlflowException:
         return None
+
+
+ROUND_TAG = "xbl.round"
+PROMOTION_TAG = "xbl.promotion"
+
+
+def round_runs(client: MlflowClient, exp_id: str, round_number: int) -> list:
+    return client.search_runs([exp_id], f"tags.`{ROUND_TAG}` = '{round_number}'")
+
+
+def completed_rounds(client: MlflowClient, exp_id: str) -> set[int]:
+    """Rounds whose feedback run finished all the way through promotion."""
+    runs = client.search_runs([exp_id], f"attributes.status = 'FINISHED' and "
+                                        f"tags.`{PROMOTION_TAG}` != ''", max_results=5000)
+    return {int(r.data.tags[ROUND_TAG]) for r in runs if ROUND_TAG in r.data.tags}
+
+
+def discard_incomplete_round(client: MlflowClient, exp_id: str, registered_name: str,
+                             round_number: int) -> int:
+    """A crash mid-retraining leaves a run without promotion: fail it and unregister its
+    model, so a rerun starts the retraining clean. Returns how many runs were discarded."""
+    discarded = 0
+    for run in round_runs(client, exp_id, round_number):
+        if run.info.status == "FINISHED" and PROMOTION_TAG in run.data.tags:
+            continue
+        for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+            client.delete_model_version(registered_name, version.version)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="FAILED")
+        client.set_tag(run.info.run_id, ROUND_TAG, f"{round_number}-discarded")
+        discarded += 1
+    return discarded
+
+
+def download_artifact(client: MlflowClient, run_id: str, path: str, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, path, str(out_dir)))

@@ -1,0 +1,81 @@
+"""Round state, read from the services: Label Studio has what was pushed and answered,
+MLflow what was retrained and promoted, DVC the masks. No process has to stay alive."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from tasks import labelstudio as ls
+from tasks import tracking
+from tasks.training import TrainOutcome
+from xbl.data import PreparedData
+
+
+@dataclass(frozen=True)
+class RoundState:
+    number: int                    # the round this run works on
+    open: bool                     # pushed earlier and not yet retrained: resume it
+    baseline_run_id: str | None    # the model whose explanations the round's tasks show
+    completed: tuple[int, ...]
+    queried: tuple[str, ...]       # image ids in any round: never asked twice
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def read_round_state(project: str, experiment: str, title: str) -> RoundState:
+    client = tracking.client_for(Path(project))
+    completed = tracking.completed_rounds(client, tracking.experiment_id(client, Path(project),
+                                                                         experiment))
+    pushed, queried = ls.pushed_rounds(ls.connect(), title)
+    open_rounds = sorted(set(pushed) - completed)
+    done, asked = tuple(sorted(completed)), tuple(sorted(queried))
+    if open_rounds:
+        n = open_rounds[-1]
+        return RoundState(n, True, pushed[n], done, asked)
+    return RoundState(max([*completed, *pushed, 0]) + 1, False, None, done, asked)
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def restore_baseline(project: str, experiment: str, registered_name: str, run_id: str,
+                     round_number: int, out_dir: str) -> tuple[TrainOutcome, dict]:
+    """The open round's baseline, from MLflow: its checkpoint and its record; any half-done
+    retraining of that round is discarded first."""
+    client = tracking.client_for(Path(project))
+    exp_id = tracking.experiment_id(client, Path(project), experiment)
+    discarded = tracking.discard_incomplete_round(client, exp_id, registered_name, round_number)
+    if discarded:
+        get_run_logger().warning("round %d: discarded %d unfinished retraining run(s)",
+                                 round_number, discarded)
+    run = client.get_run(run_id)
+    checkpoint = tracking.download_artifact(client, run_id, "checkpoint", Path(out_dir))
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    record = {"run_id": run_id, "model_version": str(versions[0].version) if versions else None,
+              "metrics": dict(run.data.metrics),
+              "parent_run_id": run.data.tags.get("mlflow.parentRunId")}
+    return TrainOutcome(str(next(checkpoint.glob("*.pt")))), record
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def queries_from_labelstudio(title: str, round_number: int, dataset: str, out_dir: str) -> str:
+    """Rebuild the round's queries.json from its tasks (what annotators actually saw)."""
+    data = PreparedData.load(Path(dataset))
+    index = {str(image_id): i for i, image_id in enumerate(data.ids)}
+    client = ls.connect()
+    tasks = ls.round_task_data(client, ls.find_project(client, title), round_number)
+    missing = [t["image_id"] for t in tasks if t["image_id"] not in index]
+    if missing:
+        raise ValueError(f"round {round_number}: task images {missing[:5]} are not in the "
+                         "prepared dataset; was the data changed mid-round?")
+    queries = [{**t, "index": int(index[t["image_id"]])} for t in tasks]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "queries.json").write_text(json.dumps(queries, indent=1, default=_plain))
+    return str(out / "queries.json")
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else str(value)
