@@ -103,6 +103,30 @@ def cmd_data_checkout(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve the feedback round as a scheduled deployment against a real Prefect server."""
+    from flows.loop import feedback_round_flow
+    from xbl.config import load_params
+
+    if not os.environ.get("PREFECT_API_URL"):
+        print("xbl serve: set PREFECT_API_URL to a running Prefect server "
+              "(`xbl server start` starts one on 127.0.0.1:4200)", file=sys.stderr)
+        return 2
+    project = Path(args.project).resolve()
+    schedule = load_params(project / args.params).get("schedule", {})
+    timing = ({"interval": float(schedule["interval_s"])} if schedule.get("interval_s")
+              else {"cron": schedule.get("cron", "0 * * * *")})
+    # one round at a time: two runs of the same round would race for its tasks
+    feedback_round_flow.serve(name="scheduled", limit=1, **timing,
+                              parameters={"project": str(project), "params_file": args.params,
+                                          "wait_mode": "resume"})
+    return 0
+
+
+def cmd_server(args) -> int:
+    return subprocess.call(["bash", str(INFRA / "services.sh"), args.action])
+
+
 def cmd_labelstudio(args) -> int:
     return subprocess.call(["bash", str(INFRA / "labelstudio.sh"), args.action])
 
@@ -127,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     checkout = data.add_parser("checkout", help="restore the exact data an MLflow run used")
     checkout.add_argument("run_id")
     checkout.set_defaults(func=cmd_data_checkout)
+    sub.add_parser("serve", help="run the feedback round on the schedule in params.yaml "
+                   "(needs PREFECT_API_URL)").set_defaults(func=cmd_serve)
+    server = sub.add_parser("server", help="local Prefect and MLflow servers for their UIs")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.set_defaults(func=cmd_server)
     ls = sub.add_parser("labelstudio", help="the local Label Studio server")
     ls.add_argument("action", choices=["install", "start", "stop", "status"])
     ls.set_defaults(func=cmd_labelstudio)

@@ -1,0 +1,110 @@
+"""Scheduled operation: a served deployment completes a round across two runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from mlflow import MlflowClient
+
+from tasks import labelstudio as ls
+from tasks import tracking
+from tests.conftest import REPO, make_project
+from tests.ls_server import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
+
+
+def test_prefect_yaml_declares_the_flows_with_the_params_schedule():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    scheduled = by_name["scheduled"]
+    assert scheduled["schedules"][0]["cron"] == params["schedule"]["cron"]
+    assert scheduled["parameters"]["wait_mode"] == "resume"
+    for deployment in spec["deployments"]:
+        path, func = deployment["entrypoint"].split(":")
+        assert f"def {func}(" in (REPO / path).read_text()
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start",
+                             "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("prefect server did not start in 120 s")
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+
+
+def wait_until(check, timeout: float, what: str, serve: subprocess.Popen):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if serve.poll() is not None:
+            pytest.fail(f"xbl serve exited ({serve.returncode}) while waiting for {what}")
+        if check():
+            return
+        time.sleep(2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_served_deployment_completes_a_round_across_two_runs(tmp_path, prefect_server, labelstudio):
+    project = make_project(tmp_path / "project", mlflow={"experiment": "scheduled"},
+                           train={"epochs": 5}, query={"k": 8},
+                           labelstudio={"annotator": "human"},
+                           schedule={"interval_s": 8, "cron": None})
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "LABEL_STUDIO_URL": labelstudio.url,
+           "LABEL_STUDIO_API_KEY": labelstudio.token, "PREFECT_HOME": str(tmp_path / "client")}
+    log = (tmp_path / "serve.log").open("w")
+    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "--project", str(project),
+                              "serve"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    title = "xbl-scheduled"
+    client = MlflowClient(tracking.tracking_uri(project))
+    try:
+        def pushed():
+            os.environ.update(LABEL_STUDIO_URL=labelstudio.url, LABEL_STUDIO_API_KEY=labelstudio.token)
+            return 1 in ls.pushed_rounds(ls.connect(), title)[0]
+
+        wait_until(pushed, 240, "the first run to push round 1", serve)
+        time.sleep(10)           # later runs find the round open and end: nothing annotated yet
+        exp = client.get_experiment_by_name("scheduled")
+        assert tracking.completed_rounds(client, exp.experiment_id) == set()
+        answered = subprocess.run([sys.executable, "-m", "flows.cli", "--project", str(project),
+                                   "annotate", "--oracle"], env=env, capture_output=True,
+                                  text=True)
+        assert "oracle annotated 8 task(s) of round 1" in answered.stdout, answered.stderr
+        wait_until(lambda: tracking.completed_rounds(client, exp.experiment_id) == {1}, 300,
+                   "a later run to retrain round 1", serve)
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(30)
+        log.close()
+    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'feedback-round-1'")
+    assert len(runs) == 1
+    tasks = list(ls.connect().sdk.tasks.list(project=ls.find_project(ls.connect(), title)))
+    assert len(tasks) == 8                                  # no run pushed a duplicate
+    log_text = (tmp_path / "serve.log").read_text()
+    assert labelstudio.token not in log_text
