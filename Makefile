@@ -14,7 +14,8 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: setup labelstudio-install labelstudio-start labelstudio-stop demo baseline test bench clean
+.PHONY: setup labelstudio-install labelstudio-start labelstudio-stop demo baseline test bench \
+        bench-quick server-start server-stop webhook clean
 
 setup: $(STAMP)
 
@@ -43,8 +44,23 @@ demo: setup labelstudio-install
 test: setup labelstudio-install
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The benchmarks write bench/results/*.{json,md,png}; efficacy takes ~12 min on 2 CPU cores.
 bench: setup
 	$(PY) -m bench.throughput
+	$(PY) -m bench.cost
+	$(PY) -m bench.efficacy
+
+bench-quick: setup
+	$(PY) -m bench.efficacy --quick --out-dir bench/results/quick
+
+server-start: setup
+	$(VENV)/bin/xbl server start
+
+server-stop:
+	$(VENV)/bin/xbl server stop
+
+webhook: setup
+	$(VENV)/bin/xbl webhook
 
 clean:
 	rm -rf runs mlflow.db mlartifacts .prefect data/prepared

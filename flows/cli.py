@@ -131,6 +131,14 @@ def cmd_labelstudio(args) -> int:
     return subprocess.call(["bash", str(INFRA / "labelstudio.sh"), args.action])
 
 
+def cmd_webhook(args) -> int:
+    """The Label Studio webhook receiver (`xbl webhook [--port N]`, `xbl webhook register
+    --url ...`); its options are flows/webhook.py's own."""
+    from flows.webhook import main as webhook_main
+
+    return webhook_main(args.webhook_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xbl", description=__doc__)
     parser.add_argument("--project", default=os.environ.get("XBL_PROJECT", "."),
@@ -159,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("labelstudio", help="the local Label Studio server")
     ls.add_argument("action", choices=["install", "start", "stop", "status"])
     ls.set_defaults(func=cmd_labelstudio)
+    hook = sub.add_parser("webhook", add_help=False,
+                          help="receive Label Studio's annotation webhooks and start the round's "
+                          "deployment (`xbl webhook --help`)")
+    hook.add_argument("webhook_args", nargs=argparse.REMAINDER)
+    hook.set_defaults(func=cmd_webhook)
     return parser
 
 

@@ -7,6 +7,8 @@ annotated and retrains once the target is met. Which step is done is read from t
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -30,6 +32,13 @@ def finished_rounds(project: Path) -> list[Path]:
     """Feedback manifests of the rounds already collected, oldest first."""
     manifests = (project / FEEDBACK_ROOT).glob("round-*/manifest.csv")
     return sorted(manifests, key=lambda p: int(p.parent.name.split("-")[1]))
+
+
+def crash_point(step: str) -> None:
+    """Fault drill: XBL_CRASH_AFTER=<step> kills this process right after that step, as a
+    power cut would, so tests can check that the next run carries on with nothing lost."""
+    if os.environ.get("XBL_CRASH_AFTER") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def project_title(params: dict) -> str:
@@ -68,6 +77,7 @@ def feedback_round_flow(project: str = ".", params_file: str = "params.yaml",
         select_round_queries(base.checkpoint, data.path, params["query"], n,
                              list(state.queried), rounds_dir)
         push_queries(f"{rounds_dir}/queries.json", title, baseline["run_id"])
+        crash_point("push")
     queries = queries_from_labelstudio(title, n, data.path, rounds_dir)
 
     if params["labelstudio"].get("annotator", "human") == "oracle":
@@ -82,6 +92,7 @@ def feedback_round_flow(project: str = ".", params_file: str = "params.yaml",
             close_run(str(root), parent)
             return {"round": n, "status": "waiting", "annotated": annotated, "total": total}
 
+    crash_point("wait")
     manifest = collect_feedback_masks(title, n, queries, str(root / FEEDBACK_ROOT / f"round-{n}"))
     feedback_version = version_feedback(str(root), FEEDBACK_ROOT)
     tuned = train_with_feedback(data.path, base.checkpoint,
@@ -92,7 +103,8 @@ def feedback_round_flow(project: str = ".", params_file: str = "params.yaml",
                              evaluate_checkpoint(tuned.checkpoint, data.path), data.version, name,
                              extra_tags={tracking.FEEDBACK_VERSION_TAG: feedback_version,
                                          tracking.ROUND_TAG: str(n)},
-                             extra_files=(str(root / f"{FEEDBACK_ROOT}.dvc"),), finish=False)
+                             extra_files=(str(root / f"{FEEDBACK_ROOT}.dvc"),))
+    crash_point("retrain")
     promotion = promote(str(root), name, baseline, feedback, params["promotion"])
     close_run(str(root), parent)
     table = compare_children(str(root), parent)

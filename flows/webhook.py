@@ -39,7 +39,7 @@ from urllib.parse import unquote, urlsplit
 from tasks import offline as _offline  # noqa: F401
 from tasks.annotation import annotation_target
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flows.webhook")  # the same name when run with -m
 
 ACTIONS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED")
 SECRET_HEADER = "X-XBL-Webhook-Secret"
@@ -338,7 +338,8 @@ class WebhookHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
         """Request lines go to logging, with a path token (the secret) masked."""
         message = _PATH_TOKEN.sub(r"\1***", format % args).replace(self.receiver.secret, "***")
-        log.info("%s %s", self.address_string(), message)
+        probe = urlsplit(getattr(self, "path", "")).path == "/health"  # every 10 s in Docker
+        log.log(logging.DEBUG if probe else logging.INFO, "%s %s", self.address_string(), message)
 
 
 class WebhookServer(ThreadingHTTPServer):
@@ -471,7 +472,9 @@ def _register_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: importing Prefect already put a WARNING-level handler on the root logger
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
     if argv[:1] == ["register"]:
         return _register(_register_parser().parse_args(argv[1:]))
     return _serve(_parser().parse_args(argv))

@@ -11,17 +11,9 @@ from prefect import task
 
 from tasks.training import load_model
 from xbl.data import PreparedData
-from xbl.saliency import deeplift_blurred, gradcam, image_png, overlay_png, top_cells
+from xbl.saliency import image_png, overlay_png, saliency_map, top_cells
 from xbl.sampling import predictive_entropy, select_queries
 from xbl.train import predict_proba, to_tensor
-
-
-def saliency_maps(model: torch.nn.Module, x: torch.Tensor, method: str, sigma: float) -> torch.Tensor:
-    if method == "deeplift":
-        return deeplift_blurred(model, x, sigma=sigma)
-    if method == "gradcam":
-        return gradcam(model, x)
-    raise ValueError(f"unknown query.saliency {method!r}; choose 'deeplift' or 'gradcam'")
 
 
 def query_records(data: PreparedData, idx: np.ndarray, probs: np.ndarray, attr: torch.Tensor,
@@ -61,8 +53,8 @@ def select_round_queries(checkpoint: str, dataset: str, settings: dict, round_nu
                             settings.get("strategy", "entropy"), exclude=exclude,
                             seed=int(settings.get("seed", 0)) + round_number)
     idx = pool[chosen]
-    attr = saliency_maps(model, to_tensor(data.images[idx]), settings.get("saliency", "deeplift"),
-                         float(settings.get("blur_sigma", 3.0)))
+    attr = saliency_map(model, to_tensor(data.images[idx]), settings.get("saliency", "deeplift"),
+                        float(settings.get("blur_sigma", 3.0)))
     cells = top_cells(attr, int(settings["grid_cell"]), int(settings["top_cells"]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,7 @@ def open_parent_run(project: str, experiment: str, name: str, data_version: str)
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def log_model_run(project: str, parent_id: str, name: str, params: dict, outcome: TrainOutcome,
                   evaluation: dict, data_version: str, registered_name: str,
-                  extra_tags: dict | None = None, extra_files: tuple[str, ...] = (),
-                  finish: bool = True) -> dict:
+                  extra_tags: dict | None = None, extra_files: tuple[str, ...] = ()) -> dict:
     """A child run with settings, per-epoch curves, final metrics, confusion matrix and model."""
     root = Path(project)
     client = tracking.client_for(root)
@@ -50,8 +49,7 @@ def log_model_run(project: str, parent_id: str, name: str, params: dict, outcome
     model = load_model(outcome.checkpoint)
     example = np.zeros((1, *_input_shape(model, outcome)), dtype=np.float32)
     version = tracking.log_model(run_id, model, example, registered_name)
-    if finish:  # else the run stays open until promotion, so a crash cannot look complete
-        client.set_terminated(run_id)
+    client.set_terminated(run_id)
     return {"run_id": run_id, "model_version": version, "metrics": final}
 
 
@@ -105,9 +103,8 @@ def promote(project: str, registered_name: str, baseline: dict, candidate: dict,
     elif tracking.alias_version(client, registered_name, "champion") is None:
         # the first round leaves a champion either way: the better of what exists
         tracking.set_alias(client, registered_name, "champion", baseline["model_version"])
-    # last: a round counts as done only once its run is promoted (or not) and finished
+    # last: a round counts as done only once its run carries the promotion decision
     client.set_tag(candidate["run_id"], tracking.PROMOTION_TAG, reason)
-    client.set_terminated(candidate["run_id"])
     return {"promoted": promoted, "reason": reason}
 
 

@@ -157,8 +157,7 @@ def discard_incomplete_round(client: MlflowClient, exp_id: str, registered_name:
             continue
         for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
             client.delete_model_version(registered_name, version.version)
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="FAILED")
+        client.set_terminated(run.info.run_id, status="FAILED")
         client.set_tag(run.info.run_id, ROUND_TAG, f"{round_number}-discarded")
         discarded += 1
     return discarded

@@ -12,8 +12,8 @@ from xbl.config import resolve_device
 from xbl.data import PreparedData
 from xbl.evaluate import evaluate, split_tensors
 from xbl.models import build_model
-from xbl.train import (Feedback, TrainConfig, load_checkpoint, save_checkpoint, seed_everything,
-                       train)
+from xbl.train import (Feedback, FeedbackDiverged, TrainConfig, load_checkpoint, save_checkpoint,
+                       seed_everything, train)
 
 
 @dataclass
@@ -51,11 +51,17 @@ def fit(data: PreparedData, train_params: dict, out: Path, init: str | None = No
     tx, ty = split_tensors(data, "train")
     vx, vy = split_tensors(data, "val")
     logger = get_run_logger()
-    result = train(model, tx, ty, vx, vy, TrainConfig.from_params(train_params), feedback,
-                   on_epoch=lambda row: logger.info("epoch %(epoch)d  val_loss %(val_loss).4f  "
-                                                    "val_accuracy %(val_accuracy).3f", row))
     _, c, h, _ = data.images.shape
     meta = {"model": name, "in_channels": c, "n_classes": len(data.classes), "image_size": h}
+    try:
+        result = train(model, tx, ty, vx, vy, TrainConfig.from_params(train_params), feedback,
+                       on_epoch=lambda row: logger.info("epoch %(epoch)d  val_loss %(val_loss).4f  "
+                                                        "val_accuracy %(val_accuracy).3f", row))
+    except FeedbackDiverged as diverged:
+        # the model already holds the last good weights: keep them for whoever investigates
+        kept = save_checkpoint(model, out.with_name(out.stem + "-last-good.pt"), meta)
+        raise FeedbackDiverged(f"{diverged} Last good weights: {kept}", diverged.method,
+                               diverged.lam, diverged.epoch, diverged.best_epoch) from None
     save_checkpoint(model, out, meta)
     return TrainOutcome(str(out), result.history, result.best_epoch, result.min_val_loss,
                         str(device), result.effective_lambda)
@@ -78,7 +84,10 @@ def evaluate_checkpoint(checkpoint: str, dataset: str) -> dict:
 @task
 def train_with_feedback(dataset: str, baseline_checkpoint: str, manifests: list[str],
                         train_params: dict, feedback_params: dict, out: str) -> TrainOutcome:
-    """Retrain from the baseline weights with CE + λ·L_expl on every round's annotated images."""
+    """Retrain with CE + λ·L_expl on every round's annotated images: from a fresh start
+    (`init: scratch`, as RRR does; fine-tuning only moves the model near the annotated images)
+    or from the baseline's weights (`init: baseline`). eXBL's exemplars are the baseline's
+    explanations either way: those are what annotators judged."""
     from tasks.annotation import read_feedback
     from xbl.feedback import build_feedback
 
@@ -92,6 +101,10 @@ def train_with_feedback(dataset: str, baseline_checkpoint: str, manifests: list[
                               {**feedback_params, "seed": train_params.get("seed", 0)},
                               model=baseline, ratings=ratings)
     # A fixed schedule: early stopping on the confounded val split would pick the shortcut back.
-    schedule = {**train_params, "epochs": feedback_params.get("epochs", 10),
+    schedule = {**train_params, "epochs": feedback_params.get("epochs", 20),
                 "lr": feedback_params.get("lr", train_params.get("lr")), "patience": 0}
-    return fit(data, schedule, Path(out), init=baseline_checkpoint, feedback=feedback)
+    init = feedback_params.get("init", "scratch")
+    if init not in ("scratch", "baseline"):
+        raise ValueError(f"feedback.init is {init!r}: expected 'scratch' or 'baseline'")
+    return fit(data, schedule, Path(out), feedback=feedback,
+               init=baseline_checkpoint if init == "baseline" else None)

@@ -13,7 +13,7 @@ from torch import nn
 from xbl.metrics import wrong_reason_share
 from xbl.models import SmallCNN
 from xbl.saliency import (OUTLINE_RGB, cell_scores, cells_to_mask, deeplift_blurred, gaussian_blur,
-                          gradcam, image_png, overlay_png, top_cells)
+                          gradcam, image_png, overlay_png, saliency_map, top_cells)
 
 
 class CornerNet(nn.Module):
@@ -166,6 +166,30 @@ def test_argsort_of_argsort_would_fail_the_top_cells_check():
     slip = np.argsort(np.argsort(-scores))[:10]  # the paper code's ranks-instead-of-indices
     slip_cells = [(int(i) // 7, int(i) % 7) for i in slip]
     assert set(slip_cells) != set(_brute_force_top(attr, 4, 10))
+
+
+def test_top_cells_rank_by_magnitude_so_evidence_against_the_class_is_shown():
+    """A cell pushing the predicted logit down (a label-coded patch often does) is still a
+    cell the model uses; the signed ranking (the paper's) would hide it."""
+    attr = torch.full((1, 28, 28), 0.1)
+    attr[0, 24:28, 0:4] = -1.0   # strong negative evidence in the bottom-left cell
+    attr[0, 8:12, 8:12] = 0.5    # the strongest positive cell
+    assert top_cells(attr, 4, 2)[0].tolist() == [[6, 0], [2, 2]]
+    signed = top_cells(attr, 4, 2, signed=True)[0].tolist()
+    assert signed[0] == [2, 2] and [6, 0] not in signed
+    # within a cell, signs cancel: a cell of mixed +/- is weaker than a uniform one
+    mixed = torch.zeros(1, 8, 4)
+    mixed[0, :4, :2], mixed[0, :4, 2:] = 1.0, -1.0
+    mixed[0, 4:, :] = 0.3
+    assert top_cells(mixed, 4, 1)[0].tolist() == [[1, 0]]
+
+
+def test_saliency_map_dispatches_by_name(cnn, images):
+    assert torch.equal(saliency_map(cnn, images, "gradcam"), gradcam(cnn, images))
+    assert torch.allclose(saliency_map(cnn, images, "deeplift", sigma=2.0),
+                          deeplift_blurred(cnn, images, sigma=2.0))
+    with pytest.raises(ValueError, match="unknown saliency"):
+        saliency_map(cnn, images, "lime")
 
 
 def test_top_cells_caps_k_at_the_number_of_cells():

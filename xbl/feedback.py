@@ -43,10 +43,22 @@ def build_feedback(method: str, data: PreparedData, indices: np.ndarray, W: np.n
             raise ValueError("eXBL needs the baseline model to compute its exemplars")
         exemplars = exbl_exemplars(model, x, y, M, ratings)
     return Feedback(method=method, x=x, y=y, W=Wt.float(), M=M.float(),
-                    lam=float(settings.get("lambda", 10.0)),
-                    normalize_lambda=bool(settings.get("normalize_lambda", True)),
+                    lam=method_lambda(settings, method),
+                    normalize_lambda=bool(settings.get("normalize_lambda", False)),
                     per_batch=int(settings.get("per_batch", 16)),
                     margin=float(settings.get("exbl_margin", 1.0)), exemplars=exemplars)
+
+
+def method_lambda(settings: dict, method: str) -> float:
+    """λ for `method`: params give one per method (the terms differ by orders of magnitude),
+    or a single number for all."""
+    lam = settings.get("lambda", 1.0)
+    if isinstance(lam, dict):
+        if method not in lam:
+            raise ValueError(f"feedback.lambda has no value for method {method!r}: "
+                             f"add `{method}: <weight>` under feedback.lambda in params.yaml")
+        lam = lam[method]
+    return float(lam)
 
 
 def exbl_exemplars(model: nn.Module, x: torch.Tensor, y: torch.Tensor, M: torch.Tensor,

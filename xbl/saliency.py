@@ -87,19 +87,39 @@ def gradcam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None
     return _scale_per_image(cam[:, 0])
 
 
+SALIENCY_METHODS = ("deeplift", "gradcam")
+
+
+def saliency_map(model: nn.Module, x: torch.Tensor, method: str = "deeplift",
+                 sigma: float = 3.0) -> torch.Tensor:
+    """The map the annotator sees (query.saliency): DeepLIFT vs a blurred baseline, or GradCAM."""
+    if method == "deeplift":
+        return deeplift_blurred(model, x, sigma=sigma)
+    if method == "gradcam":
+        return gradcam(model, x)
+    raise ValueError(f"unknown saliency {method!r}; choose one of {list(SALIENCY_METHODS)}")
+
+
 def cell_scores(attr: torch.Tensor, cell: int) -> torch.Tensor:
     """Mean attribution per cell x cell block: (N,H,W) -> (N, H//cell, W//cell)."""
     attr = torch.as_tensor(attr).float()
     return F.avg_pool2d(attr.unsqueeze(1), kernel_size=cell)[:, 0]
 
 
-def top_cells(attr: torch.Tensor, cell: int, k: int) -> torch.Tensor:
-    """(row, col) of the k cells with the highest mean attribution, best first: (N, k, 2).
+def top_cells(attr: torch.Tensor, cell: int, k: int, signed: bool = False) -> torch.Tensor:
+    """(row, col) of the k cells with the largest |mean attribution|, best first: (N, k, 2).
 
+    Ranked by magnitude: a cell the model weighs *against* its predicted class is still a
+    cell it looks at. A label-coded shortcut such as the decoy patch often gets a negative
+    DeepLIFT score for the predicted logit (its value rules the other classes out), and a
+    signed ranking hides it in about half of the images. `signed=True` ranks by the signed
+    mean (the paper's choice); for non-negative maps (GradCAM) both agree.
     k is capped at the number of cells. topk returns cell indices directly; the paper's code
     ranked with argsort(argsort(.)), which yields ranks, not the cells.
     """
     scores = cell_scores(attr, cell)
+    if not signed:
+        scores = scores.abs()
     n_cols = scores.shape[-1]
     k = min(k, scores[0].numel())
     best = scores.flatten(1).topk(k, dim=1).indices
