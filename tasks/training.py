@@ -38,11 +38,32 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> to
     return model.to(device)
 
 
+def _epoch_logger(logger):
+    return lambda row: logger.info("epoch %(epoch)d  val_loss %(val_loss).4f  "
+                                   "val_accuracy %(val_accuracy).3f", row)
+
+
 def fit(data: PreparedData, train_params: dict, out: Path, init: str | None = None,
         feedback: Feedback | None = None, model_name: str | None = None) -> TrainOutcome:
-    """Train on the train split, early-stopped on val; the checkpoint holds the best weights."""
+    """Train on the train split, early-stopped on val; the checkpoint holds the best weights.
+    With `train.devices` > 1 the same training runs data-parallel in that many processes."""
     device = resolve_device(train_params.get("device", "auto"))
     name = model_name or train_params.get("model", "small_cnn")
+    log_epoch = _epoch_logger(get_run_logger())
+    devices = int(train_params.get("devices", 1))
+    if devices > 1:  # one process per device under torchrun (gloo on CPU, nccl on GPUs)
+        from xbl.distributed import train_distributed
+
+        r = train_distributed(devices, data, train_params, out, init=init, feedback=feedback,
+                              model_name=name, on_epoch=log_epoch)
+        return TrainOutcome(r["checkpoint"], r["history"], r["best_epoch"], r["min_val_loss"],
+                            r["device"], r["effective_lambda"])
+    return _fit_here(data, train_params, out, init, feedback, name, device, log_epoch)
+
+
+def _fit_here(data: PreparedData, train_params: dict, out: Path, init: str | None,
+              feedback: Feedback | None, name: str, device: torch.device, log_epoch) -> TrainOutcome:
+    """Training in this process."""
     seed_everything(int(train_params.get("seed", 0)))  # the initial weights follow the seed too
     model = model_for(data, name)
     if init:
@@ -50,13 +71,11 @@ def fit(data: PreparedData, train_params: dict, out: Path, init: str | None = No
     model.to(device)
     tx, ty = split_tensors(data, "train")
     vx, vy = split_tensors(data, "val")
-    logger = get_run_logger()
     _, c, h, _ = data.images.shape
     meta = {"model": name, "in_channels": c, "n_classes": len(data.classes), "image_size": h}
     try:
         result = train(model, tx, ty, vx, vy, TrainConfig.from_params(train_params), feedback,
-                       on_epoch=lambda row: logger.info("epoch %(epoch)d  val_loss %(val_loss).4f  "
-                                                        "val_accuracy %(val_accuracy).3f", row))
+                       on_epoch=log_epoch)
     except FeedbackDiverged as diverged:
         # the model already holds the last good weights: keep them for whoever investigates
         kept = save_checkpoint(model, out.with_name(out.stem + "-last-good.pt"), meta)

@@ -1,0 +1,338 @@
+"""Data-parallel training: one process per GPU (or several on a CPU) under torchrun with DDP.
+
+`run_distributed` (or `train_distributed`, which takes what `fit` has) writes a job file and
+runs `python -m torch.distributed.run --standalone --nproc_per_node=N -m xbl.distributed JOB`.
+Every process runs the ordinary `xbl.train.train` loop: all draw the same seeded global
+batches and the same annotated images, each trains on its own slice of both, and the
+gradients are averaged by DistributedDataParallel. SmallCNN has no dropout and no batchnorm,
+so this is the single-process training on the same global batch, up to float rounding.
+Validation runs in full on every process: the weights are identical everywhere (same averaged
+gradients, same Adam step), so every process reaches the same early-stopping decision
+without talking; the training-loss guard sees values summed over processes, so a divergence
+stops all of them at the same step. Process 0 writes the checkpoint and a result JSON.
+
+Plain torch on purpose: the workers import no Prefect, MLflow or DVC.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.parallel import DistributedDataParallel
+
+import xbl
+from xbl.config import resolve_device
+from xbl.data import PreparedData
+from xbl.evaluate import split_tensors
+from xbl.models import build_model
+from xbl.train import (Feedback, FeedbackDiverged, TrainConfig, _autocast, _feedback_term,
+                       load_checkpoint, save_checkpoint, seed_everything, train)
+
+# Terms that sum over the annotated images (or are zero): a process's slice contributes its
+# own sum. hint and eXBL average instead, so their slices are weighted by their share.
+SUMMED_TERMS = ("rrr", "rrr_output", "rrr_g", "counterexamples")
+
+
+# ---------------------------------------------------------------- one process's share of a step
+def _part(t: torch.Tensor | None, rank: int, world: int) -> torch.Tensor | None:
+    """Contiguous slice `rank` of `world` (uneven sizes allowed; a slice may be empty)."""
+    return None if t is None else torch.tensor_split(t, world)[rank]
+
+
+def feedback_share(fb: Feedback, model: nn.Module, fbatch: tuple, rank: int,
+                   world: int) -> torch.Tensor:
+    """This process's part of the feedback term on the step's annotated images: summed over
+    processes it is the term on the whole `fbatch`, and so are the gradients."""
+    local = tuple(_part(t, rank, world) for t in fbatch)
+    if fb.method in SUMMED_TERMS:
+        return _feedback_term(fb, model, *local)
+    if fb.method == "hint" and fbatch[3] is not None:  # an MSE over the masked images
+        n_all = int(fbatch[3].flatten(1).any(1).sum())
+        n_here = int(local[3].flatten(1).any(1).sum())
+        return _feedback_term(fb, model, *local) * (n_here / n_all) if n_here else \
+            local[0].new_zeros(())
+    if fb.method == "exbl" and fb.exemplars is not None:  # a mean over the images
+        return _feedback_term(fb, model, *local) * (len(local[1]) / len(fbatch[1]))
+    # eXBL without fixed exemplars picks them from the whole batch: not separable, so every
+    # process computes the whole term (annotated images are few; the CE part still splits)
+    return _feedback_term(fb, model, *fbatch) / world
+
+
+class ShardedStep:
+    """The `step` hook of `xbl.train.train` for process `rank` of `world`.
+
+    Each process takes its slice of the global batch and of the annotated images. Its losses
+    are its shares of the global means, times `world`: DDP averages the gradients over the
+    processes, which then gives the gradient of the global loss. The values it reports are
+    summed over processes, so λ normalisation, the divergence guard and the history see the
+    whole batch, identically on every process.
+    """
+
+    def __init__(self, ddp: DistributedDataParallel, rank: int, world: int):
+        self.ddp, self.rank, self.world = ddp, rank, world
+
+    def __call__(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
+                 fb: Feedback | None, fbatch: tuple | None, device: torch.device,
+                 use_amp: bool) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        n_global = len(yb) + (len(fbatch[1]) if fbatch is not None else 0)
+        x = _part(xb, self.rank, self.world).to(device, non_blocking=True)
+        y = _part(yb, self.rank, self.world).to(device, non_blocking=True)
+        expl = torch.zeros((), device=device)
+        if fbatch is not None:
+            x = torch.cat([x, _part(fbatch[0], self.rank, self.world)])
+            y = torch.cat([y, _part(fbatch[1], self.rank, self.world)])
+            # Through the bare module, not DDP: the term runs its own forward and an
+            # autograd.grad, and DDP allows one forward per backward (a second raises
+            # "Expected to have finished reduction in the prior iteration"). Its gradients
+            # still meet the CE's at the same parameters, so DDP's hooks average their sum.
+            expl = feedback_share(fb, model, fbatch, self.rank, self.world).float()
+        with _autocast(device, use_amp):
+            logits = self.ddp(x)
+        ce = F.cross_entropy(logits.float(), y, reduction="sum") / n_global
+        shares = torch.stack([ce.detach(), expl.detach()])
+        dist.all_reduce(shares)  # one sync per step, as in the single-process loop
+        ce_value, expl_value = shares.tolist()
+        return ce * self.world, expl * self.world, ce_value, expl_value
+
+
+# ---------------------------------------------------------------- the worker (one per process)
+def _worker_device(setting: str | None) -> torch.device:
+    """CUDA device LOCAL_RANK when training on CUDA, else the CPU."""
+    if resolve_device(setting).type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def _build_model(data: PreparedData, job: dict, device: torch.device) -> nn.Module:
+    """As `tasks.training.fit` does: seeded initial weights, or the init checkpoint's."""
+    seed_everything(int(job["train_params"].get("seed", 0)))
+    _, c, h, _ = data.images.shape
+    model = build_model(job["model_name"], c, len(data.classes), h)
+    if job.get("init"):
+        model.load_state_dict(load_checkpoint(Path(job["init"]))[0])
+    return model.to(device)
+
+
+def _write_json(path: str, payload: dict) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)  # the launcher never reads half a file
+
+
+def _train_here(job: dict, rank: int, world: int, device: torch.device) -> None:
+    data = PreparedData.load(Path(job["dataset"]))
+    model = _build_model(data, job, device)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                  else None)
+    feedback = Feedback(**job["feedback"]) if job.get("feedback") else None
+    _, c, h, _ = data.images.shape
+    meta = {"model": job["model_name"], "in_channels": c, "n_classes": len(data.classes),
+            "image_size": h}
+    out, lead = Path(job["out"]), rank == 0
+
+    def on_epoch(row: dict) -> None:
+        if lead:
+            with open(job["epochs_log"], "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    try:
+        result = train(model, *split_tensors(data, "train"), *split_tensors(data, "val"),
+                       TrainConfig.from_params(job["train_params"]), feedback,
+                       on_epoch=on_epoch, step=ShardedStep(ddp, rank, world))
+    except FeedbackDiverged as bad:
+        # every process diverges at the same step (the guard sees summed values); keep the
+        # last good weights as fit does and report, so the launcher raises the same error
+        if lead:
+            kept = save_checkpoint(model, out.with_name(out.stem + "-last-good.pt"), meta)
+            _write_json(job["result"], {"diverged": {
+                "message": f"{bad} Last good weights: {kept}", "method": bad.method,
+                "lam": bad.lam, "epoch": bad.epoch, "best_epoch": bad.best_epoch}})
+        return
+    if lead:
+        save_checkpoint(model, out, meta)
+        _write_json(job["result"], {
+            "checkpoint": str(out), "history": result.history, "best_epoch": result.best_epoch,
+            "min_val_loss": result.min_val_loss, "effective_lambda": result.effective_lambda,
+            "device": str(device), "world_size": world})
+
+
+@record  # puts a failing worker's traceback in torchrun's summary, for the launcher's error
+def main(argv: list[str] | None = None) -> int:
+    (job_file,) = argv if argv is not None else sys.argv[1:]
+    job = torch.load(job_file, weights_only=True)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = _worker_device(job["train_params"].get("device", "auto"))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=float(job.get("collective_timeout_s", 600))))
+    try:
+        _train_here(job, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+# ---------------------------------------------------------------- the launcher
+def _tail(log: Path, lines: int = 40) -> str:
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _root_cause(log: Path) -> str:
+    """The worker's exception line (e.g. 'FileNotFoundError: ...') from torchrun's "Root
+    Cause" section, else the last exception line that is not torchrun's own wrapper."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = re.findall(r"^\s*((?:\w+\.)*\w+(?:Error|Exception|Diverged|Interrupt)\b.*)$",
+                       text.split("Root Cause")[-1], re.MULTILINE)
+    lines = [line for line in lines if "ChildFailedError" not in line]
+    return lines[0].strip() if lines else "see the log below"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End torchrun and its workers: they run in the session the launcher started for them."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=grace)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _new_rows(path: Path, seen: int) -> list[dict]:
+    """Complete epoch rows after the first `seen` (a line still being written is skipped)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in lines[seen:]]
+
+
+def _supervise(proc: subprocess.Popen, epochs: Path, timeout_s: float | None,
+               on_epoch: Callable[[dict], None] | None) -> bool:
+    """Wait for torchrun, passing epoch rows on as process 0 writes them; False on timeout.
+    Whatever ends the wait (timeout, Ctrl-C), no worker is left running."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    seen = 0
+    try:
+        while True:
+            done = proc.poll() is not None  # read the rows once more after the end
+            for row in _new_rows(epochs, seen):
+                seen += 1
+                if on_epoch:
+                    on_epoch(row)
+            if done:
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+
+
+def _environment(devices: int, job: dict) -> dict:
+    """The caller's environment, plus what the workers need; checks the device count."""
+    env = dict(os.environ)
+    # the workers import the same xbl as this launcher, wherever the caller's cwd is
+    root = str(Path(xbl.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if resolve_device(job["train_params"].get("device", "auto")).type == "cuda":
+        if devices > torch.cuda.device_count():  # fail here, not in N half-started workers
+            raise ValueError(f"train.devices is {devices} but {torch.cuda.device_count()} "
+                             "CUDA devices are visible")
+    else:  # N processes share the cores: N x all-cores threads would oversubscribe them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // devices))
+    return env
+
+
+def run_distributed(devices: int, job: dict, workdir: Path, timeout_s: float | None = None,
+                    on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Run `job` on `devices` processes; return process 0's result.
+
+    job: dataset (prepared .npz path), train_params, init (checkpoint or None), model_name,
+    out (checkpoint path), feedback (Feedback fields as a dict, or None); optionally
+    collective_timeout_s (default 600), after which a stuck collective fails. The result has
+    checkpoint, history, best_epoch, min_val_loss, effective_lambda, device, world_size.
+    Raises FeedbackDiverged as `train` would, and RuntimeError (with the workers' error and
+    log tail) when a process fails or `timeout_s` passes.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    result, epochs = workdir / "result.json", workdir / "epochs.jsonl"
+    log = workdir / "torchrun.log"
+    for stale in (result, epochs):
+        stale.unlink(missing_ok=True)
+    job = {**job, "result": str(result), "epochs_log": str(epochs)}
+    torch.save(job, workdir / "job.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={devices}", "-m", "xbl.distributed", str(workdir / "job.pt")]
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                env=_environment(devices, job), start_new_session=True)
+        finished = _supervise(proc, epochs, timeout_s, on_epoch)
+    if not finished:
+        raise RuntimeError(f"distributed training timed out after {timeout_s:g} s ({devices} "
+                           f"processes); log {log}:\n{_tail(log)}")
+    if proc.returncode != 0 or not result.is_file():
+        raise RuntimeError(f"distributed training failed ({devices} processes, exit code "
+                           f"{proc.returncode}): {_root_cause(log)}\n--- last lines of {log} "
+                           f"---\n{_tail(log)}")
+    outcome = json.loads(result.read_text())
+    if "diverged" in outcome:
+        bad = outcome["diverged"]
+        raise FeedbackDiverged(bad["message"], bad["method"], bad["lam"], bad["epoch"],
+                               bad["best_epoch"])
+    return outcome
+
+
+def train_distributed(devices: int, data: PreparedData | str | Path, train_params: dict,
+                      out: Path, init: str | None = None, feedback: Feedback | None = None,
+                      model_name: str | None = None, workdir: Path | None = None,
+                      timeout_s: float | None = None,
+                      on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """`fit`'s arguments to `run_distributed`. An in-memory dataset is saved for the workers;
+    without `workdir` a temporary one is used, kept (and named in the error) on failure."""
+    own = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="xbl-ddp-")) if own else Path(workdir)
+    if isinstance(data, PreparedData):
+        data.save(workdir / "dataset.npz")
+        data = workdir / "dataset.npz"
+    job = {"dataset": str(data), "train_params": dict(train_params),
+           "init": str(init) if init else None,
+           "model_name": model_name or train_params.get("model", "small_cnn"),
+           "out": str(out),
+           "feedback": ({f.name: getattr(feedback, f.name) for f in fields(Feedback)}
+                        if feedback is not None else None)}
+    try:
+        outcome = run_distributed(devices, job, workdir, timeout_s, on_epoch)
+    except FeedbackDiverged:  # a training outcome, not a failure to debug: nothing to keep
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    if own:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return outcome
+
+
+if __name__ == "__main__":
+    sys.exit(main())
