@@ -41,8 +41,7 @@ def make_project(root: Path, **overrides) -> Path:
     for section, values in overrides.items():
         params.setdefault(section, {}).update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ".gitignore").write_text("/data/prepared\n/runs/\nmlflow.db\n/mlartifacts/\n"
-                                     "/.dvc-remote/\n")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")  # what a clone ignores, tests ignore
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
 
