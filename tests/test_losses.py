@@ -16,28 +16,10 @@ from xbl.losses import (FEEDBACK_METHODS, counterexamples, exbl_triplet, explana
                         select_exemplars)
 from xbl.metrics import activation_recall
 from xbl.models import SmallCNN
+from tests.toy_models import CornerNet
 from xbl.saliency import gradcam
 
 GRADIENT_METHODS = ("rrr", "rrr_output", "rrr_g", "hint", "exbl")
-
-
-class CornerNet(nn.Module):
-    """Logits depend only on the top-left 4x4 patch, so GradCAM lives in the top-left corner."""
-
-    def __init__(self, n_classes: int = 3, size: int = 28):
-        super().__init__()
-        corner = torch.zeros(1, 1, size, size)
-        corner[..., :4, :4] = 1.0
-        self.register_buffer("corner", corner)
-        self.last_conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
-        self.relu = nn.ReLU()
-        self.head = nn.Linear(2 * size * size, n_classes)
-        with torch.no_grad():
-            self.last_conv.weight.fill_(1 / 9)
-            self.head.weight.copy_(torch.linspace(0.1, 1.0, n_classes)[:, None].expand_as(self.head.weight))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.relu(self.last_conv(x * self.corner)).flatten(1))
 
 
 class LinearNet(nn.Module):

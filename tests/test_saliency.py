@@ -10,29 +10,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tests.toy_models import CornerNet
 from xbl.metrics import wrong_reason_share
 from xbl.models import SmallCNN
 from xbl.saliency import (OUTLINE_RGB, cell_scores, cells_to_mask, deeplift_blurred, gaussian_blur,
                           gradcam, image_png, overlay_png, saliency_map, top_cells)
-
-
-class CornerNet(nn.Module):
-    """Logits depend only on the top-left 4x4 patch: a bias-free conv sees a masked input."""
-
-    def __init__(self, n_classes: int = 3, size: int = 28):
-        super().__init__()
-        corner = torch.zeros(1, 1, size, size)
-        corner[..., :4, :4] = 1.0
-        self.register_buffer("corner", corner)
-        self.last_conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
-        self.relu = nn.ReLU()
-        self.head = nn.Linear(2 * size * size, n_classes)
-        with torch.no_grad():  # positive weights: GradCAM is nonzero wherever activations are
-            self.last_conv.weight.fill_(1 / 9)
-            self.head.weight.copy_(torch.linspace(0.1, 1.0, n_classes)[:, None].expand_as(self.head.weight))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.relu(self.last_conv(x * self.corner)).flatten(1))
 
 
 CORNER = np.zeros((28, 28))

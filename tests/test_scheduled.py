@@ -108,3 +108,20 @@ def test_served_deployment_completes_a_round_across_two_runs(tmp_path, prefect_s
     assert len(tasks) == 8                                  # no run pushed a duplicate
     log_text = (tmp_path / "serve.log").read_text()
     assert labelstudio.token not in log_text
+    assert labelstudio.token not in prefect_records(prefect_server)
+    assert labelstudio.token not in mlflow_records(client, exp.experiment_id)
+
+
+def prefect_records(api: str) -> str:
+    """Everything the Prefect server keeps of the runs: artifacts, run parameters, logs."""
+    body = {"limit": 200}
+    parts = [requests.post(f"{api}/{kind}/filter", json=body, timeout=10).text
+             for kind in ("artifacts", "flow_runs", "task_runs", "logs")]
+    assert '"key"' in parts[0] and "feedback" in parts[1]  # the grep reads real records
+    return "".join(parts)
+
+
+def mlflow_records(client: MlflowClient, experiment_id: str) -> str:
+    runs = client.search_runs([experiment_id])
+    assert runs
+    return repr([(r.data.params, r.data.tags) for r in runs])
