@@ -20,6 +20,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c "import ensurepip" 2>/dev/null || { echo "$(PYTHON) cannot create virtualenvs: install venv support (Debian/Ubuntu: apt install python3-venv), or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -27,7 +28,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 labelstudio-install:
-	bash infra/labelstudio.sh install
+	PYTHON=$(PYTHON) bash infra/labelstudio.sh install
 
 labelstudio-start: labelstudio-install
 	bash infra/labelstudio.sh start

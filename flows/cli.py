@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,11 @@ def _mlflow_hint(project: Path) -> str:
     from tasks.tracking import tracking_uri
 
     uri = tracking_uri(project)
-    return f"Open them with:  mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+    # the venv's own mlflow (not on PATH unless the venv is activated)
+    beside = Path(sys.executable).parent / "mlflow"
+    mlflow = str(beside) if beside.is_file() else shutil.which("mlflow") or "mlflow"
+    return (f"Open them with:  {mlflow} ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+            "\n  or `xbl server start` for the MLflow and Prefect UIs together")
 
 
 def cmd_baseline(args) -> int:
@@ -104,7 +109,11 @@ def cmd_data_checkout(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    """Serve the feedback round as a scheduled deployment against a real Prefect server."""
+    """Serve prefect.yaml's deployments from this machine against a real Prefect server: the
+    feedback round on the schedule in params.yaml, the baseline on demand."""
+    from prefect import serve
+
+    from flows.baseline import baseline_flow
     from flows.loop import feedback_round_flow
     from xbl.config import load_params
 
@@ -116,15 +125,18 @@ def cmd_serve(args) -> int:
     schedule = load_params(project / args.params).get("schedule", {})
     timing = ({"interval": float(schedule["interval_s"])} if schedule.get("interval_s")
               else {"cron": schedule.get("cron", "0 * * * *")})
-    # one round at a time: two runs of the same round would race for its tasks
-    feedback_round_flow.serve(name="scheduled", limit=1, **timing,
-                              parameters={"project": str(project), "params_file": args.params,
-                                          "wait_mode": "resume"})
+    where = {"project": str(project), "params_file": args.params}
+    rounds = feedback_round_flow.to_deployment(name="scheduled", **timing,
+                                               parameters={**where, "wait_mode": "resume"})
+    baseline = baseline_flow.to_deployment(name="baseline", parameters=where)
+    # one run at a time: two runs of the same round would race for its tasks
+    serve(rounds, baseline, limit=1)
     return 0
 
 
 def cmd_server(args) -> int:
-    return subprocess.call(["bash", str(INFRA / "services.sh"), args.action])
+    env = {**os.environ, "XBL_PROJECT": str(Path(args.project).resolve())}
+    return subprocess.call(["bash", str(INFRA / "services.sh"), args.action], env=env)
 
 
 def cmd_labelstudio(args) -> int:
@@ -159,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     checkout = data.add_parser("checkout", help="restore the exact data an MLflow run used")
     checkout.add_argument("run_id")
     checkout.set_defaults(func=cmd_data_checkout)
-    sub.add_parser("serve", help="run the feedback round on the schedule in params.yaml "
-                   "(needs PREFECT_API_URL)").set_defaults(func=cmd_serve)
+    sub.add_parser("serve", help="serve the feedback round (on the schedule in params.yaml) and "
+                   "the baseline as Prefect deployments (needs PREFECT_API_URL)").set_defaults(
+        func=cmd_serve)
     server = sub.add_parser("server", help="local Prefect and MLflow servers for their UIs")
     server.add_argument("action", choices=["start", "stop", "status"])
     server.set_defaults(func=cmd_server)

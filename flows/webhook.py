@@ -457,9 +457,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8787)
     parser.add_argument("--state-dir", default=".xbl-webhook")
     parser.add_argument("--deployment", default=os.environ.get("XBL_WEBHOOK_DEPLOYMENT", DEFAULT_DEPLOYMENT))
-    parser.add_argument("--target-fraction", type=float,
-                        default=float(os.environ.get("XBL_WEBHOOK_TARGET_FRACTION", 1.0)))
+    parser.add_argument("--target-fraction", type=float, default=_default_target_fraction(),
+                        help="default: XBL_WEBHOOK_TARGET_FRACTION, else wait.target_fraction "
+                        "of ./params.yaml (the flow's own target), else 1.0")
     return parser
+
+
+def _default_target_fraction() -> float:
+    """The flow's own target, so the receiver never starts a run the flow would find short."""
+    if os.environ.get("XBL_WEBHOOK_TARGET_FRACTION"):
+        return float(os.environ["XBL_WEBHOOK_TARGET_FRACTION"])
+    params = Path(os.environ.get("XBL_PROJECT", ".")) / "params.yaml"
+    if params.is_file():
+        from xbl.config import load_params
+
+        return float(load_params(params).get("wait", {}).get("target_fraction", 1.0))
+    return 1.0
 
 
 def _register_parser() -> argparse.ArgumentParser:

@@ -136,7 +136,8 @@ cmd_install() {
         return 0
     fi
     echo "labelstudio: installing label-studio==$LS_VERSION into $LS_VENV (about a minute)"
-    python3 -m venv "$LS_VENV"
+    "${PYTHON:-python3}" -m venv "$LS_VENV" \
+        || die "could not create a virtualenv with ${PYTHON:-python3} (on Debian/Ubuntu: apt install python3-venv)"
     "$LS_VENV/bin/pip" install --quiet --disable-pip-version-check "label-studio==$LS_VERSION"
     installed || die "install finished but label_studio is not importable from $LS_VENV"
     echo "labelstudio: installed $("$LS_PY" -c 'import label_studio; print(label_studio.__version__)')"

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The UIs on one machine: a Prefect server and an MLflow tracking server, on 127.0.0.1 only.
 #   infra/services.sh start|stop|status
-# Settings: XBL_PREFECT_PORT (4200), XBL_MLFLOW_PORT (5000), XBL_SERVICES_HOME (.xbl-services).
+# Settings: XBL_PREFECT_PORT (4200), XBL_MLFLOW_PORT (5000), XBL_SERVICES_HOME (.xbl-services),
+# XBL_PROJECT (the project whose runs MLflow serves; default: this checkout).
 # MLflow serves the project's SQLite store and artifacts, so runs made before it started show up.
 set -euo pipefail
 
 PROJECT_DIR="$(cd "$(dirname "$0")/.." && pwd)"
-HOME_DIR="${XBL_SERVICES_HOME:-$PROJECT_DIR/.xbl-services}"
+STORE_DIR="$(cd "${XBL_PROJECT:-$PROJECT_DIR}" && pwd)"
+HOME_DIR="${XBL_SERVICES_HOME:-$STORE_DIR/.xbl-services}"
 BIN="${XBL_VENV:-$PROJECT_DIR/.venv}/bin"
 PREFECT_PORT="${XBL_PREFECT_PORT:-4200}"
 MLFLOW_PORT="${XBL_MLFLOW_PORT:-5000}"
@@ -35,7 +37,9 @@ launch() {  # name port health-url command...
     if alive "$name"; then echo "services: $name already running at http://127.0.0.1:$port"; return; fi
     port_taken "$port" && die "port $port on 127.0.0.1 is in use; set XBL_${name^^}_PORT"
     mkdir -p "$HOME_DIR"
-    (cd "$PROJECT_DIR" && setsid "$@" >"$HOME_DIR/$name.log" 2>&1 & echo $! >"$HOME_DIR/$name.pid")
+    # exec: the pid recorded is the server's own (a subshell in between would be what `stop` kills)
+    (cd "$PROJECT_DIR" && exec setsid "$@" >"$HOME_DIR/$name.log" 2>&1 </dev/null) &
+    echo $! >"$HOME_DIR/$name.pid"
     wait_http "$name" "$url"
     echo "services: $name at http://127.0.0.1:$port"
 }
@@ -46,15 +50,20 @@ cmd_start() {
         "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
     launch mlflow "$MLFLOW_PORT" "http://127.0.0.1:$MLFLOW_PORT/health" \
         "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
-        --backend-store-uri "sqlite:///$PROJECT_DIR/mlflow.db" \
-        --default-artifact-root "$PROJECT_DIR/mlartifacts"
+        --backend-store-uri "sqlite:///$STORE_DIR/mlflow.db" \
+        --default-artifact-root "$STORE_DIR/mlartifacts"
     echo "services: export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api  (for xbl serve)"
+    echo "services: export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT  (runs log through the server)"
 }
 
 cmd_stop() {
     for name in mlflow prefect; do
         if alive "$name"; then
-            kill -- -"$(cat "$HOME_DIR/$name.pid")" 2>/dev/null || kill "$(cat "$HOME_DIR/$name.pid")"
+            local pid; pid="$(cat "$HOME_DIR/$name.pid")"
+            kill -- -"$pid" 2>/dev/null || kill "$pid"
+            # wait until it is gone, so a `start` right after finds the port free
+            for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+            kill -0 "$pid" 2>/dev/null && kill -9 -- -"$pid" 2>/dev/null
             echo "services: stopped $name"
         fi
         rm -f "$HOME_DIR/$name.pid"

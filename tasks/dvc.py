@@ -84,3 +84,12 @@ def checkout_lock(project: Path, lock_text: str, targets: list[str]) -> None:
         dvc(project, "checkout", "--force", *targets)
     except DvcError:
         dvc(project, "pull", "--force", *targets)
+
+
+def checkout_pointer(project: Path, pointer_text: str, pointer: str) -> None:
+    """Restore what a .dvc file describes (e.g. a round's masks): cache first, then remote."""
+    (Path(project) / pointer).write_text(pointer_text)
+    try:
+        dvc(project, "checkout", "--force", pointer)
+    except DvcError:
+        dvc(project, "pull", "--force", pointer)

@@ -32,6 +32,9 @@ def log_model_run(project: str, parent_id: str, name: str, params: dict, outcome
     client = tracking.client_for(root)
     parent = client.get_run(parent_id)
     tags = {tracking.DATA_VERSION_TAG: data_version, **(extra_tags or {})}
+    # a retry of this task must not leave the failed attempt's run or model version behind
+    tracking.discard_unfinished_attempts(client, parent.info.experiment_id, parent_id, name,
+                                         registered_name)
     run_id = tracking.start_run(client, parent.info.experiment_id, name, parent_id, tags)
     tracking.log_params(client, run_id, {**params, "device": outcome.device})
     tracking.log_history(client, run_id, outcome.history)

@@ -151,16 +151,31 @@ def discard_incomplete_round(client: MlflowClient, exp_id: str, registered_name:
                              round_number: int) -> int:
     """A crash mid-retraining leaves a run without promotion: fail it and unregister its
     model, so a rerun starts the retraining clean. Returns how many runs were discarded."""
-    discarded = 0
-    for run in round_runs(client, exp_id, round_number):
-        if run.info.status == "FINISHED" and PROMOTION_TAG in run.data.tags:
-            continue
+    runs = [run for run in round_runs(client, exp_id, round_number)
+            if not (run.info.status == "FINISHED" and PROMOTION_TAG in run.data.tags)]
+    for run in runs:
+        client.set_tag(run.info.run_id, ROUND_TAG, f"{round_number}-discarded")
+    return _discard(client, runs, registered_name)
+
+
+def discard_unfinished_attempts(client: MlflowClient, exp_id: str, parent_id: str, name: str,
+                                registered_name: str) -> int:
+    """Before a retried step logs a model run again: fail the earlier attempt's run under the
+    same parent and unregister its model, so a retry leaves one run and one version. (A parent
+    has one child per name; an attempt that died after logging its model may already show as
+    FINISHED, since MLflow's run context closes it.)"""
+    runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                        f"attributes.run_name = '{name}' and "
+                                        "attributes.status != 'FAILED'")
+    return _discard(client, runs, registered_name)
+
+
+def _discard(client: MlflowClient, runs: list, registered_name: str) -> int:
+    for run in runs:
         for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
             client.delete_model_version(registered_name, version.version)
         client.set_terminated(run.info.run_id, status="FAILED")
-        client.set_tag(run.info.run_id, ROUND_TAG, f"{round_number}-discarded")
-        discarded += 1
-    return discarded
+    return len(runs)
 
 
 def download_artifact(client: MlflowClient, run_id: str, path: str, out_dir: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from flows.loop import feedback_round_flow
 from tasks import labelstudio as ls
 from tasks import tracking
 from tasks.annotation import RoundIncomplete
+from tasks.checkout import checkout_run_data
 from tests.conftest import make_project
 from xbl.data import PreparedData
 from xbl.labelstudio import cells_mask, oracle_ignore_cells
@@ -90,6 +92,18 @@ def test_feedback_beats_the_baseline_on_the_decoy_randomized_split(oracle_round)
     assert rows["feedback-round-1"]["test_accuracy"] > rows["baseline"]["test_accuracy"]
     assert (rows["feedback-round-1"]["test_wrong_reason_share_inputgrad"]
             < rows["baseline"]["test_wrong_reason_share_inputgrad"])
+
+
+def test_checkout_of_a_feedback_run_restores_its_masks(oracle_round):
+    project, result = oracle_round
+    masks = project / "data" / "feedback" / "round-1" / "masks"
+    before = {p.name: p.read_bytes() for p in masks.iterdir()}
+    shutil.rmtree(project / "data" / "feedback")           # as after switching branches
+    (project / "data" / "feedback.dvc").write_text("outs: []\n")
+    checkout_run_data(project, result["feedback"]["run_id"])
+    assert {p.name: p.read_bytes() for p in masks.iterdir()} == before
+    with pytest.raises(ValueError, match="logged no dvc.lock"):
+        checkout_run_data(project, result["parent_run_id"])
 
 
 def test_tasks_carry_the_baseline_run_as_model_version(oracle_round, team_server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -35,28 +36,32 @@ def test_prefect_yaml_declares_the_flows_with_the_params_schedule():
 
 
 @pytest.fixture
-def prefect_server(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+def project(tmp_path) -> Path:
+    return make_project(tmp_path / "project", mlflow={"experiment": "scheduled"},
+                        train={"epochs": 5}, query={"k": 8}, labelstudio={"annotator": "human"},
+                        schedule={"interval_s": 8, "cron": None})
+
+
+@pytest.fixture
+def servers(tmp_path, project):
+    """`xbl server start`: a real Prefect server and MLflow tracking server on loopback,
+    MLflow serving the project's store. Yields (Prefect API URL, MLflow URL)."""
+    ports = {"XBL_PREFECT_PORT": str(free_port()), "XBL_MLFLOW_PORT": str(free_port())}
+    env = {**os.environ, **ports, "XBL_SERVICES_HOME": str(tmp_path / "services"),
+           "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start",
-                             "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("prefect server did not start in 120 s")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
+    cli = [sys.executable, "-m", "flows.cli", "--project", str(project), "server"]
+    try:
+        started = subprocess.run([*cli, "start"], cwd=REPO, env=env, capture_output=True,
+                                 text=True, timeout=300)
+        assert started.returncode == 0, started.stdout + started.stderr
+        status = subprocess.run([*cli, "status"], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert status.returncode == 0 and status.stdout.count("running at") == 2, status.stdout
+        yield (f"http://127.0.0.1:{ports['XBL_PREFECT_PORT']}/api",
+               f"http://127.0.0.1:{ports['XBL_MLFLOW_PORT']}")
+    finally:
+        subprocess.run([*cli, "stop"], cwd=REPO, env=env, capture_output=True, timeout=120)
 
 
 def wait_until(check, timeout: float, what: str, serve: subprocess.Popen):
@@ -70,19 +75,18 @@ def wait_until(check, timeout: float, what: str, serve: subprocess.Popen):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_served_deployment_completes_a_round_across_two_runs(tmp_path, prefect_server, labelstudio):
-    project = make_project(tmp_path / "project", mlflow={"experiment": "scheduled"},
-                           train={"epochs": 5}, query={"k": 8},
-                           labelstudio={"annotator": "human"},
-                           schedule={"interval_s": 8, "cron": None})
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "LABEL_STUDIO_URL": labelstudio.url,
-           "LABEL_STUDIO_API_KEY": labelstudio.token, "PREFECT_HOME": str(tmp_path / "client")}
+def test_served_deployment_completes_a_round_across_two_runs(tmp_path, project, servers,
+                                                             labelstudio):
+    prefect_server, mlflow_server = servers
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": mlflow_server,
+           "LABEL_STUDIO_URL": labelstudio.url, "LABEL_STUDIO_API_KEY": labelstudio.token,
+           "PREFECT_HOME": str(tmp_path / "client")}
     log = (tmp_path / "serve.log").open("w")
     serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "--project", str(project),
                               "serve"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
     title = "xbl-scheduled"
-    client = MlflowClient(tracking.tracking_uri(project))
+    client = MlflowClient(mlflow_server, mlflow_server)  # read back through the tracking server
     try:
         def pushed():
             os.environ.update(LABEL_STUDIO_URL=labelstudio.url, LABEL_STUDIO_API_KEY=labelstudio.token)
@@ -109,16 +113,19 @@ def test_served_deployment_completes_a_round_across_two_runs(tmp_path, prefect_s
     log_text = (tmp_path / "serve.log").read_text()
     assert labelstudio.token not in log_text
     assert labelstudio.token not in prefect_records(prefect_server)
+    served = requests.post(f"{prefect_server}/deployments/filter", json={}, timeout=10).json()
+    assert {d["name"] for d in served} == {"scheduled", "baseline"}   # as in prefect.yaml
+    assert (project / "mlflow.db").is_file()          # the server wrote the project's store
     assert labelstudio.token not in mlflow_records(client, exp.experiment_id)
 
 
 def prefect_records(api: str) -> str:
     """Everything the Prefect server keeps of the runs: artifacts, run parameters, logs."""
-    body = {"limit": 200}
-    parts = [requests.post(f"{api}/{kind}/filter", json=body, timeout=10).text
-             for kind in ("artifacts", "flow_runs", "task_runs", "logs")]
-    assert '"key"' in parts[0] and "feedback" in parts[1]  # the grep reads real records
-    return "".join(parts)
+    records = {kind: requests.post(f"{api}/{kind}/filter", json={"limit": 200}, timeout=10).json()
+               for kind in ("artifacts", "flow_runs", "task_runs", "logs")}
+    assert all(records.values()), {k: len(v) for k, v in records.items()}  # real records to grep
+    assert any("wait_mode" in run["parameters"] for run in records["flow_runs"])
+    return json.dumps(records)
 
 
 def mlflow_records(client: MlflowClient, experiment_id: str) -> str:

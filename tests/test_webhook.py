@@ -299,25 +299,40 @@ def wait_until(condition, timeout_s: float = 30.0) -> bool:
 
 @pytest.mark.integration
 @pytest.mark.labelstudio
-def test_a_real_annotation_reaches_the_receiver_and_starts_the_round(labelstudio, run_receiver):
+def test_a_real_annotation_starts_one_flow_run_even_when_delivered_twice(labelstudio, run_receiver):
+    """Real Label Studio → receiver → real Prefect deployment; a redelivery starts nothing."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
     from tasks import labelstudio as ls
 
     client = ls.connect(labelstudio.url, labelstudio.token)
     project = client.sdk.projects.create(title=f"webhook-{uuid.uuid4().hex[:8]}", label_config=LABEL_CONFIG)
-    try:
-        client.sdk.projects.import_tasks(project.id, request=[{"image": "/static/x.png", "round": 1}])
-        starts = StartRecorder()
-        server = run_receiver(labelstudio_progress(labelstudio.url, labelstudio.token), starts)
-        hook_id = register_webhook(client, project.id, server.url, SECRET)
-        assert register_webhook(client, project.id, server.url, SECRET) == hook_id  # no duplicate
+    name = f"xbl-webhook-e2e-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as prefect:
+        deployment_id = prefect.create_deployment(prefect.create_flow_from_name(name), name="scheduled")
 
-        task = next(iter(client.sdk.tasks.list(project=project.id)))
-        client.sdk.annotations.create(task.id, was_cancelled=False, result=[
-            {"from_name": "verdict", "to_name": "image", "type": "choices", "value": {"choices": ["ok"]}}])
+        def runs():
+            return prefect.read_flow_runs(deployment_filter=DeploymentFilter(
+                id=DeploymentFilterId(any_=[deployment_id])))
 
-        assert wait_until(lambda: starts.calls), "no delivery reached the receiver"
-        server.receiver.wait_idle()
-        assert starts.calls == [(project.id, 1)]
-        assert [w.id for w in client.sdk.webhooks.list(project=str(project.id))] == [hook_id]
-    finally:
-        client.sdk.projects.delete(project.id)
+        try:
+            client.sdk.projects.import_tasks(project.id, request=[{"image": "/static/x.png", "round": 1}])
+            server = run_receiver(labelstudio_progress(labelstudio.url, labelstudio.token),
+                                  webhook.deployment_starter(f"{name}/scheduled"))
+            hook_id = register_webhook(client, project.id, server.url, SECRET)
+            assert register_webhook(client, project.id, server.url, SECRET) == hook_id  # no duplicate
+
+            task = next(iter(client.sdk.tasks.list(project=project.id)))
+            annotation = client.sdk.annotations.create(task.id, was_cancelled=False, result=[
+                {"from_name": "verdict", "to_name": "image", "type": "choices", "value": {"choices": ["ok"]}}])
+
+            assert wait_until(lambda: len(runs()) == 1), "the annotation started no flow run"
+            status, _ = post(server.url + "/hooks", delivery(annotation.id, task.id, 1, project.id))
+            assert status == 200
+            server.receiver.wait_idle()
+            started = runs()
+            assert len(started) == 1 and {"xbl-webhook", "round-1"} <= set(started[0].tags)
+            assert [w.id for w in client.sdk.webhooks.list(project=str(project.id))] == [hook_id]
+        finally:
+            client.sdk.projects.delete(project.id)

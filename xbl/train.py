@@ -204,61 +204,19 @@ def train(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
     `step` computes each step's losses; None is one process, xbl.distributed passes its
     data-parallel share.
     """
-    step = step or _step_losses
     seed_everything(cfg.seed)
-    device = model_device(model)
-    use_amp = bool(cfg.amp)
-    scaler = torch.amp.GradScaler("cuda") if use_amp and device.type == "cuda" else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    result = TrainResult()
+    loop = _EpochRunner.start(model, cfg, feedback, step or _step_losses)
+    result = loop.result
     best_state, stale = copy.deepcopy(model.state_dict()), 0
-    fb = feedback.to(device) if feedback is not None and len(feedback.y) else None
-    lam = feedback.lam if feedback is not None else 0.0
-    pending = fb is not None and fb.normalize_lambda  # λ still to be normalised
     try:
         for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            sums = {"ce": 0.0, "feedback": 0.0}
-            order = torch.randperm(len(train_y), generator=gen)
-            n_batches = 0
-            for start in range(0, len(order), cfg.batch_size):
-                idx = order[start:start + cfg.batch_size]
-                fbatch = _feedback_batch(fb, gen) if fb is not None else None
-                ce, expl, ce_value, expl_value = step(model, train_x[idx], train_y[idx], fb,
-                                                      fbatch, device, use_amp)
-                if result.initial_ce is None or (pending and expl_value > 0):
-                    result.initial_ce, result.initial_feedback = ce_value, expl_value
-                    if pending and expl_value > 0:
-                        # λ is relative: the feedback term starts at λ times the CE's order
-                        # (at the first batch whose term is nonzero; before it, λ acts on 0).
-                        lam, pending = fb.lam * ce_value / expl_value, False
-                    result.effective_lambda = lam if feedback is not None else None
-                loss = ce + lam * expl
-                _check_finite(ce_value + lam * expl_value, epoch, "training loss")
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                sums["ce"] += ce_value
-                sums["feedback"] += expl_value
-                n_batches += 1
-            probs = predict_proba(model, val_x)
-            val_loss = _nll(probs, val_y)
-            _check_finite(val_loss, epoch, "validation loss")
-            row = {"epoch": epoch, "train_ce": sums["ce"] / n_batches,
-                   "train_feedback": sums["feedback"] / n_batches,
-                   "val_loss": val_loss,
-                   "val_accuracy": float((probs.argmax(1) == val_y.numpy()).mean())}
+            row = {"epoch": epoch, **loop.run(train_x, train_y, epoch),
+                   **_validate(model, val_x, val_y, epoch)}
             result.history.append(row)
             if on_epoch:
                 on_epoch(row)
-            if val_loss < result.min_val_loss - 1e-6 or cfg.patience <= 0:
-                result.min_val_loss = min(result.min_val_loss, val_loss)
+            if row["val_loss"] < result.min_val_loss - 1e-6 or cfg.patience <= 0:
+                result.min_val_loss = min(result.min_val_loss, row["val_loss"])
                 result.best_epoch, stale = epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
@@ -266,12 +224,84 @@ def train(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
                 if stale >= cfg.patience:
                     break
     except _Diverged as bad:
-        raise _diverged(bad, feedback, lam, result.best_epoch) from None
+        raise _diverged(bad, feedback, loop.lam, result.best_epoch) from None
     finally:
         model.load_state_dict(best_state)  # also on divergence: the last good weights
     if feedback is not None and result.effective_lambda is None:
-        result.effective_lambda = lam  # feedback given, but no batch trained
+        result.effective_lambda = loop.lam  # feedback given, but no batch trained
     return result
+
+
+def _validate(model: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, epoch: int) -> dict:
+    probs = predict_proba(model, val_x)
+    val_loss = _nll(probs, val_y)
+    _check_finite(val_loss, epoch, "validation loss")
+    return {"val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == val_y.numpy()).mean())}
+
+
+@dataclass
+class _EpochRunner:
+    """The optimiser state and λ across epochs; `run` trains one epoch."""
+    model: nn.Module
+    cfg: TrainConfig
+    fb: Feedback | None           # on the model's device; None without (or with empty) feedback
+    step: StepLosses
+    device: torch.device
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    gen: torch.Generator
+    lam: float
+    pending: bool                 # λ still to be normalised
+    given: bool                   # feedback was passed, even if empty
+    result: TrainResult = field(default_factory=TrainResult)
+
+    @classmethod
+    def start(cls, model: nn.Module, cfg: TrainConfig, feedback: Feedback | None,
+              step: StepLosses) -> "_EpochRunner":
+        device = model_device(model)
+        fb = feedback.to(device) if feedback is not None and len(feedback.y) else None
+        scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+        return cls(model, cfg, fb, step, device, torch.optim.Adam(model.parameters(), lr=cfg.lr),
+                   scaler, torch.Generator().manual_seed(cfg.seed),
+                   feedback.lam if feedback is not None else 0.0,
+                   fb is not None and fb.normalize_lambda, feedback is not None)
+
+    def run(self, train_x: torch.Tensor, train_y: torch.Tensor, epoch: int) -> dict:
+        self.model.train()
+        ce_sum = fb_sum = 0.0
+        order = torch.randperm(len(train_y), generator=self.gen)
+        starts = range(0, len(order), self.cfg.batch_size)
+        for start in starts:
+            idx = order[start:start + self.cfg.batch_size]
+            fbatch = _feedback_batch(self.fb, self.gen) if self.fb is not None else None
+            ce, expl, ce_value, expl_value = self.step(self.model, train_x[idx], train_y[idx],
+                                                       self.fb, fbatch, self.device,
+                                                       bool(self.cfg.amp))
+            self._observe(ce_value, expl_value)
+            _check_finite(ce_value + self.lam * expl_value, epoch, "training loss")
+            self._update(ce + self.lam * expl)
+            ce_sum, fb_sum = ce_sum + ce_value, fb_sum + expl_value
+        return {"train_ce": ce_sum / len(starts), "train_feedback": fb_sum / len(starts)}
+
+    def _observe(self, ce_value: float, expl_value: float) -> None:
+        """Record the first batch's losses; with normalisation, rescale λ so the term starts at
+        λ times the CE (at the first batch whose term is nonzero; before it, λ acts on 0)."""
+        result = self.result
+        if result.initial_ce is None or (self.pending and expl_value > 0):
+            result.initial_ce, result.initial_feedback = ce_value, expl_value
+            if self.pending and expl_value > 0:
+                self.lam, self.pending = self.fb.lam * ce_value / expl_value, False
+            result.effective_lambda = self.lam if self.given else None
+
+    def _update(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
 
 
 def _diverged(bad: _Diverged, feedback: Feedback | None, lam: float,
