@@ -129,7 +129,8 @@ def cmd_serve(args) -> int:
     rounds = feedback_round_flow.to_deployment(name="scheduled", **timing,
                                                parameters={**where, "wait_mode": "resume"})
     baseline = baseline_flow.to_deployment(name="baseline", parameters=where)
-    # one run at a time: two runs of the same round would race for its tasks
+    # one run at a time: two runs of the same round would race for its tasks, and a baseline
+    # run beside a round would compete for the same CPU or GPU
     serve(rounds, baseline, limit=1)
     return 0
 
@@ -148,6 +149,7 @@ def cmd_webhook(args) -> int:
     --url ...`); its options are flows/webhook.py's own."""
     from flows.webhook import main as webhook_main
 
+    os.environ["XBL_PROJECT"] = str(Path(args.project).resolve())  # its params.yaml: the target
     return webhook_main(args.webhook_args)
 
 
@@ -189,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "webhook" in argv:  # everything after it is the receiver's own options, --help included
+        cut = argv.index("webhook") + 1
+        args = build_parser().parse_args(argv[:cut])
+        args.webhook_args = argv[cut:]
+    else:
+        args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -18,16 +18,13 @@ from flows.baseline import run_dir
 from tasks import tracking
 from tasks.annotation import (annotation_target, collect_feedback_masks, oracle_answers,
                               push_queries, round_progress, wait_for_annotations)
-from tasks.data import DataRef, prepare_data, version_feedback
+from tasks.data import FEEDBACK_ROOT, DataRef, prepare_data, version_feedback
 from tasks.queries import select_round_queries
 from tasks.rounds import queries_from_labelstudio, read_round_state, restore_baseline
 from tasks.runs import (close_run, compare_children, log_model_run, open_parent_run, promote,
                         set_model_alias)
 from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedback
 from xbl.config import load_params
-
-FEEDBACK_ROOT = "data/feedback"
-
 
 def finished_rounds(project: Path) -> list[Path]:
     """Feedback manifests of the rounds already collected, oldest first."""

@@ -63,7 +63,7 @@ cmd_stop() {
             kill -- -"$pid" 2>/dev/null || kill "$pid"
             # wait until it is gone, so a `start` right after finds the port free
             for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-            kill -0 "$pid" 2>/dev/null && kill -9 -- -"$pid" 2>/dev/null
+            if kill -0 "$pid" 2>/dev/null; then kill -9 -- -"$pid" 2>/dev/null || true; fi
             echo "services: stopped $name"
         fi
         rm -f "$HOME_DIR/$name.pid"

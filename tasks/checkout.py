@@ -7,8 +7,9 @@ import tempfile
 from pathlib import Path
 
 from tasks import dvc, tracking
+from tasks.data import FEEDBACK_ROOT
 
-FEEDBACK_POINTER = "feedback.dvc"
+FEEDBACK_POINTER = "feedback.dvc"  # as logged on a feedback run
 
 
 def checkout_run_data(project: Path, run_id: str) -> str:
@@ -29,5 +30,5 @@ def checkout_run_data(project: Path, run_id: str) -> str:
                    if FEEDBACK_POINTER in logged else None)
     dvc.checkout_lock(project, lock, ["prepare"])
     if pointer is not None:
-        dvc.checkout_pointer(project, pointer, "data/feedback.dvc")
+        dvc.restore(project, f"{FEEDBACK_ROOT}.dvc", pointer, [f"{FEEDBACK_ROOT}.dvc"])
     return version

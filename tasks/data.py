@@ -11,6 +11,7 @@ from tasks import dvc
 from xbl.config import load_params
 
 PREPARE_STAGE = "prepare"
+FEEDBACK_ROOT = "data/feedback"  # every round's masks, one DVC-tracked folder
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ def prepare_data(project: str, params_file: str = "params.yaml") -> DataRef:
 
 
 @task(retries=2, retry_delay_seconds=[2, 5])
-def version_feedback(project: str, feedback_root: str = "data/feedback") -> str:
+def version_feedback(project: str, feedback_root: str = FEEDBACK_ROOT) -> str:
     """Track every round's masks with DVC, push them, and return their content hash."""
     root = Path(project)
     dvc.ensure_repo(root)

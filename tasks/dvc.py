@@ -79,17 +79,14 @@ def locked_out_hash(project: Path, stage: str, out: str) -> str:
 
 def checkout_lock(project: Path, lock_text: str, targets: list[str]) -> None:
     """Restore the data a dvc.lock describes: from the cache, else from the remote."""
-    (Path(project) / "dvc.lock").write_text(lock_text)
+    restore(project, "dvc.lock", lock_text, targets)
+
+
+def restore(project: Path, pointer: str, text: str, targets: list[str]) -> None:
+    """Write a DVC pointer (dvc.lock or a .dvc file) and check out what it describes: from
+    the cache, else from the remote."""
+    (Path(project) / pointer).write_text(text)
     try:
         dvc(project, "checkout", "--force", *targets)
     except DvcError:
         dvc(project, "pull", "--force", *targets)
-
-
-def checkout_pointer(project: Path, pointer_text: str, pointer: str) -> None:
-    """Restore what a .dvc file describes (e.g. a round's masks): cache first, then remote."""
-    (Path(project) / pointer).write_text(pointer_text)
-    try:
-        dvc(project, "checkout", "--force", pointer)
-    except DvcError:
-        dvc(project, "pull", "--force", pointer)

@@ -12,8 +12,8 @@ from xbl.config import resolve_device
 from xbl.data import PreparedData
 from xbl.evaluate import evaluate, split_tensors
 from xbl.models import build_model
-from xbl.train import (Feedback, FeedbackDiverged, TrainConfig, load_checkpoint, save_checkpoint,
-                       seed_everything, train)
+from xbl.train import (Feedback, FeedbackDiverged, TrainConfig, checkpoint_meta, initial_model,
+                       load_checkpoint, save_checkpoint, save_last_good, train)
 
 
 @dataclass
@@ -24,11 +24,6 @@ class TrainOutcome:
     min_val_loss: float = float("nan")
     device: str = "cpu"
     effective_lambda: float | None = None
-
-
-def model_for(data: PreparedData, name: str) -> torch.nn.Module:
-    _, c, h, _ = data.images.shape
-    return build_model(name, in_channels=c, n_classes=len(data.classes), image_size=h)
 
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -64,21 +59,15 @@ def fit(data: PreparedData, train_params: dict, out: Path, init: str | None = No
 def _fit_here(data: PreparedData, train_params: dict, out: Path, init: str | None,
               feedback: Feedback | None, name: str, device: torch.device, log_epoch) -> TrainOutcome:
     """Training in this process."""
-    seed_everything(int(train_params.get("seed", 0)))  # the initial weights follow the seed too
-    model = model_for(data, name)
-    if init:
-        model.load_state_dict(load_checkpoint(Path(init))[0])
-    model.to(device)
+    model = initial_model(name, data, int(train_params.get("seed", 0)), init).to(device)
     tx, ty = split_tensors(data, "train")
     vx, vy = split_tensors(data, "val")
-    _, c, h, _ = data.images.shape
-    meta = {"model": name, "in_channels": c, "n_classes": len(data.classes), "image_size": h}
+    meta = checkpoint_meta(name, data)
     try:
         result = train(model, tx, ty, vx, vy, TrainConfig.from_params(train_params), feedback,
                        on_epoch=log_epoch)
     except FeedbackDiverged as diverged:
-        # the model already holds the last good weights: keep them for whoever investigates
-        kept = save_checkpoint(model, out.with_name(out.stem + "-last-good.pt"), meta)
+        kept = save_last_good(model, out, meta)  # for whoever investigates
         raise FeedbackDiverged(f"{diverged} Last good weights: {kept}", diverged.method,
                                diverged.lam, diverged.epoch, diverged.best_epoch) from None
     save_checkpoint(model, out, meta)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from tests.toy_models import CornerNet
 from xbl.metrics import wrong_reason_share

@@ -100,8 +100,9 @@ def test_served_deployment_completes_a_round_across_two_runs(tmp_path, project, 
                                    "annotate", "--oracle"], env=env, capture_output=True,
                                   text=True)
         assert "oracle annotated 8 task(s) of round 1" in answered.stdout, answered.stderr
-        wait_until(lambda: tracking.completed_rounds(client, exp.experiment_id) == {1}, 300,
-                   "a later run to retrain round 1", serve)
+        # done: promoted in MLflow, and the run got as far as publishing its comparison table
+        wait_until(lambda: tracking.completed_rounds(client, exp.experiment_id) == {1}
+                   and _artifacts(prefect_server), 300, "a later run to retrain round 1", serve)
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(30)
@@ -117,6 +118,10 @@ def test_served_deployment_completes_a_round_across_two_runs(tmp_path, project, 
     assert {d["name"] for d in served} == {"scheduled", "baseline"}   # as in prefect.yaml
     assert (project / "mlflow.db").is_file()          # the server wrote the project's store
     assert labelstudio.token not in mlflow_records(client, exp.experiment_id)
+
+
+def _artifacts(api: str) -> list:
+    return requests.post(f"{api}/artifacts/filter", json={"limit": 10}, timeout=10).json()
 
 
 def prefect_records(api: str) -> str:

@@ -41,9 +41,8 @@ import xbl
 from xbl.config import resolve_device
 from xbl.data import PreparedData
 from xbl.evaluate import split_tensors
-from xbl.models import build_model
 from xbl.train import (Feedback, FeedbackDiverged, TrainConfig, _autocast, _feedback_term,
-                       load_checkpoint, save_checkpoint, seed_everything, train)
+                       checkpoint_meta, initial_model, save_checkpoint, save_last_good, train)
 
 # Terms that sum over the annotated images (or are zero): a process's slice contributes its
 # own sum. hint and eXBL average instead, so their slices are weighted by their share.
@@ -122,16 +121,6 @@ def _worker_device(setting: str | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _build_model(data: PreparedData, job: dict, device: torch.device) -> nn.Module:
-    """As `tasks.training.fit` does: seeded initial weights, or the init checkpoint's."""
-    seed_everything(int(job["train_params"].get("seed", 0)))
-    _, c, h, _ = data.images.shape
-    model = build_model(job["model_name"], c, len(data.classes), h)
-    if job.get("init"):
-        model.load_state_dict(load_checkpoint(Path(job["init"]))[0])
-    return model.to(device)
-
-
 def _write_json(path: str, payload: dict) -> None:
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(payload))
@@ -140,13 +129,12 @@ def _write_json(path: str, payload: dict) -> None:
 
 def _train_here(job: dict, rank: int, world: int, device: torch.device) -> None:
     data = PreparedData.load(Path(job["dataset"]))
-    model = _build_model(data, job, device)
+    model = initial_model(job["model_name"], data, int(job["train_params"].get("seed", 0)),
+                          job.get("init")).to(device)  # as fit does
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                   else None)
     feedback = Feedback(**job["feedback"]) if job.get("feedback") else None
-    _, c, h, _ = data.images.shape
-    meta = {"model": job["model_name"], "in_channels": c, "n_classes": len(data.classes),
-            "image_size": h}
+    meta = checkpoint_meta(job["model_name"], data)
     out, lead = Path(job["out"]), rank == 0
 
     def on_epoch(row: dict) -> None:
@@ -162,7 +150,7 @@ def _train_here(job: dict, rank: int, world: int, device: torch.device) -> None:
         # every process diverges at the same step (the guard sees summed values); keep the
         # last good weights as fit does and report, so the launcher raises the same error
         if lead:
-            kept = save_checkpoint(model, out.with_name(out.stem + "-last-good.pt"), meta)
+            kept = save_last_good(model, out, meta)
             _write_json(job["result"], {"diverged": {
                 "message": f"{bad} Last good weights: {kept}", "method": bad.method,
                 "lam": bad.lam, "epoch": bad.epoch, "best_epoch": bad.best_epoch}})
@@ -178,7 +166,7 @@ def _train_here(job: dict, rank: int, world: int, device: torch.device) -> None:
 @record  # puts a failing worker's traceback in torchrun's summary, for the launcher's error
 def main(argv: list[str] | None = None) -> int:
     (job_file,) = argv if argv is not None else sys.argv[1:]
-    job = torch.load(job_file, weights_only=True)
+    job = torch.load(job_file, map_location="cpu", weights_only=True)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = _worker_device(job["train_params"].get("device", "auto"))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",

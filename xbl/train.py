@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xbl.models import build_model
+
 EXPLOSION = 1e12   # a finite loss above this is treated as diverged, like NaN
 
 
@@ -227,8 +229,7 @@ def train(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
         raise _diverged(bad, feedback, loop.lam, result.best_epoch) from None
     finally:
         model.load_state_dict(best_state)  # also on divergence: the last good weights
-    if feedback is not None and result.effective_lambda is None:
-        result.effective_lambda = loop.lam  # feedback given, but no batch trained
+    result.effective_lambda = loop.lam if feedback is not None else None
     return result
 
 
@@ -252,7 +253,6 @@ class _EpochRunner:
     gen: torch.Generator
     lam: float
     pending: bool                 # λ still to be normalised
-    given: bool                   # feedback was passed, even if empty
     result: TrainResult = field(default_factory=TrainResult)
 
     @classmethod
@@ -264,7 +264,7 @@ class _EpochRunner:
         return cls(model, cfg, fb, step, device, torch.optim.Adam(model.parameters(), lr=cfg.lr),
                    scaler, torch.Generator().manual_seed(cfg.seed),
                    feedback.lam if feedback is not None else 0.0,
-                   fb is not None and fb.normalize_lambda, feedback is not None)
+                   fb is not None and fb.normalize_lambda)
 
     def run(self, train_x: torch.Tensor, train_y: torch.Tensor, epoch: int) -> dict:
         self.model.train()
@@ -291,7 +291,6 @@ class _EpochRunner:
             result.initial_ce, result.initial_feedback = ce_value, expl_value
             if self.pending and expl_value > 0:
                 self.lam, self.pending = self.fb.lam * ce_value / expl_value, False
-            result.effective_lambda = self.lam if self.given else None
 
     def _update(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -313,6 +312,27 @@ def _diverged(bad: _Diverged, feedback: Feedback | None, lam: float,
         f"{bad.where} is {bad.value:g} at epoch {bad.epoch} ({where}); the model keeps the "
         f"last good weights ({kept}) — lower the lambda or the learning rate",
         method=method, lam=lam, epoch=bad.epoch, best_epoch=best_epoch)
+
+
+def initial_model(name: str, data, seed: int, init: str | Path | None = None) -> nn.Module:
+    """The model a run starts from: weights fixed by the seed, or those of `init`."""
+    seed_everything(seed)
+    meta = checkpoint_meta(name, data)
+    model = build_model(name, meta["in_channels"], meta["n_classes"], meta["image_size"])
+    if init:
+        model.load_state_dict(load_checkpoint(Path(init))[0])
+    return model
+
+
+def checkpoint_meta(name: str, data) -> dict:
+    """What rebuilds the model from a checkpoint: its name and the data's shape."""
+    _, c, h, _ = data.images.shape
+    return {"model": name, "in_channels": c, "n_classes": len(data.classes), "image_size": h}
+
+
+def save_last_good(model: nn.Module, out: Path, meta: dict) -> Path:
+    """After a divergence the model holds the last good weights: keep them beside `out`."""
+    return save_checkpoint(model, out.with_name(out.stem + "-last-good.pt"), meta)
 
 
 def save_checkpoint(model: nn.Module, path: Path, meta: dict) -> Path:

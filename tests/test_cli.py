@@ -1,0 +1,34 @@
+"""The `xbl` command line hands the webhook receiver its own options untouched."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.cli import main
+
+
+def test_webhook_options_reach_the_receiver(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["webhook", "--help"])
+    assert done.value.code == 0
+    assert "--target-fraction" in capsys.readouterr().out
+
+
+def test_webhook_without_a_secret_refuses_to_start(monkeypatch):
+    monkeypatch.delenv("XBL_WEBHOOK_SECRET", raising=False)
+    with pytest.raises(SystemExit) as done:
+        main(["webhook", "--port", "9", "--state-dir", "unused"])
+    assert "XBL_WEBHOOK_SECRET" in str(done.value.code)  # sys.exit(message): status 1
+
+
+def test_webhook_target_defaults_to_the_projects_wait_target(tmp_path, monkeypatch):
+    from flows.webhook import _default_target_fraction
+
+    (tmp_path / "params.yaml").write_text("wait:\n  target_fraction: 0.4\n")
+    monkeypatch.delenv("XBL_WEBHOOK_TARGET_FRACTION", raising=False)
+    monkeypatch.delenv("XBL_PROJECT", raising=False)   # restored after the test
+    with pytest.raises(SystemExit):
+        main(["--project", str(tmp_path), "webhook", "--help"])
+    assert _default_target_fraction() == 0.4             # xbl pointed it at the project
+    monkeypatch.setenv("XBL_WEBHOOK_TARGET_FRACTION", "0.9")
+    assert _default_target_fraction() == 0.9             # the environment wins
