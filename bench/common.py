@@ -21,13 +21,12 @@ import torch
 
 from xbl.config import load_params
 from xbl.data import PreparedData, decoy_digits
-from xbl.feedback import build_feedback, method_lambda
+from xbl.feedback import build_feedback, from_scratch, method_lambda, retraining_schedule
 from xbl.labelstudio import cells_mask, oracle_ignore_cells
 from xbl.losses import FEEDBACK_METHODS
-from xbl.models import build_model
 from xbl.saliency import saliency_map, top_cells
 from xbl.sampling import select_queries
-from xbl.train import (Feedback, TrainConfig, TrainResult, predict_proba, seed_everything,
+from xbl.train import (Feedback, TrainConfig, TrainResult, initial_model, predict_proba,
                        to_tensor, train)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,9 +86,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def new_model(splits: Splits, seed: int) -> torch.nn.Module:
     """The pipeline's model, its initial weights fixed by the seed."""
-    seed_everything(seed)
-    _, c, h, _ = splits.data.images.shape
-    return build_model("small_cnn", c, len(splits.data.classes), h)
+    return initial_model("small_cnn", splits.data, seed)
 
 
 def train_plain(splits: Splits, seed: int, settings: dict | None = None
@@ -146,17 +143,13 @@ def simulated_annotations(model: torch.nn.Module, data: PreparedData, indices: n
 
 def retrain(base: torch.nn.Module, splits: Splits, method: str, ann: Annotations, seed: int,
             settings: dict | None = None) -> tuple[torch.nn.Module, TrainResult, Feedback]:
-    """Train with feedback on the annotated images on a fixed schedule (patience 0: early
-    stopping on the confounded validation split would pick the shortcut back), from a fresh
-    initialisation (`init: scratch`, the default) or from the baseline's weights. eXBL's
-    exemplars are the baseline's explanations either way: those are what annotators judged."""
+    """Train with feedback on the annotated images as the pipeline does (`retraining_schedule`,
+    `feedback.init`). eXBL's exemplars are the baseline's explanations either way: those are
+    what annotators judged."""
     fb_settings = {**FEEDBACK, **(settings or {}), "method": method, "seed": seed}
     feedback = build_feedback(method, splits.data, ann.indices, ann.W, fb_settings, model=base)
-    model = copy.deepcopy(base)
-    if fb_settings.get("init", "baseline") == "scratch":
-        model.load_state_dict(new_model(splits, seed).state_dict())
-    cfg = TrainConfig(lr=float(fb_settings["lr"]), epochs=int(fb_settings["epochs"]),
-                      batch_size=BASELINE["batch_size"], seed=seed, patience=0)
+    model = new_model(splits, seed) if from_scratch(fb_settings) else copy.deepcopy(base)
+    cfg = TrainConfig.from_params({**retraining_schedule(BASELINE, fb_settings), "seed": seed})
     result = train(model, splits.train_x, splits.train_y, splits.val_x, splits.val_y, cfg,
                    feedback=feedback)
     return model, result, feedback

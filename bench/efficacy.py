@@ -107,7 +107,8 @@ def run_seed(seed: int, methods, budgets, strategies, feedback: dict, query: dic
     done = set()
     for strategy in strategies:
         for budget in budgets:
-            chosen = query_round(base, splits, budget, strategy, seed)
+            chosen = (pool if budget is None
+                      else chosen_sets[f"{strategy} {budget_name(budget)}"])
             kind = "all" if budget is None else strategy  # every image: no choice to make
             if (kind, budget) in done:
                 continue

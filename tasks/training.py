@@ -92,13 +92,13 @@ def evaluate_checkpoint(checkpoint: str, dataset: str) -> dict:
 @task
 def train_with_feedback(dataset: str, baseline_checkpoint: str, manifests: list[str],
                         train_params: dict, feedback_params: dict, out: str) -> TrainOutcome:
-    """Retrain with CE + λ·L_expl on every round's annotated images: from a fresh start
-    (`init: scratch`, as RRR does; fine-tuning only moves the model near the annotated images)
-    or from the baseline's weights (`init: baseline`). eXBL's exemplars are the baseline's
-    explanations either way: those are what annotators judged."""
+    """Retrain with CE + λ·L_expl on every round's annotated images, from a fresh start or the
+    baseline's weights (`feedback.init`). eXBL's exemplars are the baseline's explanations
+    either way: those are what annotators judged."""
     from tasks.annotation import read_feedback
-    from xbl.feedback import build_feedback
+    from xbl.feedback import build_feedback, from_scratch, retraining_schedule
 
+    scratch = from_scratch(feedback_params)  # a bad setting fails before any work
     data = PreparedData.load(Path(dataset))
     indices, W, ratings = read_feedback(manifests)
     if len(indices) == 0:
@@ -108,11 +108,6 @@ def train_with_feedback(dataset: str, baseline_checkpoint: str, manifests: list[
     feedback = build_feedback(method, data, indices, W,
                               {**feedback_params, "seed": train_params.get("seed", 0)},
                               model=baseline, ratings=ratings)
-    # A fixed schedule: early stopping on the confounded val split would pick the shortcut back.
-    schedule = {**train_params, "epochs": feedback_params.get("epochs", 20),
-                "lr": feedback_params.get("lr", train_params.get("lr")), "patience": 0}
-    init = feedback_params.get("init", "scratch")
-    if init not in ("scratch", "baseline"):
-        raise ValueError(f"feedback.init is {init!r}: expected 'scratch' or 'baseline'")
+    schedule = retraining_schedule(train_params, feedback_params)
     return fit(data, schedule, Path(out), feedback=feedback,
-               init=baseline_checkpoint if init == "baseline" else None)
+               init=None if scratch else baseline_checkpoint)

@@ -142,3 +142,15 @@ def test_params_yaml_gives_every_method_a_lambda():
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     assert params["feedback"]["method"] in FEEDBACK_METHODS
     assert all(method_lambda(params["feedback"], m) >= 0 for m in FEEDBACK_METHODS)
+
+
+def test_retraining_runs_a_fixed_schedule_from_the_chosen_start():
+    from xbl.feedback import from_scratch, retraining_schedule
+
+    schedule = retraining_schedule({"lr": 0.01, "epochs": 50, "patience": 5, "batch_size": 32},
+                                   {"lr": 0.001, "epochs": 20})
+    assert schedule == {"lr": 0.001, "epochs": 20, "patience": 0, "batch_size": 32}
+    assert from_scratch({}) and from_scratch({"init": "scratch"})
+    assert not from_scratch({"init": "baseline"})
+    with pytest.raises(ValueError, match="feedback.init is 'warm'"):
+        from_scratch({"init": "warm"})

@@ -49,6 +49,22 @@ def build_feedback(method: str, data: PreparedData, indices: np.ndarray, W: np.n
                     margin=float(settings.get("exbl_margin", 1.0)), exemplars=exemplars)
 
 
+def retraining_schedule(train_params: dict, feedback_params: dict) -> dict:
+    """Train settings for a feedback retraining: the feedback's epochs and learning rate on a
+    fixed schedule (early stopping on the confounded val split would pick the shortcut back)."""
+    return {**train_params, "epochs": feedback_params.get("epochs", 20),
+            "lr": feedback_params.get("lr", train_params.get("lr")), "patience": 0}
+
+
+def from_scratch(feedback_params: dict) -> bool:
+    """`init: scratch` retrains from a fresh start, as RRR does (fine-tuning only moves the model
+    near the annotated images); `init: baseline` fine-tunes the baseline's weights."""
+    init = feedback_params.get("init", "scratch")
+    if init not in ("scratch", "baseline"):
+        raise ValueError(f"feedback.init is {init!r}: expected 'scratch' or 'baseline'")
+    return init == "scratch"
+
+
 def method_lambda(settings: dict, method: str) -> float:
     """λ for `method`: params give one per method (the terms differ by orders of magnitude),
     or a single number for all."""
