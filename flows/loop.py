@@ -20,7 +20,8 @@ from tasks.annotation import (annotation_target, collect_feedback_masks, oracle_
                               push_queries, round_progress, wait_for_annotations)
 from tasks.data import FEEDBACK_ROOT, DataRef, prepare_data, version_feedback
 from tasks.queries import select_round_queries
-from tasks.rounds import queries_from_labelstudio, read_round_state, restore_baseline
+from tasks.rounds import (discard_unpushed, queries_from_labelstudio, read_round_state,
+                          restore_baseline)
 from tasks.runs import (close_run, compare_children, log_model_run, open_parent_run, promote,
                         set_model_alias)
 from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedback
@@ -33,8 +34,8 @@ def finished_rounds(project: Path) -> list[Path]:
 
 
 def crash_point(step: str) -> None:
-    """Fault drill: XBL_CRASH_AFTER=<step> kills this process right after that step, as a
-    power cut would, so tests can check that the next run carries on with nothing lost."""
+    """Fault drill: XBL_CRASH_AFTER=baseline|push|wait|retrain kills this process right after
+    that step, as a power cut would, so tests can check that the next run loses nothing."""
     if os.environ.get("XBL_CRASH_AFTER") == step:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -102,12 +103,14 @@ def _open_round(rnd: _Round, state) -> tuple:
                                           state.baseline_run_id, rnd.n, str(runs / "baseline"))
         return base, baseline, baseline["parent_run_id"]
     root, data = str(rnd.root), rnd.data
+    discard_unpushed(root, rnd.experiment, rnd.model_name, rnd.n)
     parent = open_parent_run(root, rnd.experiment, f"round-{rnd.n}", data.version)
     base = train_baseline(data.path, rnd.params["train"], str(runs / "baseline.pt"))
     baseline = log_model_run(root, parent, "baseline", rnd.params["train"], base,
                              evaluate_checkpoint(base.checkpoint, data.path), data.version,
                              rnd.model_name)
     set_model_alias(root, rnd.model_name, "baseline", baseline["model_version"])
+    crash_point("baseline")
     select_round_queries(base.checkpoint, data.path, rnd.params["query"], rnd.n,
                          list(state.queried), rnd.rounds_dir)
     push_queries(f"{rnd.rounds_dir}/queries.json", rnd.title, baseline["run_id"])

@@ -40,6 +40,19 @@ def read_round_state(project: str, experiment: str, title: str) -> RoundState:
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
+def discard_unpushed(project: str, experiment: str, registered_name: str, round_number: int) -> int:
+    """Before a new round trains its baseline: clear what an earlier attempt at this round left
+    in MLflow when it died before the push (Label Studio has no task of it)."""
+    client = tracking.client_for(Path(project))
+    exp_id = tracking.experiment_id(client, Path(project), experiment)
+    discarded = tracking.discard_unpushed_round(client, exp_id, registered_name, round_number)
+    if discarded:
+        get_run_logger().warning("round %d: discarded %d attempt(s) that died before the push",
+                                 round_number, discarded)
+    return discarded
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
 def restore_baseline(project: str, experiment: str, registered_name: str, run_id: str,
                      round_number: int, out_dir: str) -> tuple[TrainOutcome, dict]:
     """The open round's baseline, from MLflow: its checkpoint and its record; any half-done

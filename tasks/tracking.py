@@ -158,6 +158,20 @@ def discard_incomplete_round(client: MlflowClient, exp_id: str, registered_name:
     return _discard(client, runs, registered_name)
 
 
+def discard_unpushed_round(client: MlflowClient, exp_id: str, registered_name: str,
+                           round_number: int) -> int:
+    """A run that died before pushing its round leaves a parent run and a registered baseline
+    that no task points to: fail them and unregister it, so the rerun's baseline is the only
+    one. Returns how many such attempts were discarded."""
+    parents = client.search_runs([exp_id], f"attributes.run_name = 'round-{round_number}' and "
+                                           "attributes.status = 'RUNNING'")
+    for parent in parents:
+        children = client.search_runs(
+            [exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        _discard(client, [*children, parent], registered_name)
+    return len(parents)
+
+
 def discard_unfinished_attempts(client: MlflowClient, exp_id: str, parent_id: str, name: str,
                                 registered_name: str) -> int:
     """Before a retried step logs a model run again: fail the earlier attempt's run under the

@@ -65,7 +65,7 @@ def env(labelstudio):
             "LABEL_STUDIO_API_KEY": labelstudio.token}
 
 
-def test_crashes_after_push_wait_and_retraining_lose_nothing(tmp_path, env, monkeypatch):
+def test_crashes_after_baseline_push_wait_and_retraining_lose_nothing(tmp_path, env, monkeypatch):
     monkeypatch.setenv("LABEL_STUDIO_URL", env["LABEL_STUDIO_URL"])
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", env["LABEL_STUDIO_API_KEY"])
     reference = make_project(tmp_path / "reference", mlflow={"experiment": "faults-ref"}, **SETTINGS)
@@ -73,12 +73,14 @@ def test_crashes_after_push_wait_and_retraining_lose_nothing(tmp_path, env, monk
     assert code == 0, output[-3000:]
 
     crashed = make_project(tmp_path / "crashed", mlflow={"experiment": "faults-crash"}, **SETTINGS)
-    for step in ("push", "wait", "retrain"):
+    for step in ("baseline", "push", "wait", "retrain"):
         code, output = run_round(crashed, env, crash_after=step)
         assert code == -signal.SIGKILL, f"no crash after {step}: {output[-2000:]}"
     code, output = run_round(crashed, env)
     assert code == 0, output[-3000:]
     assert "discarded 1 unfinished retraining run" in output
+    baseline_crash = (tmp_path / "crashed-push.log").read_text()     # the run after it
+    assert "discarded 1 attempt(s) that died before the push" in baseline_crash
 
     assert end_state(crashed, "faults-crash") == end_state(reference, "faults-ref")
     logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
