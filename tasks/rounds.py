@@ -27,9 +27,7 @@ class RoundState:
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def read_round_state(project: str, experiment: str, title: str) -> RoundState:
-    client = tracking.client_for(Path(project))
-    completed = tracking.completed_rounds(client, tracking.experiment_id(client, Path(project),
-                                                                         experiment))
+    completed = tracking.completed_rounds(*_experiment(project, experiment))
     pushed, queried = ls.pushed_rounds(ls.connect(), title)
     open_rounds = sorted(set(pushed) - completed)
     done, asked = tuple(sorted(completed)), tuple(sorted(queried))
@@ -39,17 +37,27 @@ def read_round_state(project: str, experiment: str, title: str) -> RoundState:
     return RoundState(max([*completed, *pushed, 0]) + 1, False, None, done, asked)
 
 
+def _experiment(project: str, experiment: str):
+    client = tracking.client_for(Path(project))
+    return client, tracking.experiment_id(client, Path(project), experiment)
+
+
+def _discard_logged(discard, client, exp_id: str, registered_name: str, round_number: int,
+                    what: str) -> int:
+    """Run one of tracking's discard_* cleanups and say in the run's log what it removed."""
+    discarded = discard(client, exp_id, registered_name, round_number)
+    if discarded:
+        get_run_logger().warning("round %d: discarded %d %s", round_number, discarded, what)
+    return discarded
+
+
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def discard_unpushed(project: str, experiment: str, registered_name: str, round_number: int) -> int:
     """Before a new round trains its baseline: clear what an earlier attempt at this round left
     in MLflow when it died before the push (Label Studio has no task of it)."""
-    client = tracking.client_for(Path(project))
-    exp_id = tracking.experiment_id(client, Path(project), experiment)
-    discarded = tracking.discard_unpushed_round(client, exp_id, registered_name, round_number)
-    if discarded:
-        get_run_logger().warning("round %d: discarded %d attempt(s) that died before the push",
-                                 round_number, discarded)
-    return discarded
+    client, exp_id = _experiment(project, experiment)
+    return _discard_logged(tracking.discard_unpushed_round, client, exp_id, registered_name,
+                           round_number, "attempt(s) that died before the push")
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
@@ -57,12 +65,9 @@ def restore_baseline(project: str, experiment: str, registered_name: str, run_id
                      round_number: int, out_dir: str) -> tuple[TrainOutcome, dict]:
     """The open round's baseline, from MLflow: its checkpoint and its record; any half-done
     retraining of that round is discarded first."""
-    client = tracking.client_for(Path(project))
-    exp_id = tracking.experiment_id(client, Path(project), experiment)
-    discarded = tracking.discard_incomplete_round(client, exp_id, registered_name, round_number)
-    if discarded:
-        get_run_logger().warning("round %d: discarded %d unfinished retraining run(s)",
-                                 round_number, discarded)
+    client, exp_id = _experiment(project, experiment)
+    _discard_logged(tracking.discard_incomplete_round, client, exp_id, registered_name,
+                    round_number, "unfinished retraining run(s)")
     run = client.get_run(run_id)
     checkpoint = tracking.download_artifact(client, run_id, "checkpoint", Path(out_dir))
     versions = client.search_model_versions(f"run_id = '{run_id}'")
