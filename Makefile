@@ -14,8 +14,8 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: setup labelstudio-install labelstudio-start labelstudio-stop demo baseline test bench \
-        bench-quick server-start server-stop webhook clean
+.PHONY: setup labelstudio-install labelstudio-start labelstudio-stop demo baseline test lint \
+        bench bench-quick server-start server-stop webhook clean
 
 setup: $(STAMP)
 
@@ -42,8 +42,13 @@ baseline: setup
 demo: setup labelstudio-install
 	$(VENV)/bin/xbl demo
 
-test: setup labelstudio-install
+test: lint labelstudio-install
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# ruff: lint rules and the formatter's check, as configured in pyproject.toml
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The benchmarks write bench/results/*.{json,md,png}; efficacy takes ~12 min on 2 CPU cores.
 bench: setup

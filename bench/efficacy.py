@@ -25,14 +25,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import (BASELINE, FEEDBACK, METHOD_LAMBDA, ORACLE_OVERLAP, QUERY, RESULTS,
-                          Annotations, accuracy, decoy_splits, decoy_visibility, machine,
-                          machine_line, mean_std, query_round, recovery, retrain,
-                          simulated_annotations, train_plain, write_json)
-from xbl.losses import FEEDBACK_METHODS
+from bench.common import (
+    BASELINE,
+    FEEDBACK,
+    METHOD_LAMBDA,
+    ORACLE_OVERLAP,
+    QUERY,
+    RESULTS,
+    Annotations,
+    accuracy,
+    decoy_splits,
+    decoy_visibility,
+    machine,
+    machine_line,
+    mean_std,
+    query_round,
+    recovery,
+    retrain,
+    simulated_annotations,
+    train_plain,
+    write_json,
+)
+from xbl.methods import METHODS
 
 EXPERIMENT = "xbl-bench-efficacy"
-BUDGETS = (10, 25, 50, 100, None)   # None: every training image
+BUDGETS = (10, 25, 50, 100, None)  # None: every training image
 STRATEGIES = ("entropy", "random")
 QUICK = {"seeds": (0,), "methods": ("rrr", "counterexamples"), "budgets": (25, None)}
 PROJECT = Path(__file__).resolve().parent.parent
@@ -47,7 +64,7 @@ class Tracker:
     """The benchmark's MLflow runs: one parent per invocation, one child per trained model."""
 
     def __init__(self, project: Path, name: str, params: dict):
-        from tasks import tracking
+        from services import tracking
 
         self.tracking = tracking
         self.client = tracking.client_for(project)
@@ -73,26 +90,46 @@ def subset(all_ann: Annotations, pool: np.ndarray, indices: np.ndarray) -> Annot
     """The clicks on `indices`, taken from the clicks on the whole pool (same baseline)."""
     pos = np.searchsorted(pool, indices)
     W = all_ann.W[pos]
-    return Annotations(indices, W, float(np.mean(all_ann.shown[pos])),
-                       float(np.mean(all_ann.marked[pos])), all_ann.shown[pos],
-                       all_ann.marked[pos])
+    return Annotations(
+        indices,
+        W,
+        float(np.mean(all_ann.shown[pos])),
+        float(np.mean(all_ann.marked[pos])),
+        all_ann.shown[pos],
+        all_ann.marked[pos],
+    )
 
 
-def run_seed(seed: int, methods, budgets, strategies, feedback: dict, query: dict,
-             overlap: float, log, tracker: Tracker | None, baseline: dict | None = None) -> dict:
+def run_seed(
+    seed: int,
+    methods,
+    budgets,
+    strategies,
+    feedback: dict,
+    query: dict,
+    overlap: float,
+    log,
+    tracker: Tracker | None,
+    baseline: dict | None = None,
+) -> dict:
     """Vanilla, clean and every feedback retraining for one seed."""
     splits, clean_splits = decoy_splits(decoys=True), decoy_splits(decoys=False)
     base, base_result = train_plain(splits, seed, baseline)
     clean, _ = train_plain(clean_splits, seed, baseline)
-    out = {"seed": seed,
-           "vanilla": {"test_accuracy": accuracy(base, splits.test_x, splits.test_y),
-                       "val_randomized_accuracy": accuracy(base, splits.val_rand_x, splits.val_y),
-                       "val_accuracy": accuracy(base, splits.val_x, splits.val_y),
-                       "best_epoch": base_result.best_epoch},
-           "clean": {"test_accuracy": accuracy(clean, splits.test_x, splits.test_y),
-                     "clean_test_accuracy": accuracy(clean, clean_splits.test_x,
-                                                     clean_splits.test_y)},
-           "runs": []}
+    out = {
+        "seed": seed,
+        "vanilla": {
+            "test_accuracy": accuracy(base, splits.test_x, splits.test_y),
+            "val_randomized_accuracy": accuracy(base, splits.val_rand_x, splits.val_y),
+            "val_accuracy": accuracy(base, splits.val_x, splits.val_y),
+            "best_epoch": base_result.best_epoch,
+        },
+        "clean": {
+            "test_accuracy": accuracy(clean, splits.test_x, splits.test_y),
+            "clean_test_accuracy": accuracy(clean, clean_splits.test_x, clean_splits.test_y),
+        },
+        "runs": [],
+    }
     vanilla, clean_acc = out["vanilla"]["test_accuracy"], out["clean"]["test_accuracy"]
     log(f"seed {seed}: vanilla {vanilla:.3f}, without decoys {clean_acc:.3f}")
     if tracker:
@@ -100,15 +137,19 @@ def run_seed(seed: int, methods, budgets, strategies, feedback: dict, query: dic
         tracker.child(f"clean seed {seed}", {"seed": seed, "kind": "clean"}, out["clean"])
     pool = splits.pool
     all_clicks = simulated_annotations(base, splits.data, pool, query, overlap)
-    chosen_sets = {f"{s} {budget_name(b)}": query_round(base, splits, b, s, seed)
-                   for s in strategies for b in budgets if b is not None}
-    out["decoy_visibility"] = decoy_visibility(base, splits, {**chosen_sets, "all": pool},
-                                               query, seed)
+    chosen_sets = {
+        f"{s} {budget_name(b)}": query_round(base, splits, b, s, seed)
+        for s in strategies
+        for b in budgets
+        if b is not None
+    }
+    out["decoy_visibility"] = decoy_visibility(
+        base, splits, {**chosen_sets, "all": pool}, query, seed
+    )
     done = set()
     for strategy in strategies:
         for budget in budgets:
-            chosen = (pool if budget is None
-                      else chosen_sets[f"{strategy} {budget_name(budget)}"])
+            chosen = pool if budget is None else chosen_sets[f"{strategy} {budget_name(budget)}"]
             kind = "all" if budget is None else strategy  # every image: no choice to make
             if (kind, budget) in done:
                 continue
@@ -118,25 +159,40 @@ def run_seed(seed: int, methods, budgets, strategies, feedback: dict, query: dic
                 settings = {**feedback, "lambda": METHOD_LAMBDA.get(method, feedback["lambda"])}
                 start = time.perf_counter()
                 model, result, _ = retrain(base, splits, method, ann, seed, settings)
-                row = {"seed": seed, "method": method, "strategy": kind,
-                       "budget": budget_name(budget), "annotated": int(len(ann.indices)),
-                       "test_accuracy": accuracy(model, splits.test_x, splits.test_y),
-                       "val_randomized_accuracy": accuracy(model, splits.val_rand_x, splits.val_y),
-                       "val_accuracy": accuracy(model, splits.val_x, splits.val_y),
-                       "decoy_shown": ann.decoy_shown, "decoy_marked": ann.decoy_marked,
-                       "effective_lambda": result.effective_lambda,
-                       "seconds": time.perf_counter() - start}
+                row = {
+                    "seed": seed,
+                    "method": method,
+                    "strategy": kind,
+                    "budget": budget_name(budget),
+                    "annotated": int(len(ann.indices)),
+                    "test_accuracy": accuracy(model, splits.test_x, splits.test_y),
+                    "val_randomized_accuracy": accuracy(model, splits.val_rand_x, splits.val_y),
+                    "val_accuracy": accuracy(model, splits.val_x, splits.val_y),
+                    "decoy_shown": ann.decoy_shown,
+                    "decoy_marked": ann.decoy_marked,
+                    "effective_lambda": result.effective_lambda,
+                    "seconds": time.perf_counter() - start,
+                }
                 row["recovery"] = recovery(row["test_accuracy"], vanilla, clean_acc)
                 out["runs"].append(row)
-                log(f"seed {seed} {method:15s} {kind:7s} {budget_name(budget):>4s}: "
+                log(
+                    f"seed {seed} {method:15s} {kind:7s} {budget_name(budget):>4s}: "
                     f"acc {row['test_accuracy']:.3f} recovery {row['recovery']:+.2f} "
-                    f"(decoy marked on {row['decoy_marked']:.0%}, {row['seconds']:.1f} s)")
+                    f"(decoy marked on {row['decoy_marked']:.0%}, {row['seconds']:.1f} s)"
+                )
                 if tracker:
-                    tracker.child(f"{method} {kind} {budget_name(budget)} seed {seed}",
-                                  {"seed": seed, "kind": "feedback", "method": method,
-                                   "strategy": kind, "budget": budget_name(budget),
-                                   **{f"feedback.{k}": v for k, v in settings.items()}},
-                                  {k: v for k, v in row.items() if isinstance(v, float)})
+                    tracker.child(
+                        f"{method} {kind} {budget_name(budget)} seed {seed}",
+                        {
+                            "seed": seed,
+                            "kind": "feedback",
+                            "method": method,
+                            "strategy": kind,
+                            "budget": budget_name(budget),
+                            **{f"feedback.{k}": v for k, v in settings.items()},
+                        },
+                        {k: v for k, v in row.items() if isinstance(v, float)},
+                    )
     return out
 
 
@@ -151,43 +207,69 @@ def summarise(seeds: list[dict]) -> dict:
         acc, acc_sd = mean_std(r["test_accuracy"] for r in group)
         rec, rec_sd = mean_std(r["recovery"] for r in group)
         val, val_sd = mean_std(r["val_randomized_accuracy"] for r in group)
-        rows.append({"method": method, "strategy": strategy, "budget": budget, "n": len(group),
-                     "test_accuracy": acc, "test_accuracy_std": acc_sd,
-                     "recovery": rec, "recovery_std": rec_sd,
-                     "val_randomized_accuracy": val, "val_randomized_accuracy_std": val_sd,
-                     "decoy_marked": float(np.mean([r["decoy_marked"] for r in group]))})
+        rows.append(
+            {
+                "method": method,
+                "strategy": strategy,
+                "budget": budget,
+                "n": len(group),
+                "test_accuracy": acc,
+                "test_accuracy_std": acc_sd,
+                "recovery": rec,
+                "recovery_std": rec_sd,
+                "val_randomized_accuracy": val,
+                "val_randomized_accuracy_std": val_sd,
+                "decoy_marked": float(np.mean([r["decoy_marked"] for r in group])),
+            }
+        )
     vanilla = mean_std(s["vanilla"]["test_accuracy"] for s in seeds)
     clean = mean_std(s["clean"]["test_accuracy"] for s in seeds)
-    return {"vanilla": {"test_accuracy": vanilla[0], "test_accuracy_std": vanilla[1]},
-            "clean": {"test_accuracy": clean[0], "test_accuracy_std": clean[1],
-                      "clean_test_accuracy": mean_std(s["clean"]["clean_test_accuracy"]
-                                                      for s in seeds)[0]},
-            "rows": rows}
+    return {
+        "vanilla": {"test_accuracy": vanilla[0], "test_accuracy_std": vanilla[1]},
+        "clean": {
+            "test_accuracy": clean[0],
+            "test_accuracy_std": clean[1],
+            "clean_test_accuracy": mean_std(s["clean"]["clean_test_accuracy"] for s in seeds)[0],
+        },
+        "rows": rows,
+    }
 
 
 def aims(summary: dict, per_seed: list[dict]) -> list[dict]:
     """Per method: is ≥95 % of the gap recovered with ≤25 entropy-chosen queries (mean over
     seeds), and entropy − random accuracy per budget, paired by seed (mean ± std)."""
     rows = {(r["method"], r["strategy"], r["budget"]): r for r in summary["rows"]}
-    acc = {(s["seed"], r["method"], r["strategy"], r["budget"]): r["test_accuracy"]
-           for s in per_seed for r in s["runs"]}
+    acc = {
+        (s["seed"], r["method"], r["strategy"], r["budget"]): r["test_accuracy"]
+        for s in per_seed
+        for r in s["runs"]
+    }
     seeds = [s["seed"] for s in per_seed]
     out = []
     for method in dict.fromkeys(r["method"] for r in summary["rows"]):
-        small = [r for (m, s, b), r in rows.items() if m == method and s == AIM["strategy"]
-                 and b != "all" and int(b) <= AIM["budget"]]
+        small = [
+            r
+            for (m, s, b), r in rows.items()
+            if m == method and s == AIM["strategy"] and b != "all" and int(b) <= AIM["budget"]
+        ]
         best = max(small, key=lambda r: r["recovery"], default=None)
         difference = {}
-        for (m, s, b) in rows:
+        for m, s, b in rows:
             if m == method and s == "entropy" and (method, "random", b) in rows:
-                mean, std = mean_std(acc[(seed, method, "entropy", b)]
-                                     - acc[(seed, method, "random", b)] for seed in seeds)
+                mean, std = mean_std(
+                    acc[(seed, method, "entropy", b)] - acc[(seed, method, "random", b)]
+                    for seed in seeds
+                )
                 difference[b] = {"mean": mean, "std": std}
-        out.append({"method": method,
-                    "best_recovery_within_aim": best["recovery"] if best else None,
-                    "best_budget_within_aim": best["budget"] if best else None,
-                    "aim_met": bool(best and best["recovery"] >= AIM["recovery"]),
-                    "entropy_minus_random": difference})
+        out.append(
+            {
+                "method": method,
+                "best_recovery_within_aim": best["recovery"] if best else None,
+                "best_budget_within_aim": best["budget"] if best else None,
+                "aim_met": bool(best and best["recovery"] >= AIM["recovery"]),
+                "entropy_minus_random": difference,
+            }
+        )
     return out
 
 
@@ -200,67 +282,105 @@ def markdown(result: dict) -> str:
     vanilla, clean = summary["vanilla"], summary["clean"]
     rows = {(r["method"], r["strategy"], r["budget"]): r for r in summary["rows"]}
     strategies = list(settings["strategies"])
-    lines = ["# Shortcut removal on decoy-digits", "", machine_line(result["machine"]), "",
-             f"Seeds {settings['seeds']}; decoy-randomized test accuracy, mean ± std over seeds; "
-             "recovery = (acc − vanilla) / (clean − vanilla), per seed. Feedback = the simulated "
-             f"annotator's clicks on the top {settings['query']['top_cells']} "
-             f"{settings['query']['saliency']} cells ({settings['query']['grid_cell']} px) of "
-             "the baseline; trained "
-             + ("from a fresh initialisation" if settings["feedback"].get("init") == "scratch"
-                else "from the baseline's weights")
-             + f" with the feedback term, {settings['feedback']['epochs']} fixed epochs. Took "
-             f"{result['seconds'] / 60:.1f} min.", "",
-             f"- vanilla on decoy data: {_fmt(vanilla['test_accuracy'], vanilla['test_accuracy_std'])}",
-             f"- trained without decoys: {_fmt(clean['test_accuracy'], clean['test_accuracy_std'])} "
-             f"(on clean test images: {summary['clean']['clean_test_accuracy']:.3f})", "",
-             "| method | λ | budget | " + " | ".join(
-                 f"{s}: accuracy | {s}: recovery | {s}: decoy marked" for s in strategies) + " |",
-             "|---|---|---|" + "---|---|---|" * len(strategies)]
+    lines = [
+        "# Shortcut removal on decoy-digits",
+        "",
+        machine_line(result["machine"]),
+        "",
+        f"Seeds {settings['seeds']}; decoy-randomized test accuracy, mean ± std over seeds; "
+        "recovery = (acc − vanilla) / (clean − vanilla), per seed. Feedback = the simulated "
+        f"annotator's clicks on the top {settings['query']['top_cells']} "
+        f"{settings['query']['saliency']} cells ({settings['query']['grid_cell']} px) of "
+        "the baseline; trained "
+        + (
+            "from a fresh initialisation"
+            if settings["feedback"].get("init") == "scratch"
+            else "from the baseline's weights"
+        )
+        + f" with the feedback term, {settings['feedback']['epochs']} fixed epochs. Took "
+        f"{result['seconds'] / 60:.1f} min.",
+        "",
+        f"- vanilla on decoy data: {_fmt(vanilla['test_accuracy'], vanilla['test_accuracy_std'])}",
+        f"- trained without decoys: {_fmt(clean['test_accuracy'], clean['test_accuracy_std'])} "
+        f"(on clean test images: {summary['clean']['clean_test_accuracy']:.3f})",
+        "",
+        "| method | λ | budget | "
+        + " | ".join(f"{s}: accuracy | {s}: recovery | {s}: decoy marked" for s in strategies)
+        + " |",
+        "|---|---|---|" + "---|---|---|" * len(strategies),
+    ]
     for method in settings["methods"]:
         for budget in settings["budgets"]:
             cells = []
             for s in strategies:
                 r = rows.get((method, "all" if budget == "all" else s, budget))
-                cells += ([_fmt(r["test_accuracy"], r["test_accuracy_std"]),
-                           _fmt(r["recovery"], r["recovery_std"], 2), f"{r['decoy_marked']:.0%}"]
-                          if r else ["–", "–", "–"])
+                cells += (
+                    [
+                        _fmt(r["test_accuracy"], r["test_accuracy_std"]),
+                        _fmt(r["recovery"], r["recovery_std"], 2),
+                        f"{r['decoy_marked']:.0%}",
+                    ]
+                    if r
+                    else ["–", "–", "–"]
+                )
             lam = "–" if method == "counterexamples" else f"{settings['lambda'][method]:g}"
-            lines.append(f"| {method} | {lam} | {budget} | "
-                         + " | ".join(cells) + " |")
-    lines += ["", "Budget `all`: every training image annotated, so both strategies are the "
-              "same run (shown in both column groups).", "", "## Aims", "",
-              f"≥ {AIM['recovery']:.0%} of the gap recovered with ≤ {AIM['budget']} "
-              f"{AIM['strategy']}-chosen queries (best mean recovery at a budget ≤ "
-              f"{AIM['budget']}), and entropy − random test accuracy paired by seed, per budget "
-              "(a difference within its std is noise):", ""]
+            lines.append(f"| {method} | {lam} | {budget} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Budget `all`: every training image annotated, so both strategies are the "
+        "same run (shown in both column groups).",
+        "",
+        "## Aims",
+        "",
+        f"≥ {AIM['recovery']:.0%} of the gap recovered with ≤ {AIM['budget']} "
+        f"{AIM['strategy']}-chosen queries (best mean recovery at a budget ≤ "
+        f"{AIM['budget']}), and entropy − random test accuracy paired by seed, per budget "
+        "(a difference within its std is noise):",
+        "",
+    ]
     for a in result["aims"]:
         rec = a["best_recovery_within_aim"]
         if rec is None:
             lines.append(f"- {a['method']}: no budget ≤ {AIM['budget']} was run")
             continue
-        diffs = ", ".join(f"{b}: {d['mean']:+.3f} ± {d['std']:.3f}"
-                          for b, d in a["entropy_minus_random"].items())
-        lines.append(f"- {a['method']}: best recovery {rec:.2f} (budget "
-                     f"{a['best_budget_within_aim']}) → {'met' if a['aim_met'] else 'not met'}; "
-                     f"entropy − random: {diffs}")
-    lines += ["", "## Can the annotator see the decoy?", "",
-              "Share of the queried images (mean over seeds) whose prediction changes when the "
-              "decoy is re-drawn as a random class (`reliance`), and whose decoy cell is among "
-              f"the top {settings['query']['top_cells']} cells shown: DeepLIFT ranked by "
-              "|mean attribution| (the default now), by signed mean (before), and GradCAM.", "",
-              "| queries | images | reliance | DeepLIFT magnitude | DeepLIFT signed | GradCAM |",
-              "|---|---|---|---|---|---|"]
+        diffs = ", ".join(
+            f"{b}: {d['mean']:+.3f} ± {d['std']:.3f}" for b, d in a["entropy_minus_random"].items()
+        )
+        lines.append(
+            f"- {a['method']}: best recovery {rec:.2f} (budget "
+            f"{a['best_budget_within_aim']}) → {'met' if a['aim_met'] else 'not met'}; "
+            f"entropy − random: {diffs}"
+        )
+    lines += [
+        "",
+        "## Can the annotator see the decoy?",
+        "",
+        "Share of the queried images (mean over seeds) whose prediction changes when the "
+        "decoy is re-drawn as a random class (`reliance`), and whose decoy cell is among "
+        f"the top {settings['query']['top_cells']} cells shown: DeepLIFT ranked by "
+        "|mean attribution| (the default now), by signed mean (before), and GradCAM.",
+        "",
+        "| queries | images | reliance | DeepLIFT magnitude | DeepLIFT signed | GradCAM |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, v in visibility_summary(result["per_seed"]).items():
-        lines.append(f"| {name} | {v['images']:.0f} | {v['reliance']:.0%} | "
-                     f"{v['shown_deeplift_magnitude']:.0%} | {v['shown_deeplift_signed']:.0%} | "
-                     f"{v['shown_gradcam']:.0%} |")
+        lines.append(
+            f"| {name} | {v['images']:.0f} | {v['reliance']:.0%} | "
+            f"{v['shown_deeplift_magnitude']:.0%} | {v['shown_deeplift_signed']:.0%} | "
+            f"{v['shown_gradcam']:.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def visibility_summary(per_seed: list[dict]) -> dict[str, dict[str, float]]:
     names = per_seed[0]["decoy_visibility"].keys()
-    return {n: {k: float(np.mean([s["decoy_visibility"][n][k] for s in per_seed]))
-                for k in per_seed[0]["decoy_visibility"][n]} for n in names}
+    return {
+        n: {
+            k: float(np.mean([s["decoy_visibility"][n][k] for s in per_seed]))
+            for k in per_seed[0]["decoy_visibility"][n]
+        }
+        for n in names
+    }
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -278,23 +398,38 @@ def plot(result: dict, path: Path) -> Path:
         for strategy, style in (("entropy", "-"), ("random", "--")):
             if strategy not in settings["strategies"]:
                 continue
-            pts = [r for b in settings["budgets"] for r in summary["rows"]
-                   if r["method"] == method and r["budget"] == b
-                   and r["strategy"] == ("all" if b == "all" else strategy)]
+            pts = [
+                r
+                for b in settings["budgets"]
+                for r in summary["rows"]
+                if r["method"] == method
+                and r["budget"] == b
+                and r["strategy"] == ("all" if b == "all" else strategy)
+            ]
             if not pts:
                 continue
-            ax.errorbar([xs[r["budget"]] for r in pts], [r["test_accuracy"] for r in pts],
-                        yerr=[r["test_accuracy_std"] for r in pts], fmt=style + "o",
-                        color=colours[i % len(colours)], ms=4, capsize=2,
-                        label=f"{method} ({strategy})")
-    for key, style, label in (("vanilla", ":", "vanilla on decoy data"),
-                              ("clean", "-.", "trained without decoys")):
+            ax.errorbar(
+                [xs[r["budget"]] for r in pts],
+                [r["test_accuracy"] for r in pts],
+                yerr=[r["test_accuracy_std"] for r in pts],
+                fmt=style + "o",
+                color=colours[i % len(colours)],
+                ms=4,
+                capsize=2,
+                label=f"{method} ({strategy})",
+            )
+    for key, style, label in (
+        ("vanilla", ":", "vanilla on decoy data"),
+        ("clean", "-.", "trained without decoys"),
+    ):
         ax.axhline(summary[key]["test_accuracy"], color="grey", ls=style, lw=1, label=label)
     ax.set_xscale("log")
-    ax.set_xticks(list(xs.values()), [f"{b}" if b != "all" else f"all\n({n_pool})"
-                                      for b in xs])
-    ax.set(xlabel="annotated images (budget)", ylabel="decoy-randomized test accuracy",
-           title="Feedback from simulated cell clicks: entropy (solid) vs random (dashed)")
+    ax.set_xticks(list(xs.values()), [f"{b}" if b != "all" else f"all\n({n_pool})" for b in xs])
+    ax.set(
+        xlabel="annotated images (budget)",
+        ylabel="decoy-randomized test accuracy",
+        title="Feedback from simulated cell clicks: entropy (solid) vs random (dashed)",
+    )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -318,20 +453,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 methods, 2 budgets")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default=",".join(FEEDBACK_METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--budgets", default="10,25,50,100,all")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--epochs", type=int, default=None, help="feedback epochs (default: "
-                        f"{FEEDBACK['epochs']})")
-    parser.add_argument("--baseline-epochs", type=int, default=None,
-                        help="epochs of the vanilla and clean models "
-                        f"(default {BASELINE['epochs']})")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"feedback epochs (default: {FEEDBACK['epochs']})"
+    )
+    parser.add_argument(
+        "--baseline-epochs",
+        type=int,
+        default=None,
+        help=f"epochs of the vanilla and clean models (default {BASELINE['epochs']})",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--project", default=str(PROJECT), help="where the MLflow store is")
     parser.add_argument("--no-mlflow", action="store_true")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rebuild efficacy.md/.png (and the summary) from efficacy.json")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild efficacy.md/.png (and the summary) from efficacy.json",
+    )
     args = parser.parse_args(argv)
     if args.report_only:
         return write_report(Path(args.out_dir))
@@ -345,33 +487,63 @@ def main(argv: list[str] | None = None) -> dict:
     strategies = args.strategies.split(",")
     feedback = {**FEEDBACK, **({"epochs": args.epochs} if args.epochs else {})}
     baseline = {**BASELINE, **({"epochs": args.baseline_epochs} if args.baseline_epochs else {})}
-    settings = {"seeds": seeds, "methods": methods, "budgets": [budget_name(b) for b in budgets],
-                "strategies": strategies, "baseline": baseline, "query": QUERY,
-                "oracle_overlap": ORACLE_OVERLAP,
-                "feedback": feedback,
-                "lambda": {m: METHOD_LAMBDA.get(m, feedback["lambda"]) for m in methods},
-                "quick": args.quick}
+    settings = {
+        "seeds": seeds,
+        "methods": methods,
+        "budgets": [budget_name(b) for b in budgets],
+        "strategies": strategies,
+        "baseline": baseline,
+        "query": QUERY,
+        "oracle_overlap": ORACLE_OVERLAP,
+        "feedback": feedback,
+        "lambda": {m: METHOD_LAMBDA.get(m, feedback["lambda"]) for m in methods},
+        "quick": args.quick,
+    }
     out_dir = Path(args.out_dir)
-    tracker = None if args.no_mlflow else Tracker(
-        Path(args.project), f"efficacy{' quick' if args.quick else ''} "
-        f"{time.strftime('%Y-%m-%d %H:%M')}", {k: v for k, v in settings.items()
-                                              if k not in ("lambda",)})
+    tracker = (
+        None
+        if args.no_mlflow
+        else Tracker(
+            Path(args.project),
+            f"efficacy{' quick' if args.quick else ''} {time.strftime('%Y-%m-%d %H:%M')}",
+            {k: v for k, v in settings.items() if k not in ("lambda",)},
+        )
+    )
     start = time.perf_counter()
 
     def log(message: str) -> None:
         print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {message}", flush=True)
 
     try:
-        per_seed = [run_seed(seed, methods, budgets, strategies, feedback, QUERY, ORACLE_OVERLAP,
-                             log, tracker, baseline) for seed in seeds]
+        per_seed = [
+            run_seed(
+                seed,
+                methods,
+                budgets,
+                strategies,
+                feedback,
+                QUERY,
+                ORACLE_OVERLAP,
+                log,
+                tracker,
+                baseline,
+            )
+            for seed in seeds
+        ]
     except BaseException:
         if tracker:
             tracker.close({}, [], status="FAILED")
         raise
     summary = summarise(per_seed)
-    result = {"machine": machine(), "settings": settings, "seconds": time.perf_counter() - start,
-              "pool_size": int(len(decoy_splits().pool)), "summary": summary,
-              "aims": aims(summary, per_seed), "per_seed": per_seed}
+    result = {
+        "machine": machine(),
+        "settings": settings,
+        "seconds": time.perf_counter() - start,
+        "pool_size": int(len(decoy_splits().pool)),
+        "summary": summary,
+        "aims": aims(summary, per_seed),
+        "per_seed": per_seed,
+    }
     json_path = write_json(out_dir / "efficacy.json", result)
     md_path = out_dir / "efficacy.md"
     md_path.write_text(markdown(result))

@@ -1,3 +1,3 @@
 """Prefect flows that compose the tasks, and the command line."""
 
-from tasks import offline as _offline  # noqa: F401
+from services import offline as _offline  # noqa: F401

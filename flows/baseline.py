@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 from tasks.data import prepare_data
 from tasks.runs import close_run, log_model_run, open_parent_run, publish_table, set_model_alias
 from tasks.training import evaluate_checkpoint, train_baseline
-from xbl.config import load_params
+from xbl.config import as_params, load_config
 
 
 def run_dir(project: Path) -> Path:
@@ -21,20 +21,28 @@ def run_dir(project: Path) -> Path:
 @flow(name="xbl-baseline", log_prints=True)
 def baseline_flow(project: str = ".", params_file: str = "params.yaml") -> dict:
     root = Path(project).resolve()
-    params = load_params(root / params_file)
-    data = prepare_data(str(root), params_file)
-    parent = open_parent_run(str(root), params["mlflow"]["experiment"], "baseline",
-                             data.version)
-    outcome = train_baseline(data.path, params["train"], str(run_dir(root) / "baseline.pt"))
+    cfg = load_config(root / params_file)
+    data = prepare_data(str(root), cfg.data.out)
+    parent = open_parent_run(str(root), cfg.mlflow.experiment, "baseline", data.version)
+    outcome = train_baseline(data.path, cfg.train, str(run_dir(root) / "baseline.pt"))
     evaluation = evaluate_checkpoint(outcome.checkpoint, data.path)
-    name = params["mlflow"]["model_name"]
-    child = log_model_run(str(root), parent, "baseline", params["train"], outcome, evaluation,
-                          data.version, name)
+    name = cfg.mlflow.model_name
+    child = log_model_run(
+        str(root), parent, "baseline", as_params(cfg.train), outcome, evaluation, data.version, name
+    )
     set_model_alias(str(root), name, "baseline", child["model_version"])
     close_run(str(root), parent)
-    table = publish_table({"baseline": child["metrics"]}, "baseline-metrics",
-                          "Baseline: confounded validation vs decoy-randomized test")
-    get_run_logger().info("baseline run %s, model %s v%s", child["run_id"], name,
-                          child["model_version"])
-    return {"parent_run_id": parent, "baseline": child, "data_version": data.version,
-            "table": table}
+    table = publish_table(
+        {"baseline": child["metrics"]},
+        "baseline-metrics",
+        "Baseline: confounded validation vs decoy-randomized test",
+    )
+    get_run_logger().info(
+        "baseline run %s, model %s v%s", child["run_id"], name, child["model_version"]
+    )
+    return {
+        "parent_run_id": parent,
+        "baseline": child,
+        "data_version": data.version,
+        "table": table,
+    }

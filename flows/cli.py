@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks import offline as _offline  # noqa: F401
+from services import offline as _offline  # noqa: F401
+from xbl.config import load_config
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 
@@ -23,14 +24,16 @@ def _table(rows: list[dict]) -> str:
 
 
 def _mlflow_hint(project: Path) -> str:
-    from tasks.tracking import tracking_uri
+    from services.tracking import tracking_uri
 
     uri = tracking_uri(project)
     # the venv's own mlflow (not on PATH unless the venv is activated)
     beside = Path(sys.executable).parent / "mlflow"
     mlflow = str(beside) if beside.is_file() else shutil.which("mlflow") or "mlflow"
-    return (f"Open them with:  {mlflow} ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
-            "\n  or `xbl server start` for the MLflow and Prefect UIs together")
+    return (
+        f"Open them with:  {mlflow} ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+        "\n  or `xbl server start` for the MLflow and Prefect UIs together"
+    )
 
 
 def cmd_baseline(args) -> int:
@@ -40,9 +43,11 @@ def cmd_baseline(args) -> int:
     result = baseline_flow(str(project), args.params)
     print("\n" + _table(result["table"]))
     m = result["baseline"]["metrics"]
-    print(f"\nconfounded validation accuracy {m['val_accuracy']:.3f}  vs  "
-          f"decoy-randomized test accuracy {m['test_accuracy']:.3f}: "
-          f"the gap is the shortcut.")
+    print(
+        f"\nconfounded validation accuracy {m['val_accuracy']:.3f}  vs  "
+        f"decoy-randomized test accuracy {m['test_accuracy']:.3f}: "
+        f"the gap is the shortcut."
+    )
     print(f"data version {result['data_version']}; MLflow run {result['baseline']['run_id']}")
     print(_mlflow_hint(project))
     return 0
@@ -52,19 +57,23 @@ def cmd_round(args) -> int:
     """One feedback round; `demo` first makes sure the local Label Studio is up."""
     from flows.loop import feedback_round_flow
 
-    if args.command == "demo" and not os.environ.get("LABEL_STUDIO_URL"):
-        if subprocess.call(["bash", str(INFRA / "labelstudio.sh"), "start"]) != 0:
-            return 1
+    local_server = args.command == "demo" and not os.environ.get("LABEL_STUDIO_URL")
+    if local_server and subprocess.call(["bash", str(INFRA / "labelstudio.sh"), "start"]) != 0:
+        return 1
     project = Path(args.project).resolve()
     result = feedback_round_flow(str(project), args.params)
     if result["status"] == "waiting":
-        print(f"round {result['round']}: {result['annotated']}/{result['total']} annotated; "
-              "the next run carries on")
+        print(
+            f"round {result['round']}: {result['annotated']}/{result['total']} annotated; "
+            "the next run carries on"
+        )
         return 0
     print(f"\nround {result['round']}: baseline vs feedback, read back from MLflow\n")
     print(_table(result["table"]))
-    print(f"\npromotion: {'champion' if result['promotion']['promoted'] else 'kept'} "
-          f"({result['promotion']['reason']})")
+    print(
+        f"\npromotion: {'champion' if result['promotion']['promoted'] else 'kept'} "
+        f"({result['promotion']['reason']})"
+    )
     print(f"data version {result['data_version']}, feedback masks {result['feedback_version']}")
     print(f"Annotated tasks in Label Studio: {result['labelstudio_url']}")
     print(_mlflow_hint(project))
@@ -75,33 +84,36 @@ def cmd_annotate(args) -> int:
     """The simulated annotator answers a round (the newest by default) through the API, as a
     person would; it needs the prepared dataset for the relevance masks."""
     from flows.loop import project_title
-    from tasks import labelstudio as ls
-    from xbl.config import load_params
+    from services import labelstudio as ls
     from xbl.data import PreparedData
 
     project = Path(args.project).resolve()
-    params = load_params(project / args.params)
-    title = project_title(params)
+    cfg = load_config(project / args.params)
+    title = project_title(cfg)
     client = ls.connect()
-    rounds, _ = ls.pushed_rounds(client, title)
-    if not rounds:
-        print(f"xbl annotate: no round pushed to Label Studio project {title!r} yet",
-              file=sys.stderr)
+    pushed = ls.pushed_rounds(client, title)
+    if not pushed.rounds:
+        print(
+            f"xbl annotate: no round pushed to Label Studio project {title!r} yet", file=sys.stderr
+        )
         return 2
-    n = args.round or max(rounds)
-    data = PreparedData.load(project / params["data"].get("out", "data/prepared") / "dataset.npz")
+    n = args.round or max(pushed.rounds)
+    data = PreparedData.load(project / cfg.data.out / "dataset.npz")
     index = {str(image_id): i for i, image_id in enumerate(data.ids)}
-    project_id = ls.find_project(client, title)
-    relevance = {t["image_id"]: data.relevance[index[t["image_id"]]]
-                 for t in ls.round_task_data(client, project_id, n) if t["image_id"] in index}
-    made = ls.oracle_annotate(client, project_id, n, relevance,
-                              float(params["labelstudio"].get("oracle_overlap", 0.1)))
+    relevance = {
+        t["image_id"]: data.relevance[index[t["image_id"]]]
+        for t in ls.round_task_data(client, pushed.project_id, n)
+        if t["image_id"] in index
+    }
+    made = ls.oracle_annotate(
+        client, pushed.project_id, n, relevance, cfg.labelstudio.oracle_overlap
+    )
     print(f"oracle annotated {made} task(s) of round {n}")
     return 0
 
 
 def cmd_data_checkout(args) -> int:
-    from tasks.checkout import checkout_run_data
+    from services.checkout import checkout_run_data
 
     version = checkout_run_data(Path(args.project).resolve(), args.run_id)
     print(f"restored data version {version} used by run {args.run_id} (dvc.lock updated)")
@@ -115,19 +127,21 @@ def cmd_serve(args) -> int:
 
     from flows.baseline import baseline_flow
     from flows.loop import feedback_round_flow
-    from xbl.config import load_params
 
     if not os.environ.get("PREFECT_API_URL"):
-        print("xbl serve: set PREFECT_API_URL to a running Prefect server "
-              "(`xbl server start` starts one on 127.0.0.1:4200)", file=sys.stderr)
+        print(
+            "xbl serve: set PREFECT_API_URL to a running Prefect server "
+            "(`xbl server start` starts one on 127.0.0.1:4200)",
+            file=sys.stderr,
+        )
         return 2
     project = Path(args.project).resolve()
-    schedule = load_params(project / args.params).get("schedule", {})
-    timing = ({"interval": float(schedule["interval_s"])} if schedule.get("interval_s")
-              else {"cron": schedule.get("cron", "0 * * * *")})
+    schedule = load_config(project / args.params).schedule
+    timing = {"interval": schedule.interval_s} if schedule.interval_s else {"cron": schedule.cron}
     where = {"project": str(project), "params_file": args.params}
-    rounds = feedback_round_flow.to_deployment(name="scheduled", **timing,
-                                               parameters={**where, "wait_mode": "resume"})
+    rounds = feedback_round_flow.to_deployment(
+        name="scheduled", **timing, parameters={**where, "wait_mode": "resume"}
+    )
     baseline = baseline_flow.to_deployment(name="baseline", parameters=where)
     # one run at a time: two runs of the same round would race for its tasks, and a baseline
     # run beside a round would compete for the same CPU or GPU
@@ -144,47 +158,167 @@ def cmd_labelstudio(args) -> int:
     return subprocess.call(["bash", str(INFRA / "labelstudio.sh"), args.action])
 
 
-def cmd_webhook(args) -> int:
-    """The Label Studio webhook receiver (`xbl webhook [--port N]`, `xbl webhook register
-    --url ...`); its options are flows/webhook.py's own."""
-    from flows.webhook import main as webhook_main
+DEFAULT_DEPLOYMENT = "xbl-feedback-round/scheduled"
 
-    os.environ["XBL_PROJECT"] = str(Path(args.project).resolve())  # its params.yaml: the target
-    return webhook_main(args.webhook_args)
+
+def deployment_starter(deployment: str):
+    """(project, round) -> the id of a new run of the Prefect deployment; returns at once."""
+
+    def start(project_id: int, round_: int) -> str:
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(
+            name=deployment,
+            timeout=0,
+            tags=["xbl-webhook", f"round-{round_}"],
+            # the server refuses a second run for the same round as well
+            idempotency_key=f"xbl-webhook:{project_id}:{round_}",
+        )
+        return str(run.id)
+
+    return start
+
+
+def _webhook_secret() -> str:
+    from services.webhook import MIN_SECRET_LENGTH, SECRET_ENV
+
+    secret = os.environ.get(SECRET_ENV, "")
+    if len(secret) < MIN_SECRET_LENGTH:
+        sys.exit(
+            f"xbl webhook: set {SECRET_ENV} to a shared secret of at least "
+            f"{MIN_SECRET_LENGTH} characters, e.g. "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return secret
+
+
+def receiver_target_fraction(project: Path, params_file: str) -> float:
+    """XBL_WEBHOOK_TARGET_FRACTION, else the flow's own wait.target_fraction, so the receiver
+    never starts a run the flow would find short."""
+    if os.environ.get("XBL_WEBHOOK_TARGET_FRACTION"):
+        return float(os.environ["XBL_WEBHOOK_TARGET_FRACTION"])
+    params = project / params_file
+    return load_config(params).wait.target_fraction if params.is_file() else 1.0
+
+
+def _webhook_parser(project: Path, params_file: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xbl webhook",
+        description="Receive Label Studio's annotation webhooks and start "
+        "the round's deployment once enough of the round is annotated.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
+    parser.add_argument("--port", type=int, default=8787)
+    parser.add_argument("--state-dir", default=".xbl-webhook")
+    parser.add_argument(
+        "--deployment", default=os.environ.get("XBL_WEBHOOK_DEPLOYMENT", DEFAULT_DEPLOYMENT)
+    )
+    parser.add_argument(
+        "--target-fraction",
+        type=float,
+        default=receiver_target_fraction(project, params_file),
+        help="default: XBL_WEBHOOK_TARGET_FRACTION, else wait.target_fraction "
+        "of params.yaml (the flow's own target)",
+    )
+    return parser
+
+
+def _register_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xbl webhook register", description="Register the receiver as a Label Studio webhook."
+    )
+    parser.add_argument(
+        "--url", required=True, help="where Label Studio reaches the receiver, …/hooks"
+    )
+    parser.add_argument("--project-id", type=int, default=None, help="default: every project")
+    return parser
+
+
+def cmd_webhook(args) -> int:
+    """The Label Studio webhook receiver (`xbl webhook [--port N]`), or its registration
+    (`xbl webhook register --url ...`)."""
+    import logging
+
+    from services import labelstudio as ls
+    from services import webhook
+
+    # force: importing Prefect already put a WARNING-level handler on the root logger
+    logging.basicConfig(
+        level=logging.INFO, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    project = Path(args.project).resolve()
+    if args.webhook_args[:1] == ["register"]:
+        options = _register_parser().parse_args(args.webhook_args[1:])
+        hook_id = ls.register_webhook(
+            ls.connect(), options.project_id, options.url, _webhook_secret()
+        )
+        scope = (
+            f"project {options.project_id}"
+            if options.project_id is not None
+            else "the organisation"
+        )
+        print(f"webhook {hook_id}: {scope} -> {options.url}")
+        return 0
+    options = _webhook_parser(project, args.params).parse_args(args.webhook_args)
+    receiver = webhook.WebhookReceiver(
+        _webhook_secret(),
+        webhook.DeliveryStore(options.state_dir),
+        ls.progress_checker(),
+        deployment_starter(options.deployment),
+        options.target_fraction,
+    )
+    return webhook.run_receiver(
+        receiver, options.host, options.port, f"deployment {options.deployment}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xbl", description=__doc__)
-    parser.add_argument("--project", default=os.environ.get("XBL_PROJECT", "."),
-                        help="project folder (params.yaml, dvc.yaml); default: current folder")
+    parser.add_argument(
+        "--project",
+        default=os.environ.get("XBL_PROJECT", "."),
+        help="project folder (params.yaml, dvc.yaml); default: current folder",
+    )
     parser.add_argument("--params", default="params.yaml")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("baseline", help="prepare data, train and log the baseline").set_defaults(
-        func=cmd_baseline)
-    for name, text in (("demo", "start Label Studio and run one unattended round with the oracle"),
-                       ("round", "run one feedback round against the configured Label Studio")):
+        func=cmd_baseline
+    )
+    for name, text in (
+        ("demo", "start Label Studio and run one unattended round with the oracle"),
+        ("round", "run one feedback round against the configured Label Studio"),
+    ):
         sub.add_parser(name, help=text).set_defaults(func=cmd_round)
     annotate = sub.add_parser("annotate", help="answer the open round with the simulated annotator")
-    annotate.add_argument("--oracle", action="store_true", required=True,
-                          help="the simulated annotator (the only automatic one)")
+    annotate.add_argument(
+        "--oracle",
+        action="store_true",
+        required=True,
+        help="the simulated annotator (the only automatic one)",
+    )
     annotate.add_argument("--round", type=int, default=None)
     annotate.set_defaults(func=cmd_annotate)
     data = sub.add_parser("data", help="data versions").add_subparsers(dest="action", required=True)
     checkout = data.add_parser("checkout", help="restore the exact data an MLflow run used")
     checkout.add_argument("run_id")
     checkout.set_defaults(func=cmd_data_checkout)
-    sub.add_parser("serve", help="serve the feedback round (on the schedule in params.yaml) and "
-                   "the baseline as Prefect deployments (needs PREFECT_API_URL)").set_defaults(
-        func=cmd_serve)
+    sub.add_parser(
+        "serve",
+        help="serve the feedback round (on the schedule in params.yaml) and "
+        "the baseline as Prefect deployments (needs PREFECT_API_URL)",
+    ).set_defaults(func=cmd_serve)
     server = sub.add_parser("server", help="local Prefect and MLflow servers for their UIs")
     server.add_argument("action", choices=["start", "stop", "status"])
     server.set_defaults(func=cmd_server)
     ls = sub.add_parser("labelstudio", help="the local Label Studio server")
     ls.add_argument("action", choices=["install", "start", "stop", "status"])
     ls.set_defaults(func=cmd_labelstudio)
-    hook = sub.add_parser("webhook", add_help=False,
-                          help="receive Label Studio's annotation webhooks and start the round's "
-                          "deployment (`xbl webhook --help`)")
+    hook = sub.add_parser(
+        "webhook",
+        add_help=False,
+        help="receive Label Studio's annotation webhooks and start the round's "
+        "deployment (`xbl webhook --help`)",
+    )
     hook.add_argument("webhook_args", nargs=argparse.REMAINDER)
     hook.set_defaults(func=cmd_webhook)
     return parser

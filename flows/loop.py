@@ -2,7 +2,8 @@
 
 A round may span several runs (`wait.mode: resume`): a run that pushed queries ends, and a
 later run (scheduled or triggered) finds the open round in Label Studio, collects what is
-annotated and retrains once the target is met. Which step is done is read from the services.
+annotated and retrains once the target is met. Which step is done is read from the services;
+within a run, each step's result is handed to the next.
 """
 
 from __future__ import annotations
@@ -15,22 +16,35 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.baseline import run_dir
-from tasks import tracking
-from tasks.annotation import (annotation_target, collect_feedback_masks, oracle_answers,
-                              push_queries, round_progress, wait_for_annotations)
-from tasks.data import FEEDBACK_ROOT, DataRef, prepare_data, version_feedback
+from services import tracking
+from tasks.annotation import (
+    collect_feedback_masks,
+    oracle_answers,
+    push_queries,
+    round_progress,
+    wait_for_annotations,
+)
+from tasks.data import DataRef, prepare_data, version_feedback
 from tasks.queries import select_round_queries
-from tasks.rounds import (discard_unpushed, queries_from_labelstudio, read_round_state,
-                          restore_baseline)
-from tasks.runs import (close_run, compare_children, log_model_run, open_parent_run, promote,
-                        set_model_alias)
+from tasks.rounds import (
+    RoundState,
+    discard_unpushed,
+    queries_from_labelstudio,
+    read_round_state,
+    restore_baseline,
+)
+from tasks.runs import (
+    close_run,
+    compare_children,
+    log_model_run,
+    open_parent_run,
+    promote,
+    set_model_alias,
+)
 from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedback
-from xbl.config import load_params
-
-def finished_rounds(project: Path) -> list[Path]:
-    """Feedback manifests of the rounds already collected, oldest first."""
-    manifests = (project / FEEDBACK_ROOT).glob("round-*/manifest.csv")
-    return sorted(manifests, key=lambda p: int(p.parent.name.split("-")[1]))
+from xbl.config import Config, as_params, load_config
+from xbl.feedback import FEEDBACK_ROOT, finished_rounds
+from xbl.labelstudio import annotation_target
 
 
 def crash_point(step: str) -> None:
@@ -40,128 +54,176 @@ def crash_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def project_title(params: dict) -> str:
-    return f"{params['labelstudio'].get('project_prefix', 'xbl')}-{params['mlflow']['experiment']}"
+def project_title(cfg: Config) -> str:
+    return f"{cfg.labelstudio.project_prefix}-{cfg.mlflow.experiment}"
 
 
 def earlier_feedback(project: Path, completed: tuple[int, ...]) -> list[str]:
-    return [str(m) for m in finished_rounds(project) if int(m.parent.name.split("-")[1]) in completed]
+    return [
+        str(m) for m in finished_rounds(project) if int(m.parent.name.split("-")[1]) in completed
+    ]
 
 
 @dataclass
 class _Round:
     """What every step of round `n` needs to know."""
+
     root: Path
-    params: dict
+    cfg: Config
     n: int
     title: str
     data: DataRef
-
-    @property
-    def model_name(self) -> str:
-        return self.params["mlflow"]["model_name"]
-
-    @property
-    def experiment(self) -> str:
-        return self.params["mlflow"]["experiment"]
 
     @property
     def rounds_dir(self) -> str:
         return str(self.root / "data" / "rounds" / f"round-{self.n}")
 
 
+@dataclass
+class _Opened:
+    """An open round: its queries, the baseline that chose them, where annotators work."""
+
+    queries: str  # queries.json
+    checkpoint: str  # the baseline's weights
+    baseline: dict  # the baseline's MLflow record
+    parent: str  # the round's parent run
+    project_id: int
+    project_url: str
+
+
 @flow(name="xbl-feedback-round", log_prints=True)
-def feedback_round_flow(project: str = ".", params_file: str = "params.yaml",
-                        wait_mode: str | None = None) -> dict:
+def feedback_round_flow(
+    project: str = ".", params_file: str = "params.yaml", wait_mode: str | None = None
+) -> dict:
     root = Path(project).resolve()
-    params = load_params(root / params_file)
-    mode = wait_mode or params["wait"].get("mode", "block")
-    title = project_title(params)
-    data = prepare_data(str(root), params_file)
-    state = read_round_state(str(root), params["mlflow"]["experiment"], title)
-    rnd = _Round(root, params, state.number, title, data)
-    base, baseline, parent = _open_round(rnd, state)
-    queries = queries_from_labelstudio(title, rnd.n, data.path, rnd.rounds_dir)
-    if params["labelstudio"].get("annotator", "human") == "oracle":
-        oracle_answers(title, rnd.n, data.path, queries,
-                       float(params["labelstudio"].get("oracle_overlap", 0.1)))
-    waiting = _await_annotations(rnd, mode)
+    cfg = load_config(root / params_file)
+    title = project_title(cfg)
+    data = prepare_data(str(root), cfg.data.out)
+    state = read_round_state(str(root), cfg.mlflow.experiment, title)
+    rnd = _Round(root, cfg, state.number, title, data)
+    opened = _resume_round(rnd, state) if state.open else _open_round(rnd, state)
+    if cfg.labelstudio.annotator == "oracle":
+        oracle_answers(
+            opened.project_id, rnd.n, data.path, opened.queries, cfg.labelstudio.oracle_overlap
+        )
+    waiting = _await_annotations(rnd, opened, wait_mode or cfg.wait.mode)
     if waiting is not None:
-        close_run(str(root), parent)
+        close_run(str(root), opened.parent)
         return waiting
     crash_point("wait")
-    return _retrain_and_promote(rnd, state, queries, base, baseline, parent)
+    return _retrain_and_promote(rnd, state, opened)
 
 
-def _open_round(rnd: _Round, state) -> tuple:
-    """Resume the open round's baseline from MLflow, or train a new baseline and push its
-    queries. Returns (baseline checkpoint outcome, baseline run, parent run id)."""
-    runs = run_dir(rnd.root)
-    if state.open:
-        get_run_logger().info("round %d is open in Label Studio: resuming it", rnd.n)
-        base, baseline = restore_baseline(str(rnd.root), rnd.experiment, rnd.model_name,
-                                          state.baseline_run_id, rnd.n, str(runs / "baseline"))
-        return base, baseline, baseline["parent_run_id"]
-    root, data = str(rnd.root), rnd.data
-    discard_unpushed(root, rnd.experiment, rnd.model_name, rnd.n)
-    parent = open_parent_run(root, rnd.experiment, f"round-{rnd.n}", data.version)
-    base = train_baseline(data.path, rnd.params["train"], str(runs / "baseline.pt"))
-    baseline = log_model_run(root, parent, "baseline", rnd.params["train"], base,
-                             evaluate_checkpoint(base.checkpoint, data.path), data.version,
-                             rnd.model_name)
-    set_model_alias(root, rnd.model_name, "baseline", baseline["model_version"])
+def _resume_round(rnd: _Round, state: RoundState) -> _Opened:
+    """The open round's baseline from MLflow and its queries from Label Studio."""
+    get_run_logger().info("round %d is open in Label Studio: resuming it", rnd.n)
+    checkpoint, baseline = restore_baseline(
+        str(rnd.root),
+        rnd.cfg.mlflow.experiment,
+        rnd.cfg.mlflow.model_name,
+        state.baseline_run_id,
+        rnd.n,
+        str(run_dir(rnd.root) / "baseline"),
+    )
+    queries = queries_from_labelstudio(state.project_id, rnd.n, rnd.data.path, rnd.rounds_dir)
+    return _Opened(
+        queries,
+        checkpoint,
+        baseline,
+        baseline["parent_run_id"],
+        state.project_id,
+        state.project_url,
+    )
+
+
+def _open_round(rnd: _Round, state: RoundState) -> _Opened:
+    """Train and log a new baseline, select its queries and push them to Label Studio."""
+    root, data, cfg = str(rnd.root), rnd.data, rnd.cfg
+    discard_unpushed(root, cfg.mlflow.experiment, cfg.mlflow.model_name, rnd.n)
+    parent = open_parent_run(root, cfg.mlflow.experiment, f"round-{rnd.n}", data.version)
+    base = train_baseline(data.path, cfg.train, str(run_dir(rnd.root) / "baseline.pt"))
+    baseline = log_model_run(
+        root,
+        parent,
+        "baseline",
+        as_params(cfg.train),
+        base,
+        evaluate_checkpoint(base.checkpoint, data.path),
+        data.version,
+        cfg.mlflow.model_name,
+    )
+    set_model_alias(root, cfg.mlflow.model_name, "baseline", baseline["model_version"])
     crash_point("baseline")
-    select_round_queries(base.checkpoint, data.path, rnd.params["query"], rnd.n,
-                         list(state.queried), rnd.rounds_dir)
-    push_queries(f"{rnd.rounds_dir}/queries.json", rnd.title, baseline["run_id"])
+    queries = select_round_queries(
+        base.checkpoint, data.path, cfg.query, rnd.n, list(state.queried), rnd.rounds_dir
+    )
+    pushed = push_queries(queries, rnd.title, baseline["run_id"])
     crash_point("push")
-    return base, baseline, parent
+    return _Opened(queries, base.checkpoint, baseline, parent, pushed["project_id"], pushed["url"])
 
 
-def _await_annotations(rnd: _Round, mode: str) -> dict | None:
+def _await_annotations(rnd: _Round, opened: _Opened, mode: str) -> dict | None:
     """`block`: poll until the target is met (or fail clearly). `resume`: None when the target
     is met, else the progress, and this run ends: a later one carries on."""
     if mode == "block":
-        wait_for_annotations(rnd.title, rnd.n, rnd.params["wait"])
+        wait_for_annotations(opened.project_id, rnd.n, rnd.cfg.wait)
         return None
-    annotated, total = round_progress(rnd.title, rnd.n)
-    if annotated >= annotation_target(total, rnd.params["wait"]):
+    annotated, total = round_progress(opened.project_id, rnd.n)
+    if annotated >= annotation_target(total, rnd.cfg.wait.target_fraction):
         return None
-    get_run_logger().info("round %d: %d/%d annotated; a later run will carry on", rnd.n,
-                          annotated, total)
+    get_run_logger().info(
+        "round %d: %d/%d annotated; a later run will carry on", rnd.n, annotated, total
+    )
     return {"round": rnd.n, "status": "waiting", "annotated": annotated, "total": total}
 
 
-def _retrain_and_promote(rnd: _Round, state, queries, base, baseline: dict, parent: str) -> dict:
+def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dict:
     """Masks → DVC → retrain on every round's feedback → MLflow → promotion → comparison."""
-    root, n, params = str(rnd.root), rnd.n, rnd.params
-    manifest = collect_feedback_masks(rnd.title, n, queries,
-                                      str(rnd.root / FEEDBACK_ROOT / f"round-{n}"))
+    root, n, cfg = str(rnd.root), rnd.n, rnd.cfg
+    manifest = collect_feedback_masks(
+        opened.project_id, n, opened.queries, str(rnd.root / FEEDBACK_ROOT / f"round-{n}")
+    )
     feedback_version = version_feedback(root, FEEDBACK_ROOT)
-    tuned = train_with_feedback(rnd.data.path, base.checkpoint,
-                                [*earlier_feedback(rnd.root, state.completed), manifest],
-                                params["train"], params["feedback"],
-                                str(run_dir(rnd.root) / "feedback.pt"))
-    feedback = log_model_run(root, parent, f"feedback-round-{n}",
-                             {**params["train"], "feedback": params["feedback"]}, tuned,
-                             evaluate_checkpoint(tuned.checkpoint, rnd.data.path),
-                             rnd.data.version, rnd.model_name,
-                             extra_tags={tracking.FEEDBACK_VERSION_TAG: feedback_version,
-                                         tracking.ROUND_TAG: str(n)},
-                             extra_files=(str(rnd.root / f"{FEEDBACK_ROOT}.dvc"),))
+    tuned = train_with_feedback(
+        rnd.data.path,
+        opened.checkpoint,
+        [*earlier_feedback(rnd.root, state.completed), manifest],
+        cfg.train,
+        cfg.feedback,
+        str(run_dir(rnd.root) / "feedback.pt"),
+    )
+    feedback = log_model_run(
+        root,
+        opened.parent,
+        f"feedback-round-{n}",
+        _feedback_params(cfg),
+        tuned,
+        evaluate_checkpoint(tuned.checkpoint, rnd.data.path),
+        rnd.data.version,
+        cfg.mlflow.model_name,
+        extra_tags={tracking.FEEDBACK_VERSION_TAG: feedback_version, tracking.ROUND_TAG: str(n)},
+        extra_files=(str(rnd.root / f"{FEEDBACK_ROOT}.dvc"),),
+    )
     crash_point("retrain")
-    promotion = promote(root, rnd.model_name, baseline, feedback, params["promotion"])
-    close_run(root, parent)
-    table = compare_children(root, parent)
+    promotion = promote(root, cfg.mlflow.model_name, opened.baseline, feedback, cfg.promotion)
+    close_run(root, opened.parent)
+    table = compare_children(root, opened.parent)
     get_run_logger().info("round %d done; promotion: %s", n, promotion["reason"])
-    return {"round": n, "status": "done", "parent_run_id": parent, "baseline": baseline,
-            "feedback": feedback, "promotion": promotion, "table": table,
-            "labelstudio_url": _project_url(rnd.title), "data_version": rnd.data.version,
-            "feedback_version": feedback_version}
+    return {
+        "round": n,
+        "status": "done",
+        "parent_run_id": opened.parent,
+        "baseline": opened.baseline,
+        "feedback": feedback,
+        "promotion": promotion,
+        "table": table,
+        "labelstudio_url": opened.project_url,
+        "data_version": rnd.data.version,
+        "feedback_version": feedback_version,
+    }
 
 
-def _project_url(title: str) -> str:
-    from tasks import labelstudio as ls
-
-    client = ls.connect()
-    return ls.project_link(client, ls.find_project(client, title))
+def _feedback_params(cfg: Config) -> dict:
+    """What a feedback run logs: the train settings, and the feedback's with the λ in use."""
+    feedback = {**as_params(cfg.feedback), "lambda": cfg.feedback.lam(cfg.feedback.method)}
+    return {**as_params(cfg.train), "feedback": feedback}

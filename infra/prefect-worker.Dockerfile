@@ -35,6 +35,7 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$(grep -E '^
 # Code only: never infra/ (team.env lives there), data, runs or local service state.
 COPY pyproject.toml README.md ./
 COPY xbl ./xbl
+COPY services ./services
 COPY tasks ./tasks
 COPY flows ./flows
 RUN pip install --no-deps -e .

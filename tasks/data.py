@@ -1,4 +1,4 @@
-"""Data steps: build and version the dataset with DVC, restore a run's data."""
+"""Data steps: build and version the dataset with DVC, version the annotators' masks."""
 
 from __future__ import annotations
 
@@ -7,25 +7,23 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks import dvc
-from xbl.config import load_params
+from services import dvc
+from xbl.feedback import FEEDBACK_ROOT
 
 PREPARE_STAGE = "prepare"
-FEEDBACK_ROOT = "data/feedback"  # every round's masks, one DVC-tracked folder
 
 
 @dataclass(frozen=True)
 class DataRef:
-    path: str          # the prepared dataset.npz
-    version: str       # DVC content hash of the prepared output
-    out: str           # the DVC-tracked output folder, relative to the project
+    path: str  # the prepared dataset.npz
+    version: str  # DVC content hash of the prepared output
+    out: str  # the DVC-tracked output folder, relative to the project
 
 
 @task(retries=2, retry_delay_seconds=[2, 5])
-def prepare_data(project: str, params_file: str = "params.yaml") -> DataRef:
-    """Run the DVC `prepare` stage, push it to the remote, and return its version."""
+def prepare_data(project: str, out: str) -> DataRef:
+    """Run the DVC `prepare` stage (its output: `data.out`), push it, return its version."""
     root = Path(project)
-    out = load_params(root / params_file)["data"].get("out", "data/prepared")
     dvc.ensure_repo(root)
     dvc.repro(root, PREPARE_STAGE)
     dvc.push(root, PREPARE_STAGE)

@@ -9,15 +9,24 @@ import numpy as np
 import torch
 from prefect import task
 
-from tasks.training import load_model
-from xbl.data import PreparedData
+from xbl.checkpoint import load_model
+from xbl.config import QueryConfig
+from xbl.data import PreparedData, to_tensor
+from xbl.loop import predict_proba
 from xbl.saliency import image_png, overlay_png, saliency_map, top_cells
 from xbl.sampling import predictive_entropy, select_queries
-from xbl.train import predict_proba, to_tensor
 
 
-def query_records(data: PreparedData, idx: np.ndarray, probs: np.ndarray, attr: torch.Tensor,
-                  cells: torch.Tensor, settings: dict, round_number: int, out: Path) -> list[dict]:
+def query_records(
+    data: PreparedData,
+    idx: np.ndarray,
+    probs: np.ndarray,
+    attr: torch.Tensor,
+    cells: torch.Tensor,
+    cell: int,
+    round_number: int,
+    out: Path,
+) -> list[dict]:
     """Render each query's image and overlay PNG and describe it for Label Studio."""
     records = []
     _, _, h, w = data.images.shape
@@ -25,40 +34,54 @@ def query_records(data: PreparedData, idx: np.ndarray, probs: np.ndarray, attr: 
         image_id = str(data.ids[i])
         image = data.images[i]
         shown = [tuple(map(int, rc)) for rc in cells[j].tolist()]
-        records.append({
-            "image_id": image_id, "index": int(i), "round": round_number,
-            "image_path": str(image_png(image, out / f"{image_id}.png")),
-            "overlay_path": str(overlay_png(image, attr[j].cpu().numpy(), shown,
-                                            settings["grid_cell"], out / f"{image_id}_overlay.png")),
-            "true_label": str(data.classes[data.labels[i]]),
-            "predicted_label": str(data.classes[probs[j].argmax()]),
-            "entropy": float(predictive_entropy(probs[j:j + 1])[0]),
-            "cells": [list(rc) for rc in shown], "cell": int(settings["grid_cell"]),
-            "height": int(h), "width": int(w),
-        })
+        records.append(
+            {
+                "image_id": image_id,
+                "index": int(i),
+                "round": round_number,
+                "image_path": str(image_png(image, out / f"{image_id}.png")),
+                "overlay_path": str(
+                    overlay_png(
+                        image, attr[j].cpu().numpy(), shown, cell, out / f"{image_id}_overlay.png"
+                    )
+                ),
+                "true_label": str(data.classes[data.labels[i]]),
+                "predicted_label": str(data.classes[probs[j].argmax()]),
+                "entropy": float(predictive_entropy(probs[j : j + 1])[0]),
+                "cells": [list(rc) for rc in shown],
+                "cell": cell,
+                "height": int(h),
+                "width": int(w),
+            }
+        )
     return records
 
 
 @task
-def select_round_queries(checkpoint: str, dataset: str, settings: dict, round_number: int,
-                         already_annotated: list[str], out_dir: str) -> str:
+def select_round_queries(
+    checkpoint: str,
+    dataset: str,
+    cfg: QueryConfig,
+    round_number: int,
+    already_annotated: list[str],
+    out_dir: str,
+) -> str:
     """The round's queries (training images, most informative first) with their saliency PNGs;
     returns the path of queries.json."""
     data = PreparedData.load(Path(dataset))
-    model = load_model(checkpoint)
+    model, _ = load_model(checkpoint)
     pool = data.indices("train")
     probs = predict_proba(model, to_tensor(data.images[pool]))
     exclude = np.isin(data.ids[pool], list(already_annotated))
-    chosen = select_queries(probs, data.labels[pool], int(settings["k"]),
-                            settings.get("strategy", "entropy"), exclude=exclude,
-                            seed=int(settings.get("seed", 0)) + round_number)
+    chosen = select_queries(
+        probs, data.labels[pool], cfg.k, cfg.strategy, exclude=exclude, seed=cfg.seed + round_number
+    )
     idx = pool[chosen]
-    attr = saliency_map(model, to_tensor(data.images[idx]), settings.get("saliency", "deeplift"),
-                        float(settings.get("blur_sigma", 3.0)))
-    cells = top_cells(attr, int(settings["grid_cell"]), int(settings["top_cells"]))
+    attr = saliency_map(model, to_tensor(data.images[idx]), cfg.saliency, cfg.blur_sigma)
+    cells = top_cells(attr, cfg.grid_cell, cfg.top_cells)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = query_records(data, idx, probs[chosen], attr, cells, settings, round_number, out)
+    records = query_records(data, idx, probs[chosen], attr, cells, cfg.grid_cell, round_number, out)
     path = out / "queries.json"
     path.write_text(json.dumps(records, indent=1))
     return str(path)

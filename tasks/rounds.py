@@ -10,31 +10,35 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 
-from tasks import labelstudio as ls
-from tasks import tracking
-from tasks.training import TrainOutcome
+from services import labelstudio as ls
+from services import tracking
 from xbl.data import PreparedData
 
 
 @dataclass(frozen=True)
 class RoundState:
-    number: int                    # the round this run works on
-    open: bool                     # pushed earlier and not yet retrained: resume it
-    baseline_run_id: str | None    # the model whose explanations the round's tasks show
+    number: int  # the round this run works on
+    open: bool  # pushed earlier and not yet retrained: resume it
+    baseline_run_id: str | None  # the model whose explanations the round's tasks show
     completed: tuple[int, ...]
-    queried: tuple[str, ...]       # image ids in any round: never asked twice
+    queried: tuple[str, ...]  # image ids in any round: never asked twice
+    project_id: int | None  # the experiment's Label Studio project, once pushed to
+    project_url: str | None
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def read_round_state(project: str, experiment: str, title: str) -> RoundState:
     completed = tracking.completed_rounds(*_experiment(project, experiment))
-    pushed, queried = ls.pushed_rounds(ls.connect(), title)
-    open_rounds = sorted(set(pushed) - completed)
-    done, asked = tuple(sorted(completed)), tuple(sorted(queried))
+    client = ls.connect()
+    pushed = ls.pushed_rounds(client, title)
+    url = ls.project_link(client, pushed.project_id) if pushed.project_id is not None else None
+    open_rounds = sorted(set(pushed.rounds) - completed)
+    done, asked = tuple(sorted(completed)), tuple(sorted(pushed.queried))
     if open_rounds:
         n = open_rounds[-1]
-        return RoundState(n, True, pushed[n], done, asked)
-    return RoundState(max([*completed, *pushed, 0]) + 1, False, None, done, asked)
+        return RoundState(n, True, pushed.rounds[n], done, asked, pushed.project_id, url)
+    n = max([*completed, *pushed.rounds, 0]) + 1
+    return RoundState(n, False, None, done, asked, pushed.project_id, url)
 
 
 def _experiment(project: str, experiment: str):
@@ -42,8 +46,9 @@ def _experiment(project: str, experiment: str):
     return client, tracking.experiment_id(client, Path(project), experiment)
 
 
-def _discard_logged(discard, client, exp_id: str, registered_name: str, round_number: int,
-                    what: str) -> int:
+def _discard_logged(
+    discard, client, exp_id: str, registered_name: str, round_number: int, what: str
+) -> int:
     """Run one of tracking's discard_* cleanups and say in the run's log what it removed."""
     discarded = discard(client, exp_id, registered_name, round_number)
     if discarded:
@@ -56,38 +61,60 @@ def discard_unpushed(project: str, experiment: str, registered_name: str, round_
     """Before a new round trains its baseline: clear what an earlier attempt at this round left
     in MLflow when it died before the push (Label Studio has no task of it)."""
     client, exp_id = _experiment(project, experiment)
-    return _discard_logged(tracking.discard_unpushed_round, client, exp_id, registered_name,
-                           round_number, "attempt(s) that died before the push")
+    return _discard_logged(
+        tracking.discard_unpushed_round,
+        client,
+        exp_id,
+        registered_name,
+        round_number,
+        "attempt(s) that died before the push",
+    )
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def restore_baseline(project: str, experiment: str, registered_name: str, run_id: str,
-                     round_number: int, out_dir: str) -> tuple[TrainOutcome, dict]:
-    """The open round's baseline, from MLflow: its checkpoint and its record; any half-done
-    retraining of that round is discarded first."""
+def restore_baseline(
+    project: str,
+    experiment: str,
+    registered_name: str,
+    run_id: str,
+    round_number: int,
+    out_dir: str,
+) -> tuple[str, dict]:
+    """The open round's baseline, from MLflow: its checkpoint's path and its record; any
+    half-done retraining of that round is discarded first."""
     client, exp_id = _experiment(project, experiment)
-    _discard_logged(tracking.discard_incomplete_round, client, exp_id, registered_name,
-                    round_number, "unfinished retraining run(s)")
+    _discard_logged(
+        tracking.discard_incomplete_round,
+        client,
+        exp_id,
+        registered_name,
+        round_number,
+        "unfinished retraining run(s)",
+    )
     run = client.get_run(run_id)
     checkpoint = tracking.download_artifact(client, run_id, "checkpoint", Path(out_dir))
     versions = client.search_model_versions(f"run_id = '{run_id}'")
-    record = {"run_id": run_id, "model_version": str(versions[0].version) if versions else None,
-              "metrics": dict(run.data.metrics),
-              "parent_run_id": run.data.tags.get("mlflow.parentRunId")}
-    return TrainOutcome(str(next(checkpoint.glob("*.pt")))), record
+    record = {
+        "run_id": run_id,
+        "model_version": str(versions[0].version) if versions else None,
+        "metrics": dict(run.data.metrics),
+        "parent_run_id": run.data.tags.get("mlflow.parentRunId"),
+    }
+    return str(next(checkpoint.glob("*.pt"))), record
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def queries_from_labelstudio(title: str, round_number: int, dataset: str, out_dir: str) -> str:
-    """Rebuild the round's queries.json from its tasks (what annotators actually saw)."""
+def queries_from_labelstudio(project_id: int, round_number: int, dataset: str, out_dir: str) -> str:
+    """Rebuild a resumed round's queries.json from its tasks (what annotators actually saw)."""
     data = PreparedData.load(Path(dataset))
     index = {str(image_id): i for i, image_id in enumerate(data.ids)}
-    client = ls.connect()
-    tasks = ls.round_task_data(client, ls.find_project(client, title), round_number)
+    tasks = ls.round_task_data(ls.connect(), project_id, round_number)
     missing = [t["image_id"] for t in tasks if t["image_id"] not in index]
     if missing:
-        raise ValueError(f"round {round_number}: task images {missing[:5]} are not in the "
-                         "prepared dataset; was the data changed mid-round?")
+        raise ValueError(
+            f"round {round_number}: task images {missing[:5]} are not in the "
+            "prepared dataset; was the data changed mid-round?"
+        )
     queries = [{**t, "index": int(index[t["image_id"]])} for t in tasks]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,21 @@ import numpy as np
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from tasks import tracking
-from tasks.training import TrainOutcome, load_model
+from services import tracking
+from xbl.checkpoint import load_model
+from xbl.config import PromotionConfig
+from xbl.loop import TrainResult
+from xbl.promotion import promotion_decision
 
-HEADLINE = ("val_accuracy", "test_accuracy", "val_macro_precision", "val_macro_recall",
-            "min_val_loss", "test_wrong_reason_share", "test_activation_recall")
+HEADLINE = (
+    "val_accuracy",
+    "test_accuracy",
+    "val_macro_precision",
+    "val_macro_recall",
+    "min_val_loss",
+    "test_wrong_reason_share_inputgrad",
+    "test_activation_recall_gradcam",
+)
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
@@ -24,43 +34,52 @@ def open_parent_run(project: str, experiment: str, name: str, data_version: str)
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def log_model_run(project: str, parent_id: str, name: str, params: dict, outcome: TrainOutcome,
-                  evaluation: dict, data_version: str, registered_name: str,
-                  extra_tags: dict | None = None, extra_files: tuple[str, ...] = ()) -> dict:
+def log_model_run(
+    project: str,
+    parent_id: str,
+    name: str,
+    params: dict,
+    outcome: TrainResult,
+    evaluation: dict,
+    data_version: str,
+    registered_name: str,
+    extra_tags: dict | None = None,
+    extra_files: tuple[str, ...] = (),
+) -> dict:
     """A child run with settings, per-epoch curves, final metrics, confusion matrix and model."""
     root = Path(project)
     client = tracking.client_for(root)
     parent = client.get_run(parent_id)
     tags = {tracking.DATA_VERSION_TAG: data_version, **(extra_tags or {})}
     # a retry of this task must not leave the failed attempt's run or model version behind
-    tracking.discard_unfinished_attempts(client, parent.info.experiment_id, parent_id, name,
-                                         registered_name)
+    tracking.discard_unfinished_attempts(
+        client, parent.info.experiment_id, parent_id, name, registered_name
+    )
     run_id = tracking.start_run(client, parent.info.experiment_id, name, parent_id, tags)
     tracking.log_params(client, run_id, {**params, "device": outcome.device})
     tracking.log_history(client, run_id, outcome.history)
-    final = {**evaluation["metrics"], "min_val_loss": outcome.min_val_loss,
-             "best_epoch": outcome.best_epoch}
+    final = {
+        **evaluation["metrics"],
+        "min_val_loss": outcome.min_val_loss,
+        "best_epoch": outcome.best_epoch,
+    }
     if outcome.effective_lambda is not None:
         final["effective_lambda"] = outcome.effective_lambda
     tracking.log_metrics(client, run_id, final)
-    tracking.log_confusion_matrix(client, run_id, np.array(evaluation["confusion_matrix"]),
-                                  evaluation["classes"])
+    tracking.log_confusion_matrix(
+        client, run_id, np.array(evaluation["confusion_matrix"]), evaluation["classes"]
+    )
     tracking.log_file(client, run_id, Path(outcome.checkpoint), "checkpoint")
     for path in (root / "dvc.lock", *map(Path, extra_files)):
         if path.is_file():
             tracking.log_file(client, run_id, path)
-    model = load_model(outcome.checkpoint)
-    example = np.zeros((1, *_input_shape(model, outcome)), dtype=np.float32)
+    model, meta = load_model(outcome.checkpoint)
+    example = np.zeros(
+        (1, meta["in_channels"], meta["image_size"], meta["image_size"]), dtype=np.float32
+    )
     version = tracking.log_model(run_id, model, example, registered_name)
     client.set_terminated(run_id)
     return {"run_id": run_id, "model_version": version, "metrics": final}
-
-
-def _input_shape(model, outcome: TrainOutcome) -> tuple[int, int, int]:
-    from xbl.train import load_checkpoint
-
-    meta = load_checkpoint(Path(outcome.checkpoint))[1]
-    return meta["in_channels"], meta["image_size"], meta["image_size"]
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
@@ -76,28 +95,18 @@ def close_run(project: str, run_id: str) -> None:
 @task
 def publish_table(rows: dict[str, dict], key: str, description: str) -> list[dict]:
     """Headline metrics per model as a Prefect table artifact (and returned for printing)."""
-    table = [{"model": name, **{m: round(float(metrics[m]), 4) for m in HEADLINE if m in metrics}}
-             for name, metrics in rows.items()]
+    table = [
+        {"model": name, **{m: round(float(metrics[m]), 4) for m in HEADLINE if m in metrics}}
+        for name, metrics in rows.items()
+    ]
     create_table_artifact(table=table, key=key, description=description)
     return table
 
 
-def promotion_decision(baseline: dict, candidate: dict, rule: dict) -> tuple[bool, str]:
-    """Champion if validation accuracy drops at most `max_val_acc_drop` and (when required)
-    the explanation score on validation images with masks improves."""
-    drop = baseline["val_accuracy"] - candidate["val_accuracy"]
-    if drop > float(rule.get("max_val_acc_drop", 0.02)):
-        return False, f"val accuracy dropped {drop:.3f} (> {rule.get('max_val_acc_drop', 0.02)})"
-    if rule.get("require_better_explanation", True):
-        before, after = baseline.get("val_explanation_score"), candidate.get("val_explanation_score")
-        if before is None or after is None or after <= before:
-            return False, f"explanation score did not improve ({before} → {after})"
-        return True, f"explanation score {before:.3f} → {after:.3f}, val accuracy drop {drop:.3f}"
-    return True, f"val accuracy drop {drop:.3f}"
-
-
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def promote(project: str, registered_name: str, baseline: dict, candidate: dict, rule: dict) -> dict:
+def promote(
+    project: str, registered_name: str, baseline: dict, candidate: dict, rule: PromotionConfig
+) -> dict:
     """Move alias `champion` to the candidate when the rule says it is better."""
     client = tracking.client_for(Path(project))
     promoted, reason = promotion_decision(baseline["metrics"], candidate["metrics"], rule)
@@ -111,8 +120,12 @@ def promote(project: str, registered_name: str, baseline: dict, candidate: dict,
     return {"promoted": promoted, "reason": reason}
 
 
-COMPARED = ("val_accuracy", "test_accuracy", "test_wrong_reason_share_inputgrad",
-            "test_activation_recall_gradcam")
+COMPARED = (
+    "val_accuracy",
+    "test_accuracy",
+    "test_wrong_reason_share_inputgrad",
+    "test_activation_recall_gradcam",
+)
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
@@ -120,12 +133,21 @@ def compare_children(project: str, parent_id: str) -> list[dict]:
     """The parent run's children, side by side, as MLflow has them."""
     client = tracking.client_for(Path(project))
     parent = client.get_run(parent_id)
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent_id}'",
-                                  order_by=["attributes.start_time ASC"])
-    rows = [{"model": run.info.run_name,
-             **{m: round(run.data.metrics[m], 4) for m in COMPARED if m in run.data.metrics}}
-            for run in children]
-    create_table_artifact(table=rows, key="baseline-vs-feedback",
-                          description="Read back from MLflow: baseline vs feedback")
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    rows = [
+        {
+            "model": run.info.run_name,
+            **{m: round(run.data.metrics[m], 4) for m in COMPARED if m in run.data.metrics},
+        }
+        for run in children
+    ]
+    create_table_artifact(
+        table=rows,
+        key="baseline-vs-feedback",
+        description="Read back from MLflow: baseline vs feedback",
+    )
     return rows

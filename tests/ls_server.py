@@ -24,8 +24,13 @@ SCRIPT = REPO / "infra" / "labelstudio.sh"
 LS_VENV = Path(os.environ.get("XBL_LABEL_STUDIO_VENV", REPO / ".labelstudio" / "venv"))
 TEMPLATE = REPO / ".labelstudio" / "template"
 # Settings the developer's shell may carry; the test server uses only its template's env file.
-_SCRUBBED = ("XBL_LABEL_STUDIO_USERNAME", "XBL_LABEL_STUDIO_PASSWORD", "XBL_LABEL_STUDIO_TOKEN",
-             "XBL_LABEL_STUDIO_PORT", "XBL_LABEL_STUDIO_HOME")
+_SCRUBBED = (
+    "XBL_LABEL_STUDIO_USERNAME",
+    "XBL_LABEL_STUDIO_PASSWORD",
+    "XBL_LABEL_STUDIO_TOKEN",
+    "XBL_LABEL_STUDIO_PORT",
+    "XBL_LABEL_STUDIO_HOME",
+)
 
 
 def labelstudio_version() -> str | None:
@@ -33,8 +38,11 @@ def labelstudio_version() -> str | None:
     python = LS_VENV / "bin" / "python"
     if not python.exists():
         return None
-    done = subprocess.run([str(python), "-c", "import label_studio; print(label_studio.__version__)"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(python), "-c", "import label_studio; print(label_studio.__version__)"],
+        capture_output=True,
+        text=True,
+    )
     return done.stdout.strip() if done.returncode == 0 else None
 
 
@@ -45,8 +53,11 @@ def free_port() -> int:
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
-             if "=" in line and not line.startswith("#"))
+    pairs = (
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
     return {key.strip(): value.strip() for key, value in pairs}
 
 
@@ -65,7 +76,9 @@ class LabelStudioServer:
     def _script(self, action: str) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
         env.update(XBL_LABEL_STUDIO_HOME=str(self.home), XBL_LABEL_STUDIO_PORT=str(self.port))
-        return subprocess.run(["bash", str(SCRIPT), action], env=env, capture_output=True, text=True)
+        return subprocess.run(
+            ["bash", str(SCRIPT), action], env=env, capture_output=True, text=True
+        )
 
     def start(self) -> None:
         done = self._script("start")
@@ -84,7 +97,8 @@ def _build_template(version: str) -> None:
     (partial / "env").write_text(
         "XBL_LABEL_STUDIO_USERNAME=admin@xbl.test\n"
         f"XBL_LABEL_STUDIO_PASSWORD={secrets.token_hex(16)}\n"
-        f"XBL_LABEL_STUDIO_TOKEN={secrets.token_hex(20)}\n")
+        f"XBL_LABEL_STUDIO_TOKEN={secrets.token_hex(20)}\n"
+    )
     server = LabelStudioServer(partial, free_port(), token="")
     server.start()
     server.stop()
@@ -105,8 +119,10 @@ def labelstudio(tmp_path_factory):
     """A running Label Studio server: `.url`, `.token`, `.stop()`, `.start()`."""
     version = labelstudio_version()
     if version is None:
-        reason = (f"Label Studio is not installed in {LS_VENV}; "
-                  "run `make labelstudio-install` (infra/labelstudio.sh install)")
+        reason = (
+            f"Label Studio is not installed in {LS_VENV}; "
+            "run `make labelstudio-install` (infra/labelstudio.sh install)"
+        )
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)

@@ -10,8 +10,8 @@ import yaml
 from mlflow import MlflowClient
 
 from flows.baseline import baseline_flow
-from tasks import dvc, tracking
-from tasks.checkout import checkout_run_data
+from services import dvc, tracking
+from services.checkout import checkout_run_data
 
 pytestmark = pytest.mark.integration
 
@@ -33,10 +33,16 @@ def test_baseline_run_is_tracked_with_its_data_version(baseline_run):
     locked = lock["stages"]["prepare"]["outs"][0]["md5"]
     assert run.data.tags[tracking.DATA_VERSION_TAG] == locked == result["data_version"]
     assert run.data.tags["mlflow.parentRunId"] == result["parent_run_id"]
-    for key in ("val_accuracy", "test_accuracy", "val_macro_precision", "val_macro_recall",
-                "min_val_loss", "val_class_3_accuracy"):
+    for key in (
+        "val_accuracy",
+        "test_accuracy",
+        "val_macro_precision",
+        "val_macro_recall",
+        "min_val_loss",
+        "val_class_3_accuracy",
+    ):
         assert 0.0 <= run.data.metrics[key] <= 5.0, key
-    assert run.data.metrics["val_accuracy"] > 0.5                 # it learnt something
+    assert run.data.metrics["val_accuracy"] > 0.5  # it learnt something
     curve = client.get_metric_history(run.info.run_id, "curve/val_loss")
     assert [m.step for m in curve] == list(range(1, len(curve) + 1))
     best = min(m.value for m in curve)
@@ -75,8 +81,15 @@ def test_checkout_restores_a_runs_data_after_the_dataset_changed(baseline_run):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     dvc.repro(project, "prepare")
     assert dataset.read_bytes() != original
-    subprocess.run([sys.executable, "-c", "import shutil, sys; shutil.rmtree(sys.argv[1])",
-                    str(project / ".dvc" / "cache")], check=True)   # force the remote path
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import shutil, sys; shutil.rmtree(sys.argv[1])",
+            str(project / ".dvc" / "cache"),
+        ],
+        check=True,
+    )  # force the remote path
     version = checkout_run_data(project, result["baseline"]["run_id"])
     assert version == result["data_version"]
     assert dataset.read_bytes() == original

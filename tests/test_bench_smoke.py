@@ -20,8 +20,19 @@ def tracking_store(tmp_path, monkeypatch):
 
 def test_quick_efficacy_writes_json_markdown_plot_and_mlflow_runs(tmp_path, tracking_store):
     out = tmp_path / "results"
-    efficacy.main(["--quick", "--epochs", "1", "--baseline-epochs", "2", "--out-dir", str(out),
-                   "--project", str(tmp_path)])
+    efficacy.main(
+        [
+            "--quick",
+            "--epochs",
+            "1",
+            "--baseline-epochs",
+            "2",
+            "--out-dir",
+            str(out),
+            "--project",
+            str(tmp_path),
+        ]
+    )
     text = (out / "efficacy.json").read_text()
     result = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     settings = result["settings"]
@@ -30,8 +41,11 @@ def test_quick_efficacy_writes_json_markdown_plot_and_mlflow_runs(tmp_path, trac
     assert settings["budgets"] == ["25", "all"]
     # per method: 25 by entropy, 25 at random, and all (one run: no choice to make)
     keys = {(r["method"], r["strategy"], r["budget"]) for r in result["summary"]["rows"]}
-    assert keys == {(m, s, b) for m in ("rrr", "counterexamples")
-                    for s, b in (("entropy", "25"), ("random", "25"), ("all", "all"))}
+    assert keys == {
+        (m, s, b)
+        for m in ("rrr", "counterexamples")
+        for s, b in (("entropy", "25"), ("random", "25"), ("all", "all"))
+    }
     seed = result["per_seed"][0]
     vanilla, clean = seed["vanilla"]["test_accuracy"], seed["clean"]["test_accuracy"]
     for run in seed["runs"]:
@@ -60,15 +74,32 @@ def test_quick_efficacy_writes_json_markdown_plot_and_mlflow_runs(tmp_path, trac
 
 def test_cost_writes_ratios_for_every_method_and_fraction(tmp_path):
     out = tmp_path / "cost.json"
-    cost.main(["--epochs", "1", "--repeats", "1", "--fractions", "0.02,1.0",
-               "--methods", "rrr,counterexamples", "--out", str(out)])
+    cost.main(
+        [
+            "--epochs",
+            "1",
+            "--repeats",
+            "1",
+            "--fractions",
+            "0.02,1.0",
+            "--methods",
+            "rrr,counterexamples",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     rows = result["rows"]
     per_batch = result["settings"]["per_batch"]
     assert [(r["method"], r["annotated_fraction"], r["per_batch"]) for r in rows] == [
-        ("plain", None, 0), ("rrr", 0.02, per_batch), ("rrr", 1.0, per_batch),
-        ("counterexamples", 0.02, per_batch), ("counterexamples", 1.0, per_batch),
-        ("rrr", 1.0, 64), ("counterexamples", 1.0, 64)]  # + every image penalised
+        ("plain", None, 0),
+        ("rrr", 0.02, per_batch),
+        ("rrr", 1.0, per_batch),
+        ("counterexamples", 0.02, per_batch),
+        ("counterexamples", 1.0, per_batch),
+        ("rrr", 1.0, 64),
+        ("counterexamples", 1.0, 64),
+    ]  # + every image penalised
     plain = rows[0]
     assert plain["ratio_to_plain"] == 1.0 and plain["seconds_per_epoch"] > 0
     for r in rows[1:]:
@@ -84,4 +115,5 @@ def test_throughput_compares_xbl_with_a_bare_loop(tmp_path):
     written = json.loads(out.read_text())
     assert written["images_per_s"]["xbl"] > 0 and written["images_per_s"]["bare"] > 0
     assert written["xbl_over_bare_time"] == pytest.approx(
-        result["seconds"]["xbl"][0] / result["seconds"]["bare"][0])
+        result["seconds"]["xbl"][0] / result["seconds"]["bare"][0]
+    )

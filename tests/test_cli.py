@@ -22,13 +22,29 @@ def test_webhook_without_a_secret_refuses_to_start(monkeypatch):
 
 
 def test_webhook_target_defaults_to_the_projects_wait_target(tmp_path, monkeypatch):
-    from flows.webhook import _default_target_fraction
+    from services import webhook
 
+    served = []
+    monkeypatch.setattr(
+        webhook, "run_receiver", lambda receiver, host, port, what: served.append(receiver) or 0
+    )
+    monkeypatch.setenv("XBL_WEBHOOK_SECRET", "s" * 32)
     (tmp_path / "params.yaml").write_text("wait:\n  target_fraction: 0.4\n")
     monkeypatch.delenv("XBL_WEBHOOK_TARGET_FRACTION", raising=False)
-    monkeypatch.delenv("XBL_PROJECT", raising=False)   # restored after the test
-    with pytest.raises(SystemExit):
-        main(["--project", str(tmp_path), "webhook", "--help"])
-    assert _default_target_fraction() == 0.4             # xbl pointed it at the project
+    start = [
+        "--project",
+        str(tmp_path),
+        "webhook",
+        "--port",
+        "9",
+        "--state-dir",
+        str(tmp_path / "state"),
+    ]
+
+    assert main(start) == 0
+    assert served[-1].target_fraction == 0.4  # xbl pointed it at the project
+    served[-1].store.close()
     monkeypatch.setenv("XBL_WEBHOOK_TARGET_FRACTION", "0.9")
-    assert _default_target_fraction() == 0.9             # the environment wins
+    assert main(start) == 0
+    assert served[-1].target_fraction == 0.9  # the environment wins
+    served[-1].store.close()

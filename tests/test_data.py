@@ -28,18 +28,18 @@ def test_decoy_value_codes_the_label_in_train_and_val(digits):
 def test_decoy_value_is_random_in_test(digits):
     idx = digits.indices("test")
     coded = patch_values(digits)[idx] == 255 - 25 * digits.labels[idx]
-    assert 0.02 < coded.mean() < 0.25          # ~1/10 agree by chance
+    assert 0.02 < coded.mean() < 0.25  # ~1/10 agree by chance
     assert len(np.unique(patch_values(digits)[idx])) == 10
 
 
 def test_masks_align_with_images(digits):
     assert digits.confounder.shape == digits.relevance.shape == digits.images[:, 0].shape
-    assert (digits.confounder.sum(axis=(1, 2)) == 16).all()          # one 4x4 patch
-    assert not (digits.confounder & digits.relevance).any()          # the patch is off the digit
+    assert (digits.confounder.sum(axis=(1, 2)) == 16).all()  # one 4x4 patch
+    assert not (digits.confounder & digits.relevance).any()  # the patch is off the digit
     ink = digits.images[:, 0] > 32
     assert np.array_equal(ink & ~digits.confounder, digits.relevance)
     corners = digits.confounder[:, [0, 0, -1, -1], [0, -1, 0, -1]]
-    assert (corners.sum(axis=1) == 1).all()                         # in exactly one corner
+    assert (corners.sum(axis=1) == 1).all()  # in exactly one corner
 
 
 def test_splits_are_stratified_and_deterministic(digits):
@@ -68,8 +68,12 @@ def good_rows(tmp_path):
     for name in ("a", "b", "c", "d"):
         write_png(tmp_path / "img" / f"{name}.png")
         write_png(tmp_path / "mask" / f"{name}.png", value=255)
-    return [["img/a.png", "cat", "train", "mask/a.png"], ["img/b.png", "dog", "train", ""],
-            ["img/c.png", "cat", "val", "mask/c.png"], ["img/d.png", "dog", "test", "mask/d.png"]]
+    return [
+        ["img/a.png", "cat", "train", "mask/a.png"],
+        ["img/b.png", "dog", "train", ""],
+        ["img/c.png", "cat", "val", "mask/c.png"],
+        ["img/d.png", "dog", "test", "mask/d.png"],
+    ]
 
 
 def test_good_manifest_loads(tmp_path, good_rows):
@@ -78,18 +82,21 @@ def test_good_manifest_loads(tmp_path, good_rows):
     assert data.classes.tolist() == ["cat", "dog"]
     assert data.labels.tolist() == [0, 1, 0, 1]
     assert data.split.tolist() == ["train", "train", "val", "test"]
-    assert data.relevance.all()                      # full masks and a missing one = everything
+    assert data.relevance.all()  # full masks and a missing one = everything
     assert not data.confounder.any()
 
 
-@pytest.mark.parametrize("row_index,change,expected", [
-    (0, lambda r, d: r.__setitem__(0, "img/missing.png"), "image not found"),
-    (1, lambda r, d: (d / "img" / "b.png").write_bytes(b"not a png"), "unreadable image"),
-    (2, lambda r, d: write_png(d / "mask" / "c.png", size=(10, 16)), "mask"),
-    (3, lambda r, d: r.__setitem__(2, "holdout"), "unknown split"),
-    (1, lambda r, d: r.__setitem__(1, ""), "empty class"),
-    (0, lambda r, d: r.__setitem__(3, "mask/nope.png"), "mask not found"),
-])
+@pytest.mark.parametrize(
+    "row_index,change,expected",
+    [
+        (0, lambda r, d: r.__setitem__(0, "img/missing.png"), "image not found"),
+        (1, lambda r, d: (d / "img" / "b.png").write_bytes(b"not a png"), "unreadable image"),
+        (2, lambda r, d: write_png(d / "mask" / "c.png", size=(10, 16)), "mask"),
+        (3, lambda r, d: r.__setitem__(2, "holdout"), "unknown split"),
+        (1, lambda r, d: r.__setitem__(1, ""), "empty class"),
+        (0, lambda r, d: r.__setitem__(3, "mask/nope.png"), "mask not found"),
+    ],
+)
 def test_bad_row_names_the_row_and_the_problem(tmp_path, good_rows, row_index, change, expected):
     change(good_rows[row_index], tmp_path)
     with pytest.raises(ManifestError) as err:
@@ -125,8 +132,9 @@ def test_radiography_folder_becomes_a_manifest(tmp_path):
             mask[4:12, 4:12] = 255
             (tmp_path / "db" / cls / "masks").mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask).save(tmp_path / "db" / cls / "masks" / f"{cls}-{i}.png")
-    manifest = radiography_manifest(tmp_path / "db", tmp_path / "db" / "manifest.csv",
-                                    {"train": 0.6, "val": 0.2, "test": 0.2})
+    manifest = radiography_manifest(
+        tmp_path / "db", tmp_path / "db" / "manifest.csv", {"train": 0.6, "val": 0.2, "test": 0.2}
+    )
     data = read_manifest(manifest, image_size=16)
     assert data.classes.tolist() == ["COVID", "Normal"]
     assert len(data) == 20

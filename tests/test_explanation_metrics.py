@@ -13,12 +13,14 @@ M = np.array([[[1, 0], [1, 0]]] * 4, dtype=float)
 
 
 def test_activation_recall_by_hand():
-    G = np.array([
-        [[1.0, 0.0], [1.0, 0.0]],  # exactly the evidence -> 1
-        [[0.0, 1.0], [0.0, 1.0]],  # only outside the evidence -> 0
-        [[0.5, 1.0], [0.0, 1.0]],  # (0.5 + 0) / 2 -> 0.25
-        [[1.0, 1.0], [1.0, 1.0]],  # everywhere -> 1 (AR is recall, not precision)
-    ])
+    G = np.array(
+        [
+            [[1.0, 0.0], [1.0, 0.0]],  # exactly the evidence -> 1
+            [[0.0, 1.0], [0.0, 1.0]],  # only outside the evidence -> 0
+            [[0.5, 1.0], [0.0, 1.0]],  # (0.5 + 0) / 2 -> 0.25
+            [[1.0, 1.0], [1.0, 1.0]],  # everywhere -> 1 (AR is recall, not precision)
+        ]
+    )
     assert activation_recall(G, M) == pytest.approx([1.0, 0.0, 0.25, 1.0])
 
 
@@ -32,12 +34,14 @@ def test_activation_recall_is_nan_for_an_empty_mask_and_accepts_torch():
 
 def test_wrong_reason_share_by_hand():
     W_true = np.array([[[1, 0], [0, 0]]] * 4, dtype=float)  # the confounder is the top-left pixel
-    A = np.array([
-        [[3.0, 0.0], [0.0, 0.0]],   # all attribution on the confounder -> 1
-        [[0.0, 2.0], [1.0, 0.0]],   # none on it -> 0
-        [[-1.0, 1.0], [-1.0, 1.0]],  # |A| counts: 1 of 4 -> 0.25
-        [[0.0, 0.0], [0.0, 0.0]],   # no attribution anywhere -> 0, not NaN
-    ])
+    A = np.array(
+        [
+            [[3.0, 0.0], [0.0, 0.0]],  # all attribution on the confounder -> 1
+            [[0.0, 2.0], [1.0, 0.0]],  # none on it -> 0
+            [[-1.0, 1.0], [-1.0, 1.0]],  # |A| counts: 1 of 4 -> 0.25
+            [[0.0, 0.0], [0.0, 0.0]],  # no attribution anywhere -> 0, not NaN
+        ]
+    )
     assert wrong_reason_share(A, W_true) == pytest.approx([1.0, 0.0, 0.25, 0.0])
 
 

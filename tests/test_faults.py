@@ -3,6 +3,7 @@ an uninterrupted run's (tasks, annotations, masks, registered models, metrics)."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks import labelstudio as ls
-from tasks import tracking
+from services import labelstudio as ls
+from services import tracking
 from tests.conftest import REPO, make_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
@@ -27,14 +28,17 @@ def run_round(project: Path, env: dict, crash_after: str | None = None) -> tuple
     env = {**env, "XBL_CRASH_AFTER": crash_after or ""}
     log = project.parent / f"{project.name}-{crash_after or 'complete'}.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "--project", str(project),
-                                 "round"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "--project", str(project), "round"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         code = proc.wait(600)
-    try:
+    with contextlib.suppress(ProcessLookupError):  # a stray Prefect server must not outlive it
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     return code, log.read_text()
 
 
@@ -44,9 +48,10 @@ def end_state(project: Path, experiment: str) -> dict:
     project_id = ls.find_project(lsc, f"xbl-{experiment}")
     tasks = list(lsc.sdk.tasks.list(project=project_id, fields="all"))
     versions = client.search_model_versions("name = 'xbl-classifier'")
-    feedback = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
-                                  "attributes.run_name = 'feedback-round-1' and "
-                                  "attributes.status = 'FINISHED'")
+    feedback = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        "attributes.run_name = 'feedback-round-1' and attributes.status = 'FINISHED'",
+    )
     masks = project / "data" / "feedback" / "round-1"
     return {
         "tasks": sorted(t.data["image_id"] for t in tasks),
@@ -61,14 +66,19 @@ def end_state(project: Path, experiment: str) -> dict:
 
 @pytest.fixture
 def env(labelstudio):
-    return {**os.environ, "LABEL_STUDIO_URL": labelstudio.url,
-            "LABEL_STUDIO_API_KEY": labelstudio.token}
+    return {
+        **os.environ,
+        "LABEL_STUDIO_URL": labelstudio.url,
+        "LABEL_STUDIO_API_KEY": labelstudio.token,
+    }
 
 
 def test_crashes_after_baseline_push_wait_and_retraining_lose_nothing(tmp_path, env, monkeypatch):
     monkeypatch.setenv("LABEL_STUDIO_URL", env["LABEL_STUDIO_URL"])
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", env["LABEL_STUDIO_API_KEY"])
-    reference = make_project(tmp_path / "reference", mlflow={"experiment": "faults-ref"}, **SETTINGS)
+    reference = make_project(
+        tmp_path / "reference", mlflow={"experiment": "faults-ref"}, **SETTINGS
+    )
     code, output = run_round(reference, env)
     assert code == 0, output[-3000:]
 
@@ -79,7 +89,7 @@ def test_crashes_after_baseline_push_wait_and_retraining_lose_nothing(tmp_path, 
     code, output = run_round(crashed, env)
     assert code == 0, output[-3000:]
     assert "discarded 1 unfinished retraining run" in output
-    baseline_crash = (tmp_path / "crashed-push.log").read_text()     # the run after it
+    baseline_crash = (tmp_path / "crashed-push.log").read_text()  # the run after it
     assert "discarded 1 attempt(s) that died before the push" in baseline_crash
 
     assert end_state(crashed, "faults-crash") == end_state(reference, "faults-ref")

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from xbl.data import decoy_digits
-from xbl.feedback import build_feedback, relevance_for
-from xbl.losses import FEEDBACK_METHODS, explanation, gradcam_map, _upsample
+from xbl.config import ConfigError, FeedbackConfig, build_config
+from xbl.data import decoy_digits, to_tensor
+from xbl.feedback import build_feedback
+from xbl.losses import explanation
+from xbl.methods import METHODS
 from xbl.metrics import activation_recall
 from xbl.models import SmallCNN
-from xbl.train import to_tensor
+from xbl.saliency import gradcam
 
 
 @pytest.fixture(scope="module")
@@ -34,36 +38,55 @@ def model():
     return SmallCNN()
 
 
-SETTINGS = {"lambda": 3.0, "normalize_lambda": False, "per_batch": 5, "exbl_margin": 0.5,
-            "counterexample_copies": 2, "seed": 1}
+SEED = 1
 
 
-@pytest.mark.parametrize("method", FEEDBACK_METHODS)
+def settings(method: str, **changes) -> FeedbackConfig:
+    """λ 3 for `method` (not its default), and every other setting off its default too."""
+    cfg = FeedbackConfig(
+        method=method,
+        lambda_={method: 3.0},
+        normalize_lambda=False,
+        per_batch=5,
+        exbl_margin=0.5,
+        counterexample_copies=2,
+    )
+    return replace(cfg, **changes)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_carries_the_images_labels_masks_and_settings(data, annotated, model, method):
     idx, W = annotated
-    fb = build_feedback(method, data, idx, W, SETTINGS, model=model)
-    assert fb.method == method
-    assert (fb.lam, fb.normalize_lambda, fb.per_batch, fb.margin) == (3.0, False, 5, 0.5)
-    assert torch.equal(fb.x[:6], to_tensor(data.images[idx]))
-    assert torch.equal(fb.y[:6], torch.from_numpy(data.labels[idx]))
-    assert torch.equal(fb.W[:6].bool(), torch.from_numpy(W))
-    assert torch.equal(fb.M[:6].bool(), torch.from_numpy(data.relevance[idx] & ~W))
-    assert (fb.exemplars is not None) == (method == "exbl")
+    fb = build_feedback(settings(method), data, idx, W, SEED, model=model)
+    assert type(fb.method) is METHODS[method] and fb.method.name == method
+    assert (fb.lam, fb.normalize_lambda, fb.per_batch) == (3.0, False, 5)
+    images = fb.images
+    assert torch.equal(images.x[:6], to_tensor(data.images[idx]))
+    assert torch.equal(images.y[:6], torch.from_numpy(data.labels[idx]))
+    assert torch.equal(images.W[:6].bool(), torch.from_numpy(W))
+    assert torch.equal(images.M[:6].bool(), torch.from_numpy(data.relevance[idx] & ~W))
+    assert (getattr(fb.method, "exemplars", None) is not None) == (method == "exbl")
+    if method == "exbl":
+        assert fb.method.margin == 0.5
+    if method == "counterexamples":
+        assert fb.method.copies == 2
 
 
 def test_relevance_is_the_evidence_minus_what_to_ignore(data, annotated):
     idx, W = annotated
     W = W.copy()
     W[0, 10:14, 10:14] = True  # an annotator may also strike part of the digit
-    M = relevance_for(data, idx, W)
+    assert data.relevance[idx[0], 10:14, 10:14].any()  # ... where the evidence was
+    M = build_feedback(settings("hint"), data, idx, W, SEED).images.M.bool().numpy()
     assert not (M & W).any()
     assert (M | W | ~data.relevance[idx]).all()
+    assert np.array_equal(M, data.relevance[idx] & ~W)
 
 
 def test_counterexamples_keep_labels_and_change_only_the_masked_pixels(data, annotated, model):
     idx, W = annotated
-    fb = build_feedback("counterexamples", data, idx, W, SETTINGS, model=model)
-    copies, marked = SETTINGS["counterexample_copies"], 4  # images with an empty W get none
+    fb = build_feedback(settings("counterexamples"), data, idx, W, SEED, model=model).images
+    copies, marked = 2, 4  # images with an empty W get none
     assert len(fb.y) == 6 + copies * marked
     originals = to_tensor(data.images[idx])
     for k in range(copies * marked):
@@ -80,77 +103,89 @@ def test_counterexamples_keep_labels_and_change_only_the_masked_pixels(data, ann
 
 def test_counterexamples_follow_the_seed(data, annotated, model):
     idx, W = annotated
-    a = build_feedback("counterexamples", data, idx, W, SETTINGS, model=model)
-    b = build_feedback("counterexamples", data, idx, W, SETTINGS, model=model)
-    c = build_feedback("counterexamples", data, idx, W, {**SETTINGS, "seed": 2}, model=model)
+    cfg = settings("counterexamples")
+    a = build_feedback(cfg, data, idx, W, SEED, model=model).images
+    b = build_feedback(cfg, data, idx, W, SEED, model=model).images
+    c = build_feedback(cfg, data, idx, W, SEED + 1, model=model).images
     assert torch.equal(a.x, b.x) and not torch.equal(a.x, c.x)
-
-
-def _activation_recall(model, x, y, M) -> np.ndarray:
-    G = _upsample(gradcam_map(model, x, y, create_graph=False), x.shape[-2:]).detach()
-    return activation_recall(G, M)
 
 
 def test_exbl_exemplars_are_the_max_and_min_activation_recall_images(data, annotated, model):
     idx, W = annotated
-    fb = build_feedback("exbl", data, idx, W, SETTINGS, model=model)
-    ar = _activation_recall(model, fb.x, fb.y, fb.M)
+    fb = build_feedback(settings("exbl"), data, idx, W, SEED, model=model)
+    x, y = fb.images.x, fb.images.y
+    ar = activation_recall(gradcam(model, x, y), fb.images.M)
     good, bad = int(np.nanargmax(ar)), int(np.nanargmin(ar))
     assert good != bad
-    for exemplar, i in zip(fb.exemplars, (good, bad)):
-        expected = explanation(model, fb.x[[i]], fb.y[[i]], create_graph=False)
+    for exemplar, i in zip(fb.method.exemplars, (good, bad)):
+        expected = explanation(model, x[[i]], y[[i]], create_graph=False)
         assert torch.allclose(exemplar, expected)
         assert not exemplar.requires_grad
 
 
 def test_exbl_exemplars_come_from_the_ratings_when_both_kinds_are_given(data, annotated, model):
     idx, W = annotated
-    fb = build_feedback("exbl", data, idx, W, SETTINGS, model=model, ratings={3: "good", 1: "bad"})
-    for exemplar, i in zip(fb.exemplars, (3, 1)):
-        expected = explanation(model, fb.x[[i]], fb.y[[i]], create_graph=False)
+    cfg = settings("exbl")
+    fb = build_feedback(cfg, data, idx, W, SEED, model=model, ratings={3: "good", 1: "bad"})
+    x, y = fb.images.x, fb.images.y
+    for exemplar, i in zip(fb.method.exemplars, (3, 1)):
+        expected = explanation(model, x[[i]], y[[i]], create_graph=False)
         assert torch.allclose(exemplar, expected)
     # only one kind rated: fall back to activation recall
-    by_ar = build_feedback("exbl", data, idx, W, SETTINGS, model=model)
-    only_good = build_feedback("exbl", data, idx, W, SETTINGS, model=model, ratings={3: "good"})
+    by_ar = build_feedback(cfg, data, idx, W, SEED, model=model).method
+    only_good = build_feedback(cfg, data, idx, W, SEED, model=model, ratings={3: "good"}).method
     assert all(torch.equal(a, b) for a, b in zip(only_good.exemplars, by_ar.exemplars))
+    assert not all(torch.equal(a, b) for a, b in zip(fb.method.exemplars, by_ar.exemplars))
 
 
 def test_exbl_needs_the_model_and_unknown_methods_are_refused(data, annotated):
     idx, W = annotated
-    with pytest.raises(ValueError, match="baseline model"):
-        build_feedback("exbl", data, idx, W, SETTINGS)
-    with pytest.raises(ValueError, match="unknown feedback method"):
-        build_feedback("gradient_magic", data, idx, W, SETTINGS)
+    with pytest.raises(ValueError, match="eXBL needs the model the annotators judged"):
+        build_feedback(settings("exbl"), data, idx, W, SEED)
+    with pytest.raises(ConfigError, match="feedback.method is 'gradient_magic'") as err:
+        build_config({"feedback": {"method": "gradient_magic"}})
+    assert all(name in str(err.value) for name in METHODS)
 
 
 def test_each_method_takes_its_own_lambda_from_params(data, annotated, model):
+    """feedback.lambda overrides a method's λ; a method it leaves out keeps its own default."""
     idx, W = annotated
-    per_method = {**SETTINGS, "lambda": {"rrr": 1.0, "rrr_output": 100.0, "hint": 10.0}}
-    lams = {m: build_feedback(m, data, idx, W, per_method, model=model).lam
-            for m in ("rrr", "rrr_output", "hint")}
-    assert lams == {"rrr": 1.0, "rrr_output": 100.0, "hint": 10.0}
-    with pytest.raises(ValueError, match="no value for method 'rrr_g'"):
-        build_feedback("rrr_g", data, idx, W, per_method, model=model)
+    per_method = FeedbackConfig(lambda_={"rrr": 2.0, "rrr_output": 50.0, "hint": 5.0})
+    lams = {
+        m: build_feedback(replace(per_method, method=m), data, idx, W, SEED, model=model).lam
+        for m in ("rrr", "rrr_output", "hint", "rrr_g")
+    }
+    assert lams == {
+        "rrr": 2.0,
+        "rrr_output": 50.0,
+        "hint": 5.0,
+        "rrr_g": METHODS["rrr_g"].default_lambda,
+    }
+    assert METHODS["rrr_g"].default_lambda == 0.1
+    with pytest.raises(ConfigError, match="feedback.lambda is 'gradient_magic'"):
+        build_config({"feedback": {"lambda": {"gradient_magic": 1.0}}})
 
 
 def test_params_yaml_gives_every_method_a_lambda():
     from pathlib import Path
 
-    from xbl.config import load_params
-    from xbl.feedback import method_lambda
+    from xbl.config import load_config
 
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    assert params["feedback"]["method"] in FEEDBACK_METHODS
-    assert all(method_lambda(params["feedback"], m) >= 0 for m in FEEDBACK_METHODS)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml").feedback
+    assert cfg.method in METHODS
+    assert all(cfg.lam(m) >= 0 for m in METHODS)
 
 
 def test_retraining_runs_a_fixed_schedule_from_the_chosen_start():
-    from xbl.feedback import from_scratch, retraining_schedule
+    from xbl.config import TrainConfig
+    from xbl.feedback import retraining_schedule
 
-    schedule = retraining_schedule({"lr": 0.01, "epochs": 50, "patience": 5, "batch_size": 32},
-                                   {"lr": 0.001, "epochs": 20})
-    assert schedule == {"lr": 0.001, "epochs": 20, "patience": 0, "batch_size": 32}
-    assert from_scratch({}) and from_scratch({"init": "scratch"})
-    assert not from_scratch({"init": "baseline"})
-    with pytest.raises(ValueError, match="feedback.init is 'warm'"):
-        from_scratch({"init": "warm"})
+    train = TrainConfig(lr=0.01, epochs=50, patience=5, batch_size=32)
+    schedule = retraining_schedule(train, FeedbackConfig(lr=0.001, epochs=20))
+    assert schedule == replace(train, lr=0.001, epochs=20, patience=0)
+    assert schedule.batch_size == 32
+    assert FeedbackConfig().init == "scratch"
+    assert build_config({"feedback": {"init": "scratch"}}).feedback.init == "scratch"
+    assert build_config({"feedback": {"init": "baseline"}}).feedback.init == "baseline"
+    with pytest.raises(ConfigError, match="feedback.init is 'warm'"):
+        build_config({"feedback": {"init": "warm"}})

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from xbl import labelstudio as ls
+from xbl.saliency import cells_to_mask
 
 
 def encode_rle(values, word_size=8, run_sizes=(3, 4, 8, 16)) -> list[int]:
@@ -53,7 +54,7 @@ def encode_rle(values, word_size=8, run_sizes=(3, 4, 8, 16)) -> list[int]:
         i = j
     flush(literal)
     bits += [0] * (-len(bits) % 8)
-    return [int("".join(map(str, bits[k:k + 8])), 2) for k in range(0, len(bits), 8)]
+    return [int("".join(map(str, bits[k : k + 8])), 2) for k in range(0, len(bits), 8)]
 
 
 def rgba_of(mask: np.ndarray) -> np.ndarray:
@@ -64,18 +65,34 @@ def rgba_of(mask: np.ndarray) -> np.ndarray:
 
 
 def brush_region(mask: np.ndarray, rle: list[int], label: str = ls.IGNORE_LABEL) -> dict:
-    return {"id": "paint", "from_name": ls.BRUSH_NAME, "to_name": ls.IMAGE_NAME, "type": "brushlabels",
-            "original_height": mask.shape[0], "original_width": mask.shape[1],
-            "value": {"format": "rle", "rle": rle, "brushlabels": [label]}}
+    return {
+        "id": "paint",
+        "from_name": ls.BRUSH_NAME,
+        "to_name": ls.IMAGE_NAME,
+        "type": "brushlabels",
+        "original_height": mask.shape[0],
+        "original_width": mask.shape[1],
+        "value": {"format": "rle", "rle": rle, "brushlabels": [label]},
+    }
 
 
 def relabel(result: list[dict], label: str) -> list[dict]:
     return [{**r, "value": {**r["value"], "rectanglelabels": [label]}} for r in result]
 
 
-QUERY = {"image_id": "train-17", "image_url": "/data/upload/1/a.png", "overlay_url": "/data/upload/1/b.png",
-         "true_label": 3, "predicted_label": 8, "entropy": 1.23456, "round": 2,
-         "cells": [(0, 0), (6, 6)], "cell": 4, "height": 28, "width": 28}
+QUERY = {
+    "image_id": "train-17",
+    "image_url": "/data/upload/1/a.png",
+    "overlay_url": "/data/upload/1/b.png",
+    "true_label": 3,
+    "predicted_label": 8,
+    "entropy": 1.23456,
+    "round": 2,
+    "cells": [(0, 0), (6, 6)],
+    "cell": 4,
+    "height": 28,
+    "width": 28,
+}
 
 
 def test_labeling_config_parses_and_has_what_the_annotator_needs():
@@ -124,23 +141,39 @@ def test_predicted_cells_round_trip_to_exactly_the_cell_mask(size, cell):
     assert not left.any() and problems == []  # "model attention" = the annotator left it
     mask, _, problems = ls.annotation_to_mask(relabel(prediction["result"], "ignore"), size, size)
     assert problems == []
-    np.testing.assert_array_equal(mask, ls.cells_mask(cells, cell, size, size))
+    np.testing.assert_array_equal(mask, cells_to_mask(cells, cell, size, size))
     assert ls.cells_from_prediction(prediction["result"], cell, size, size) == cells
 
 
 def test_percent_coordinates_do_not_depend_on_the_shown_size():
     """Label Studio may report the upscaled image's size; percent coordinates still map exactly."""
     region = ls.cell_predictions([(2, 3)], 4, 28, 28, "m")["result"][0]
-    region = {**region, "original_width": 224, "original_height": 224,
-              "value": {**region["value"], "rectanglelabels": ["ignore"]}}
+    region = {
+        **region,
+        "original_width": 224,
+        "original_height": 224,
+        "value": {**region["value"], "rectanglelabels": ["ignore"]},
+    }
     mask, _, _ = ls.annotation_to_mask([region], 28, 28)
-    np.testing.assert_array_equal(mask, ls.cells_mask([(2, 3)], 4, 28, 28))
+    np.testing.assert_array_equal(mask, cells_to_mask([(2, 3)], 4, 28, 28))
 
 
 def test_rotated_rectangle_turns_clockwise_about_its_top_left_corner():
-    value = {"x": 50.0, "y": 25.0, "width": 25.0, "height": 12.5, "rotation": 90,
-             "rectanglelabels": ["ignore"]}
-    region = {"id": "r", "type": "rectanglelabels", "from_name": "cells", "to_name": "image", "value": value}
+    value = {
+        "x": 50.0,
+        "y": 25.0,
+        "width": 25.0,
+        "height": 12.5,
+        "rotation": 90,
+        "rectanglelabels": ["ignore"],
+    }
+    region = {
+        "id": "r",
+        "type": "rectanglelabels",
+        "from_name": "cells",
+        "to_name": "image",
+        "value": value,
+    }
     mask, _, problems = ls.annotation_to_mask([region], 8, 8)
     expected = np.zeros((8, 8), bool)
     expected[2:4, 3:4] = True  # width 2 px now runs down from (x=4, y=2); height 1 px to the left
@@ -172,7 +205,9 @@ def test_brush_painted_on_the_upscaled_image_is_resized_to_the_model_input():
     small = np.zeros((28, 28), bool)
     small[4:12, 16:28] = True
     big = np.kron(small, np.ones((4, 4), bool))  # what the annotator painted on the 112 px image
-    mask, _, problems = ls.annotation_to_mask([brush_region(big, encode_rle(rgba_of(big).tolist()))], 28, 28)
+    mask, _, problems = ls.annotation_to_mask(
+        [brush_region(big, encode_rle(rgba_of(big).tolist()))], 28, 28
+    )
     assert problems == []
     np.testing.assert_array_equal(mask, small)
 
@@ -185,17 +220,38 @@ def test_empty_result_means_nothing_to_ignore():
 
 def test_malformed_regions_are_reported_by_name_and_the_rest_is_kept():
     good = relabel(ls.cell_predictions([(1, 1)], 4, 28, 28, "m")["result"], "ignore")
-    outside = {"id": "far-away", "type": "rectanglelabels", "from_name": "cells", "to_name": "image",
-               "value": {"x": 150.0, "y": 10.0, "width": 10.0, "height": 10.0, "rotation": 0,
-                         "rectanglelabels": ["ignore"]}}
-    unknown = {**good[0], "id": "cat-box",
-               "value": {**good[0]["value"], "x": 50.0, "rectanglelabels": ["cat"]}}
+    outside = {
+        "id": "far-away",
+        "type": "rectanglelabels",
+        "from_name": "cells",
+        "to_name": "image",
+        "value": {
+            "x": 150.0,
+            "y": 10.0,
+            "width": 10.0,
+            "height": 10.0,
+            "rotation": 0,
+            "rectanglelabels": ["ignore"],
+        },
+    }
+    unknown = {
+        **good[0],
+        "id": "cat-box",
+        "value": {**good[0]["value"], "x": 50.0, "rectanglelabels": ["cat"]},
+    }
     full = np.ones((28, 28), bool)
     truncated = brush_region(full, encode_rle(rgba_of(full).tolist())[:6])
-    rating = {"id": "rating", "type": "choices", "from_name": "explanation_rating", "to_name": "image",
-              "value": {"choices": ["bad"]}}
-    mask, got_rating, problems = ls.annotation_to_mask(good + [outside, unknown, truncated, rating], 28, 28)
-    np.testing.assert_array_equal(mask, ls.cells_mask([(1, 1)], 4, 28, 28))
+    rating = {
+        "id": "rating",
+        "type": "choices",
+        "from_name": "explanation_rating",
+        "to_name": "image",
+        "value": {"choices": ["bad"]},
+    }
+    mask, got_rating, problems = ls.annotation_to_mask(
+        good + [outside, unknown, truncated, rating], 28, 28
+    )
+    np.testing.assert_array_equal(mask, cells_to_mask([(1, 1)], 4, 28, 28))
     assert got_rating == "bad"
     assert len(problems) == 3
     assert any("far-away" in p and "outside" in p for p in problems)
@@ -204,14 +260,23 @@ def test_malformed_regions_are_reported_by_name_and_the_rest_is_kept():
 
 
 def test_masks_from_annotations_name_the_task_of_each_problem():
-    bad = {"id": "r9", "type": "rectanglelabels", "from_name": "cells", "to_name": "image",
-           "value": {"x": 0, "y": 0, "width": 10, "height": 10, "rectanglelabels": ["dog"]}}
-    annotations = [{"image_id": "a", "task_id": 11, "annotation_id": 5, "result": [bad]},
-                   {"image_id": "b", "task_id": 12, "annotation_id": 6, "result": []}]
+    bad = {
+        "id": "r9",
+        "type": "rectanglelabels",
+        "from_name": "cells",
+        "to_name": "image",
+        "value": {"x": 0, "y": 0, "width": 10, "height": 10, "rectanglelabels": ["dog"]},
+    }
+    annotations = [
+        {"image_id": "a", "task_id": 11, "annotation_id": 5, "result": [bad]},
+        {"image_id": "b", "task_id": 12, "annotation_id": 6, "result": []},
+    ]
     masks, ratings, problems = ls.masks_from_annotations(annotations, 28, 28)
     assert set(masks) == {"a", "b"} and ratings == {"a": None, "b": None}
-    assert problems == ["task 11 (image a, annotation 5): region r9: unknown label 'dog' "
-                        "(expected 'ignore' or 'model attention')"]
+    assert problems == [
+        "task 11 (image a, annotation 5): region r9: unknown label 'dog' "
+        "(expected 'ignore' or 'model attention')"
+    ]
 
 
 def test_oracle_ignores_the_shown_cells_off_the_relevance_mask():
@@ -223,15 +288,23 @@ def test_oracle_ignores_the_shown_cells_off_the_relevance_mask():
     assert ls.oracle_ignore_cells(shown, 4, relevance, 0.1) == [(0, 0), (6, 6)]
     assert ls.oracle_ignore_cells(shown, 4, relevance, 0.3) == [(0, 0), (6, 6), (1, 2)]
     result = ls.oracle_annotation(shown, 4, 28, 28, relevance, 0.1)
-    labels = {r["id"]: r["value"].get("rectanglelabels") for r in result if r["type"] == "rectanglelabels"}
-    assert labels == {"cell-0-0": ["ignore"], "cell-3-3": ["model attention"],
-                      "cell-6-6": ["ignore"], "cell-1-2": ["model attention"]}
+    labels = {
+        r["id"]: r["value"].get("rectanglelabels") for r in result if r["type"] == "rectanglelabels"
+    }
+    assert labels == {
+        "cell-0-0": ["ignore"],
+        "cell-3-3": ["model attention"],
+        "cell-6-6": ["ignore"],
+        "cell-1-2": ["model attention"],
+    }
     mask, rating, problems = ls.annotation_to_mask(result, 28, 28)
-    np.testing.assert_array_equal(mask, ls.cells_mask([(0, 0), (6, 6)], 4, 28, 28))
+    np.testing.assert_array_equal(mask, cells_to_mask([(0, 0), (6, 6)], 4, 28, 28))
     assert rating == "bad" and problems == []
 
 
 def test_oracle_rates_an_explanation_on_the_evidence_good():
     relevance = np.ones((28, 28), bool)
-    mask, rating, _ = ls.annotation_to_mask(ls.oracle_annotation([(2, 2)], 4, 28, 28, relevance, 0.1), 28, 28)
+    mask, rating, _ = ls.annotation_to_mask(
+        ls.oracle_annotation([(2, 2)], 4, 28, 28, relevance, 0.1), 28, 28
+    )
     assert not mask.any() and rating == "good"

@@ -1,4 +1,4 @@
-"""tasks/labelstudio.py against a real Label Studio server (fixture `labelstudio`, tests/ls_server.py)."""
+"""services/labelstudio.py against a real Label Studio server (fixture `labelstudio`, tests/ls_server.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import labelstudio as client_api
+from services import labelstudio as client_api
 from xbl import labelstudio as mapping
+from xbl.saliency import cells_to_mask
 
 from .ls_server import REPO, free_port
 
@@ -37,11 +38,25 @@ def make_queries(tmp_path, image_ids, round_=1) -> list[dict]:
     queries = []
     for image_id in image_ids:
         image, overlay = tmp_path / f"{image_id}.png", tmp_path / f"{image_id}-overlay.png"
-        Image.fromarray(rng.integers(0, 255, (SIZE, SIZE), dtype=np.uint8)).resize((112, 112)).save(image)
+        Image.fromarray(rng.integers(0, 255, (SIZE, SIZE), dtype=np.uint8)).resize((112, 112)).save(
+            image
+        )
         Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(overlay)
-        queries.append({"image_id": image_id, "image_path": image, "overlay_path": overlay,
-                        "true_label": 3, "predicted_label": 8, "entropy": 1.5, "round": round_,
-                        "cells": SHOWN, "cell": CELL, "height": SIZE, "width": SIZE})
+        queries.append(
+            {
+                "image_id": image_id,
+                "image_path": image,
+                "overlay_path": overlay,
+                "true_label": 3,
+                "predicted_label": 8,
+                "entropy": 1.5,
+                "round": round_,
+                "cells": SHOWN,
+                "cell": CELL,
+                "height": SIZE,
+                "width": SIZE,
+            }
+        )
     return queries
 
 
@@ -53,15 +68,22 @@ def client(labelstudio):
 def test_push_oracle_collect_gives_exactly_the_ignored_cells(client, labelstudio, tmp_path):
     project = client_api.ensure_project(client, "xbl-test-roundtrip", "model-1")
     queries = make_queries(tmp_path, ["img-a", "img-b", "img-c"])
-    assert client_api.push_round(client, project, queries, "model-1") == {"created": 3, "skipped": 0}
+    assert client_api.push_round(client, project, queries, "model-1") == {
+        "created": 3,
+        "skipped": 0,
+    }
     assert client_api.round_progress(client, project, 1) == (0, 3)
     settings = client.sdk.projects.get(project)
-    assert settings.model_version == "model-1" and settings.show_collab_predictions  # cells pre-drawn
+    assert (
+        settings.model_version == "model-1" and settings.show_collab_predictions
+    )  # cells pre-drawn
 
     # the uploaded image is served back to a logged-in annotator (and to no one else)
     task = next(iter(client.sdk.tasks.list(project=project)))
     url = labelstudio.url + task.data["image"]
-    served = httpx.get(url, headers={"Authorization": f"Token {labelstudio.token}"}, trust_env=False)
+    served = httpx.get(
+        url, headers={"Authorization": f"Token {labelstudio.token}"}, trust_env=False
+    )
     assert served.status_code == 200
     assert served.content == (tmp_path / f"{task.data['image_id']}.png").read_bytes()
     assert httpx.get(url, trust_env=False).status_code == 401
@@ -74,7 +96,7 @@ def test_push_oracle_collect_gives_exactly_the_ignored_cells(client, labelstudio
     annotations = client_api.collect_annotations(client, project, 1)
     masks, ratings, problems = mapping.masks_from_annotations(annotations, SIZE, SIZE)
     assert problems == [] and set(masks) == {"img-a", "img-b", "img-c"}
-    expected = mapping.cells_mask(IGNORED, CELL, SIZE, SIZE)
+    expected = cells_to_mask(IGNORED, CELL, SIZE, SIZE)
     for mask in masks.values():
         np.testing.assert_array_equal(mask, expected)
     assert set(ratings.values()) == {"bad"}
@@ -83,8 +105,14 @@ def test_push_oracle_collect_gives_exactly_the_ignored_cells(client, labelstudio
 def test_pushing_a_round_again_creates_no_duplicates(client, tmp_path):
     project = client_api.ensure_project(client, "xbl-test-idempotent", "model-1")
     queries = make_queries(tmp_path, ["img-a", "img-b"])
-    assert client_api.push_round(client, project, queries, "model-1") == {"created": 2, "skipped": 0}
-    assert client_api.push_round(client, project, queries, "model-1") == {"created": 0, "skipped": 2}
+    assert client_api.push_round(client, project, queries, "model-1") == {
+        "created": 2,
+        "skipped": 0,
+    }
+    assert client_api.push_round(client, project, queries, "model-1") == {
+        "created": 0,
+        "skipped": 2,
+    }
     more = queries + make_queries(tmp_path, ["img-c"])
     assert client_api.push_round(client, project, more, "model-1") == {"created": 1, "skipped": 2}
     # the same image in a later round is a new task
@@ -103,10 +131,16 @@ def test_wait_for_round_rides_out_a_server_outage(client, labelstudio, tmp_path,
 
     def wait():
         outcome["progress"] = client_api.wait_for_round(
-            lambda: client_api.connect(labelstudio.url, labelstudio.token), project, 1, target=2,
-            timeout_s=120, poll_s=0.5, on_progress=lambda done, total: seen.append((done, total)))
+            lambda: client_api.connect(labelstudio.url, labelstudio.token),
+            project,
+            1,
+            target=2,
+            timeout_s=120,
+            poll_s=0.5,
+            on_progress=lambda done, total: seen.append((done, total)),
+        )
 
-    caplog.set_level(logging.WARNING, logger="tasks.labelstudio")
+    caplog.set_level(logging.WARNING, logger="services.labelstudio")
     waiter = threading.Thread(target=wait)
     waiter.start()
     try:
@@ -133,21 +167,40 @@ def test_malformed_annotation_is_reported_by_task_and_the_rest_is_kept(client, t
     client_api.push_round(client, project, queries, "model-1")
     tasks = {t.data["image_id"]: t.id for t in client.sdk.tasks.list(project=project)}
     kept = mapping.oracle_annotation([(0, 0)], CELL, SIZE, SIZE, relevance_mask(), 0.1)[:1]
-    outside = {"id": "far-away", "from_name": "cells", "to_name": "image", "type": "rectanglelabels",
-               "original_width": SIZE, "original_height": SIZE,
-               "value": {"x": 150, "y": 0, "width": 10, "height": 10, "rotation": 0,
-                         "rectanglelabels": ["ignore"]}}
-    unknown = {**outside, "id": "cat-box", "value": {**outside["value"], "x": 50, "rectanglelabels": ["cat"]}}
-    client.sdk.annotations.create(tasks["img-a"], result=kept + [outside, unknown], was_cancelled=False)
+    outside = {
+        "id": "far-away",
+        "from_name": "cells",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": SIZE,
+        "original_height": SIZE,
+        "value": {
+            "x": 150,
+            "y": 0,
+            "width": 10,
+            "height": 10,
+            "rotation": 0,
+            "rectanglelabels": ["ignore"],
+        },
+    }
+    unknown = {
+        **outside,
+        "id": "cat-box",
+        "value": {**outside["value"], "x": 50, "rectanglelabels": ["cat"]},
+    }
+    client.sdk.annotations.create(
+        tasks["img-a"], result=kept + [outside, unknown], was_cancelled=False
+    )
     assert client_api.oracle_annotate(client, project, 1, {"img-b": relevance_mask()}, 0.1) == 1
 
     masks, _, problems = mapping.masks_from_annotations(
-        client_api.collect_annotations(client, project, 1), SIZE, SIZE)
+        client_api.collect_annotations(client, project, 1), SIZE, SIZE
+    )
     assert len(problems) == 2
     assert all(p.startswith(f"task {tasks['img-a']} (image img-a") for p in problems)
     assert any("far-away" in p for p in problems) and any("'cat'" in p for p in problems)
-    np.testing.assert_array_equal(masks["img-a"], mapping.cells_mask([(0, 0)], CELL, SIZE, SIZE))
-    np.testing.assert_array_equal(masks["img-b"], mapping.cells_mask(IGNORED, CELL, SIZE, SIZE))
+    np.testing.assert_array_equal(masks["img-a"], cells_to_mask([(0, 0)], CELL, SIZE, SIZE))
+    np.testing.assert_array_equal(masks["img-b"], cells_to_mask(IGNORED, CELL, SIZE, SIZE))
 
 
 def test_connect_fails_clearly_and_never_shows_the_token(labelstudio):
@@ -162,13 +215,24 @@ def test_connect_fails_clearly_and_never_shows_the_token(labelstudio):
 
 def test_start_refuses_a_taken_port(labelstudio, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("XBL_LABEL_STUDIO_")}
-    env.update(XBL_LABEL_STUDIO_HOME=str(tmp_path / "home"), XBL_LABEL_STUDIO_PORT=str(labelstudio.port))
-    done = subprocess.run(["bash", str(REPO / "infra" / "labelstudio.sh"), "start"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    env.update(
+        XBL_LABEL_STUDIO_HOME=str(tmp_path / "home"), XBL_LABEL_STUDIO_PORT=str(labelstudio.port)
+    )
+    done = subprocess.run(
+        ["bash", str(REPO / "infra" / "labelstudio.sh"), "start"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0
     assert f"port {labelstudio.port}" in done.stderr and "already in use" in done.stderr
     assert labelstudio.token not in done.stdout + done.stderr
-    status = subprocess.run(["bash", str(REPO / "infra" / "labelstudio.sh"), "status"],
-                            env={**env, "XBL_LABEL_STUDIO_HOME": str(labelstudio.home)},
-                            capture_output=True, text=True, timeout=30)
+    status = subprocess.run(
+        ["bash", str(REPO / "infra" / "labelstudio.sh"), "status"],
+        env={**env, "XBL_LABEL_STUDIO_HOME": str(labelstudio.home)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert status.returncode == 0 and labelstudio.url in status.stdout

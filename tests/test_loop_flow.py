@@ -13,13 +13,14 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from flows.loop import feedback_round_flow
-from tasks import labelstudio as ls
-from tasks import tracking
+from services import labelstudio as ls
+from services import tracking
+from services.checkout import checkout_run_data
 from tasks.annotation import RoundIncomplete
-from tasks.checkout import checkout_run_data
 from tests.conftest import make_project
 from xbl.data import PreparedData
-from xbl.labelstudio import cells_mask, oracle_ignore_cells
+from xbl.labelstudio import oracle_ignore_cells
+from xbl.saliency import cells_to_mask
 
 pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
 
@@ -37,8 +38,9 @@ def oracle_round(tmp_path_factory, labelstudio):
     mp = pytest.MonkeyPatch()
     mp.setenv("LABEL_STUDIO_URL", labelstudio.url)
     mp.setenv("LABEL_STUDIO_API_KEY", labelstudio.token)
-    project = make_project(tmp_path_factory.mktemp("loop") / "project",
-                           mlflow={"experiment": "loop-oracle"})
+    project = make_project(
+        tmp_path_factory.mktemp("loop") / "project", mlflow={"experiment": "loop-oracle"}
+    )
     try:
         yield project, feedback_round_flow(str(project))
     finally:
@@ -53,13 +55,18 @@ def test_masks_are_exactly_the_oracles_ignored_cells(oracle_round):
     assert len(queries) == 25
     marked = 0
     for q in queries:
-        expected = cells_mask(oracle_ignore_cells([tuple(c) for c in q["cells"]], q["cell"],
-                                                  data.relevance[q["index"]], 0.1),
-                              q["cell"], q["height"], q["width"])
+        expected = cells_to_mask(
+            oracle_ignore_cells(
+                [tuple(c) for c in q["cells"]], q["cell"], data.relevance[q["index"]], 0.1
+            ),
+            q["cell"],
+            q["height"],
+            q["width"],
+        )
         saved = np.asarray(Image.open(feedback / "masks" / f"{q['image_id']}.png")) > 0
         assert np.array_equal(saved, expected), q["image_id"]
         marked += bool(expected.any())
-    assert marked > 0                                   # the oracle did flag something
+    assert marked > 0  # the oracle did flag something
 
 
 def test_round_is_tracked_and_versioned(oracle_round):
@@ -72,8 +79,11 @@ def test_round_is_tracked_and_versioned(oracle_round):
     dvc_file = (project / "data" / "feedback.dvc").read_text()
     assert result["feedback_version"] in dvc_file
     assert {"feedback.dvc", "dvc.lock"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    for key in ("test_wrong_reason_share_inputgrad", "test_activation_recall_gradcam",
-                "val_explanation_score"):
+    for key in (
+        "test_wrong_reason_share_inputgrad",
+        "test_activation_recall_gradcam",
+        "val_explanation_score",
+    ):
         assert key in run.data.metrics
     assert client.get_model_version_by_alias("xbl-classifier", "champion") is not None
 
@@ -83,22 +93,25 @@ def test_comparison_table_is_read_back_from_mlflow(oracle_round):
     rows = {row["model"]: row for row in result["table"]}
     assert set(rows) == {"baseline", "feedback-round-1"}
     assert rows["feedback-round-1"]["test_accuracy"] == round(
-        result["feedback"]["metrics"]["test_accuracy"], 4)
+        result["feedback"]["metrics"]["test_accuracy"], 4
+    )
 
 
 def test_feedback_beats_the_baseline_on_the_decoy_randomized_split(oracle_round):
     _, result = oracle_round
     rows = {row["model"]: row for row in result["table"]}
     assert rows["feedback-round-1"]["test_accuracy"] > rows["baseline"]["test_accuracy"]
-    assert (rows["feedback-round-1"]["test_wrong_reason_share_inputgrad"]
-            < rows["baseline"]["test_wrong_reason_share_inputgrad"])
+    assert (
+        rows["feedback-round-1"]["test_wrong_reason_share_inputgrad"]
+        < rows["baseline"]["test_wrong_reason_share_inputgrad"]
+    )
 
 
 def test_checkout_of_a_feedback_run_restores_its_masks(oracle_round):
     project, result = oracle_round
     masks = project / "data" / "feedback" / "round-1" / "masks"
     before = {p.name: p.read_bytes() for p in masks.iterdir()}
-    shutil.rmtree(project / "data" / "feedback")           # as after switching branches
+    shutil.rmtree(project / "data" / "feedback")  # as after switching branches
     (project / "data" / "feedback.dvc").write_text("outs: []\n")
     checkout_run_data(project, result["feedback"]["run_id"])
     assert {p.name: p.read_bytes() for p in masks.iterdir()} == before
@@ -112,22 +125,32 @@ def test_tasks_carry_the_baseline_run_as_model_version(oracle_round, team_server
     project_id = ls.find_project(client, "xbl-loop-oracle")
     tasks = list(client.sdk.tasks.list(project=project_id, fields="all"))
     assert len(tasks) == 25
-    versions = {p.model_version if hasattr(p, "model_version") else p["model_version"]
-                for t in tasks for p in (t.predictions or [])}
+    versions = {
+        p.model_version if hasattr(p, "model_version") else p["model_version"]
+        for t in tasks
+        for p in (t.predictions or [])
+    }
     assert versions == {result["baseline"]["run_id"]}
 
 
 def test_unanswered_round_stops_clearly_and_a_rerun_picks_it_up(tmp_path, team_server):
-    project = make_project(tmp_path / "project", mlflow={"experiment": "loop-human"},
-                           train={"epochs": 6}, query={"k": 6},
-                           labelstudio={"annotator": "human"},
-                           wait={"timeout_s": 4, "poll_s": 1, "min_annotated": 3})
+    project = make_project(
+        tmp_path / "project",
+        mlflow={"experiment": "loop-human"},
+        train={"epochs": 6},
+        query={"k": 6},
+        labelstudio={"annotator": "human"},
+        wait={"timeout_s": 4, "poll_s": 1, "min_annotated": 3},
+    )
     with pytest.raises(RoundIncomplete, match="only 0 of 6 tasks annotated"):
         feedback_round_flow(str(project))
     assert not (project / "data" / "feedback").exists()
     # a person (here the simulated one, through the API) answers while no process waits
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "--project", str(project),
-                           "annotate", "--oracle"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--project", str(project), "annotate", "--oracle"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert "oracle annotated 6 task(s) of round 1" in done.stdout
     result = feedback_round_flow(str(project))
@@ -136,4 +159,4 @@ def test_unanswered_round_stops_clearly_and_a_rerun_picks_it_up(tmp_path, team_s
     assert len(manifest.strip().splitlines()) == 1 + 6
     client = ls.connect()
     tasks = list(client.sdk.tasks.list(project=ls.find_project(client, "xbl-loop-human")))
-    assert len(tasks) == 6                                   # the rerun pushed no duplicates
+    assert len(tasks) == 6  # the rerun pushed no duplicates

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -10,15 +9,37 @@ import torch.nn.functional as F
 from captum.attr import LayerGradCam
 from torch import nn
 
-from xbl.losses import (FEEDBACK_METHODS, counterexamples, exbl_triplet, explanation, feedback_term,
-                        gradcam_map, hint_penalty, input_gradients, rrr_g_penalty, rrr_penalty,
-                        select_exemplars)
+from tests.toy_models import CornerNet
+from xbl.losses import (
+    counterexamples,
+    exbl_triplet,
+    explanation,
+    hint_penalty,
+    input_gradients,
+    rrr_g_penalty,
+    rrr_penalty,
+    select_exemplars,
+)
+from xbl.methods import EXBL, METHODS, AnnotatedImages
 from xbl.metrics import activation_recall
 from xbl.models import SmallCNN
-from tests.toy_models import CornerNet
-from xbl.saliency import gradcam
+from xbl.saliency import gradcam, upsample_map
 
 GRADIENT_METHODS = ("rrr", "rrr_output", "rrr_g", "hint", "exbl")
+
+
+def feedback_term(
+    method: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    W: torch.Tensor | None = None,
+    M: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L_expl of the registered method `method` on the annotated images (a mask left out is empty)."""
+    empty = torch.zeros(len(x), *x.shape[-2:])
+    images = AnnotatedImages(x, y, empty if W is None else W, empty if M is None else M)
+    return METHODS[method]().loss(model, images)
 
 
 class LinearNet(nn.Module):
@@ -47,6 +68,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 # --- input gradients and RRR ---------------------------------------------------------------
+
 
 def test_input_gradients_of_a_linear_model_by_hand():
     torch.manual_seed(0)
@@ -94,6 +116,7 @@ def test_without_create_graph_rrr_gives_the_weights_no_gradient(model, batch):
 
 # --- every gradient-based term ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_term_is_positive_on_a_masked_batch(model, batch, method):
     x, y, W, M = batch
@@ -124,7 +147,7 @@ def test_relevance_terms_are_zero_for_empty_masks(model, batch, method):
     assert feedback_term(method, model, x, y, M=torch.zeros(4, 28, 28)).item() == 0.0
 
 
-@pytest.mark.parametrize("method", FEEDBACK_METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_an_empty_batch_gives_zero(model, method):
     empty = torch.zeros(0, 1, 28, 28)
     masks = torch.zeros(0, 28, 28)
@@ -137,33 +160,82 @@ def test_counterexamples_term_is_zero(model, batch):
     assert feedback_term("counterexamples", model, x, y, W=W, M=M).item() == 0.0
 
 
-def test_unknown_method_and_missing_masks_are_errors(model, batch):
+def test_every_method_is_registered_under_its_name_with_its_default_lambda():
+    assert {name: (cls.name, cls.default_lambda) for name, cls in METHODS.items()} == {
+        "rrr": ("rrr", 1.0),
+        "rrr_output": ("rrr_output", 100.0),
+        "rrr_g": ("rrr_g", 0.1),
+        "hint": ("hint", 10.0),
+        "exbl": ("exbl", 1.0),
+        "counterexamples": ("counterexamples", 0.0),
+    }
+
+
+def test_annotated_images_always_carry_both_masks(batch):
     x, y, W, M = batch
-    with pytest.raises(ValueError) as err:
-        feedback_term("gradient_shrinkage", model, x, y, W=W)
-    assert all(name in str(err.value) for name in FEEDBACK_METHODS)
-    with pytest.raises(ValueError, match="W"):
-        feedback_term("rrr", model, x, y, M=M)
-    with pytest.raises(ValueError, match="M"):
-        feedback_term("hint", model, x, y, W=W)
+    with pytest.raises(TypeError):
+        AnnotatedImages(x, y, W)  # a term never runs without the mask it needs
+
+
+def test_an_unknown_method_is_refused_naming_the_choices():
+    from xbl.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError) as err:
+        build_config({"feedback": {"method": "gradient_shrinkage"}})
+    assert "gradient_shrinkage" in str(err.value)
+    assert all(name in str(err.value) for name in METHODS)
 
 
 # --- GradCAM-based terms ----------------------------------------------------------------------
 
-def test_gradcam_map_matches_captum(model, batch):
+
+def test_gradcam_at_the_layer_resolution_matches_captum(model, batch):
     x, y, _, _ = batch
-    ours = gradcam_map(model, x, y, create_graph=False).detach()
-    theirs = LayerGradCam(model, model.last_conv).attribute(x, target=y, relu_attributions=True)[:, 0]
+    ours = gradcam(model, x, y, upsample=False)
+    theirs = LayerGradCam(model, model.last_conv).attribute(x, target=y, relu_attributions=True)[
+        :, 0
+    ]
     theirs = theirs / theirs.flatten(1).amax(1).clamp_min(1e-8)[:, None, None]
     assert ours.shape == (4, 14, 14)
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert ours.min() >= 0 and ours.max() <= 1 + 1e-6
 
 
-def test_gradcam_map_defaults_to_the_predicted_class(model, batch):
+def test_gradcam_defaults_to_the_predicted_class(model, batch):
     x = batch[0]
     predicted = model(x).argmax(1)
-    assert torch.allclose(gradcam_map(model, x), gradcam_map(model, x, predicted))
+    for upsample in (False, True):
+        assert torch.allclose(
+            gradcam(model, x, upsample=upsample), gradcam(model, x, predicted, upsample=upsample)
+        )
+    other = (predicted + 1) % 10
+    assert not torch.allclose(gradcam(model, x), gradcam(model, x, other))
+
+
+def test_upsampled_gradcam_is_the_layer_map_upsampled_then_max_scaled(model, batch):
+    x, y, _, _ = batch
+    small = gradcam(model, x, y, upsample=False)
+    big = upsample_map(small, x.shape[-2:])  # the old loss-side map: max-scaled, then upsampled
+    peaks = big.flatten(1).amax(1)
+    expected = big / peaks.clamp_min(1e-12).view(-1, 1, 1)
+    cam = gradcam(model, x, y)
+    assert cam.shape == (4, 28, 28)
+    assert torch.allclose(cam, expected, atol=1e-6)
+    nonzero = peaks > 0
+    assert nonzero.any() and torch.allclose(
+        cam.flatten(1).amax(1)[nonzero], torch.ones(int(nonzero.sum()))
+    )
+    assert (
+        peaks[nonzero] < 1 - 1e-3
+    ).any()  # bilinear interpolation lowers a peak: the orders differ
+
+
+def test_gradcam_keeps_its_graph_only_when_asked(model, batch):
+    x, y, _, _ = batch
+    kept = gradcam(model, x, y, create_graph=True)
+    assert kept.requires_grad
+    assert not gradcam(model, x, y).requires_grad
+    assert torch.allclose(kept.detach(), gradcam(model, x, y), atol=1e-6)
 
 
 def test_rrr_g_forbids_a_map_cell_touched_by_any_masked_pixel(model, batch):
@@ -171,13 +243,14 @@ def test_rrr_g_forbids_a_map_cell_touched_by_any_masked_pixel(model, batch):
     one_pixel_per_cell = torch.zeros(4, 28, 28)
     one_pixel_per_cell[:, ::2, ::2] = 1.0  # every 2x2 block of the 14x14 map has one marked pixel
     full = rrr_g_penalty(model, x, torch.ones(4, 28, 28))
-    assert rrr_g_penalty(model, x, one_pixel_per_cell).item() == pytest.approx(full.item(), rel=1e-6)
+    assert rrr_g_penalty(model, x, one_pixel_per_cell).item() == pytest.approx(
+        full.item(), rel=1e-6
+    )
 
 
 def test_hint_is_zero_when_the_mask_is_the_map_itself(model, batch):
     x, y, _, _ = batch
-    cam = gradcam_map(model, x, y, create_graph=False).detach()
-    M = F.interpolate(cam[:, None], size=(28, 28), mode="bilinear", align_corners=False)[:, 0]
+    M = gradcam(model, x, y)  # the map HINT compares: upsampled to the image, then max-scaled
     assert hint_penalty(model, x, y, M).item() < 1e-10
     assert hint_penalty(model, x, y, 1.0 - M).item() > 0.01
 
@@ -203,6 +276,7 @@ def test_explanation_is_the_image_weighted_by_gradcam(model, batch):
 
 # --- eXBL ---------------------------------------------------------------------------------------
 
+
 def _region(rows: slice, cols: slice) -> torch.Tensor:
     m = torch.zeros(28, 28)
     m[rows, cols] = 1.0
@@ -212,17 +286,21 @@ def _region(rows: slice, cols: slice) -> torch.Tensor:
 def test_exemplars_are_the_max_and_min_activation_recall():
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([0, 1, 2, 0])
-    M = torch.stack([
-        torch.zeros(28, 28),                          # no evidence marked: must not be chosen
-        torch.ones(28, 28),                           # low AR: the map covers a small part
-        _region(slice(0, 4), slice(0, 4)),            # the corner the model looks at: high AR
-        _region(slice(20, 28), slice(20, 28)),        # nowhere near the corner: AR 0
-    ])
+    M = torch.stack(
+        [
+            torch.zeros(28, 28),  # no evidence marked: must not be chosen
+            torch.ones(28, 28),  # low AR: the map covers a small part
+            _region(slice(0, 4), slice(0, 4)),  # the corner the model looks at: high AR
+            _region(slice(20, 28), slice(20, 28)),  # nowhere near the corner: AR 0
+        ]
+    )
     net = CornerNet()
     assert select_exemplars(net, x, y, M) == (2, 3)
     assert select_exemplars(net, x[:3], y[:3], M[:3]) == (2, 1)
-    ar = activation_recall(gradcam(net, x, y), M)  # Captum's GradCAM, independently
-    assert (np.nanargmax(ar), np.nanargmin(ar)) == (2, 3)
+    cam = LayerGradCam(net, net.last_conv).attribute(x, target=y, relu_attributions=True)
+    cam = F.interpolate(cam, size=(28, 28), mode="bilinear", align_corners=False)[:, 0]
+    ar = activation_recall(cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None], M)
+    assert (np.nanargmax(ar), np.nanargmin(ar)) == (2, 3)  # Captum's GradCAM, independently
 
 
 def test_exemplars_need_some_relevance_mask(model, batch):
@@ -237,7 +315,8 @@ def test_exbl_triplet_by_hand(model, batch):
     d = float(np.sqrt(e.numel()))  # ||c * ones|| over the image
     # e_good = e + 0.1, e_bad = e + 0.3: max(0.1 d - 0.3 d + margin, 0)
     assert exbl_triplet(model, x[:1], y[:1], e + 0.1, e + 0.3, margin=10.0).item() == pytest.approx(
-        max(0.1 * d - 0.3 * d + 10.0, 0.0), rel=1e-4)
+        max(0.1 * d - 0.3 * d + 10.0, 0.0), rel=1e-4
+    )
     assert exbl_triplet(model, x[:1], y[:1], e, e + 1.0, margin=1.0).item() == 0.0
     assert exbl_triplet(model, x, y, e, e, margin=0.7).item() == pytest.approx(0.7)
 
@@ -245,11 +324,13 @@ def test_exbl_triplet_by_hand(model, batch):
 def test_exbl_uses_given_exemplars_without_masks(model, batch):
     x, y, _, _ = batch
     e = explanation(model, x[:1], y[:1], create_graph=False).detach()
-    term = feedback_term("exbl", model, x, y, exemplars=(e, e), margin=0.5)
+    empty = torch.zeros(4, 28, 28)
+    term = EXBL(margin=0.5, exemplars=(e, e)).loss(model, AnnotatedImages(x, y, empty, empty))
     assert term.item() == pytest.approx(0.5)
 
 
 # --- counterexamples -----------------------------------------------------------------------------
+
 
 def test_counterexamples_keep_labels_and_change_only_masked_pixels():
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))

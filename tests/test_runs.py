@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import tracking
+from services import tracking
 from tasks.runs import log_model_run
-from tasks.training import TrainOutcome
+from xbl.checkpoint import save_checkpoint
 from xbl.models import SmallCNN
-from xbl.train import save_checkpoint
+from xbl.train import TrainResult
 
 META = {"model": "small_cnn", "in_channels": 1, "n_classes": 10, "image_size": 28}
 
@@ -28,20 +28,27 @@ def test_a_retried_model_run_leaves_one_run_and_one_registered_version(store):
     torch.manual_seed(0)
     model = SmallCNN()
     checkpoint = save_checkpoint(model, project / "model.pt", META)
-    outcome = TrainOutcome(str(checkpoint), [{"epoch": 1, "val_loss": 1.0}], 1, 1.0)
-    evaluation = {"metrics": {"val_accuracy": 0.5}, "confusion_matrix": np.eye(10).tolist(),
-                  "classes": [str(c) for c in range(10)]}
+    outcome = TrainResult(
+        str(checkpoint), [{"epoch": 1, "val_loss": 1.0}], best_epoch=1, min_val_loss=1.0
+    )
+    evaluation = {
+        "metrics": {"val_accuracy": 0.5},
+        "confusion_matrix": np.eye(10).tolist(),
+        "classes": [str(c) for c in range(10)],
+    }
     # the first attempt died after registering its model, before finishing its run
     first = tracking.start_run(client, exp, "baseline", parent, {})
     tracking.log_model(first, model, np.zeros((1, 1, 28, 28), np.float32), "retry-model")
 
-    result = log_model_run.fn(str(project), parent, "baseline", {"lr": 0.1}, outcome,
-                              evaluation, "v1", "retry-model")
+    result = log_model_run.fn(
+        str(project), parent, "baseline", {"lr": 0.1}, outcome, evaluation, "v1", "retry-model"
+    )
 
     assert client.get_run(first).info.status == "FAILED"
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
     versions = client.search_model_versions("name = 'retry-model'")
     assert [v.run_id for v in versions] == [result["run_id"]]
-    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}' and "
-                                         "attributes.status = 'FINISHED'")
+    children = client.search_runs(
+        [exp], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'FINISHED'"
+    )
     assert [r.info.run_id for r in children] == [result["run_id"]]

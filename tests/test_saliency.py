@@ -12,9 +12,19 @@ from PIL import Image
 from tests.toy_models import CornerNet
 from xbl.metrics import wrong_reason_share
 from xbl.models import SmallCNN
-from xbl.saliency import (OUTLINE_RGB, cell_scores, cells_to_mask, deeplift_blurred, gaussian_blur,
-                          gradcam, image_png, overlay_png, saliency_map, top_cells)
-
+from xbl.saliency import (
+    OUTLINE_RGB,
+    cell_scores,
+    cells_to_mask,
+    deeplift_blurred,
+    eval_mode,
+    gaussian_blur,
+    gradcam,
+    image_png,
+    overlay_png,
+    saliency_map,
+    top_cells,
+)
 
 CORNER = np.zeros((28, 28))
 CORNER[:4, :4] = 1
@@ -32,6 +42,7 @@ def images() -> torch.Tensor:
 
 
 # --- gaussian blur -----------------------------------------------------------------------
+
 
 def test_blur_keeps_shape_and_a_constant_image():
     x = torch.full((2, 3, 28, 28), 0.7)
@@ -59,6 +70,7 @@ def test_blur_smooths_noise(images):
 
 # --- DeepLIFT and GradCAM ----------------------------------------------------------------
 
+
 def test_deeplift_shape_range_and_per_image_scaling(cnn, images):
     attr = deeplift_blurred(cnn, images)
     assert attr.shape == (4, 28, 28)
@@ -69,9 +81,13 @@ def test_deeplift_shape_range_and_per_image_scaling(cnn, images):
 
 def test_deeplift_explains_the_predicted_class_by_default(cnn, images):
     predicted = cnn(images).argmax(dim=1)
-    assert torch.allclose(deeplift_blurred(cnn, images), deeplift_blurred(cnn, images, target=predicted))
+    assert torch.allclose(
+        deeplift_blurred(cnn, images), deeplift_blurred(cnn, images, target=predicted)
+    )
     other = (predicted + 1) % 10
-    assert not torch.allclose(deeplift_blurred(cnn, images), deeplift_blurred(cnn, images, target=other))
+    assert not torch.allclose(
+        deeplift_blurred(cnn, images), deeplift_blurred(cnn, images, target=other)
+    )
 
 
 def test_deeplift_of_a_corner_model_concentrates_in_the_corner(images):
@@ -86,7 +102,11 @@ def test_deeplift_of_an_image_equal_to_its_baseline_is_zero_not_nan(cnn):
     assert torch.isfinite(attr).all() and attr.abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("explain", [deeplift_blurred, gradcam])
+def _gradcam_shown(model, x):
+    return saliency_map(model, x, "gradcam")
+
+
+@pytest.mark.parametrize("explain", [deeplift_blurred, _gradcam_shown])
 @pytest.mark.parametrize("training", [True, False])
 def test_explaining_runs_in_eval_mode_and_restores_the_mode(cnn, images, explain, training):
     modes = []
@@ -97,8 +117,24 @@ def test_explaining_runs_in_eval_mode_and_restores_the_mode(cnn, images, explain
     assert cnn.training is training
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcam_itself_explains_in_the_callers_mode(cnn, images, training):
+    """The losses train through gradcam: it must not switch a training model to eval."""
+    modes = []
+    cnn.register_forward_hook(lambda m, i, o: modes.append(m.training))
+    cnn.train(training)
+    gradcam(cnn, images)
+    assert modes and all(mode is training for mode in modes)
+    assert cnn.training is training
+    modes.clear()
+    with eval_mode(cnn):
+        gradcam(cnn, images)
+    assert modes and not any(modes) and cnn.training is training
+
+
 def test_gradcam_shape_and_range(cnn, images):
     cam = gradcam(cnn, images)
+    assert not images.requires_grad and not cam.requires_grad
     assert cam.shape == (4, 28, 28)
     assert cam.min() >= 0
     nonzero = cam.flatten(1).amax(dim=1) > 0
@@ -115,6 +151,7 @@ def test_gradcam_of_a_corner_model_concentrates_in_the_corner(images):
 
 # --- grid cells ---------------------------------------------------------------------------
 
+
 def test_cell_scores_are_block_means():
     attr = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 8, 8)
     scores = cell_scores(attr, 4)
@@ -122,14 +159,17 @@ def test_cell_scores_are_block_means():
     for n in range(2):
         for r in range(2):
             for c in range(2):
-                block = attr[n, 4 * r:4 * r + 4, 4 * c:4 * c + 4]
+                block = attr[n, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4]
                 assert scores[n, r, c].item() == pytest.approx(block.mean().item())
 
 
 def _brute_force_top(attr: torch.Tensor, cell: int, k: int) -> list[tuple[int, int]]:
     rows, cols = attr.shape[0] // cell, attr.shape[1] // cell
-    means = {(r, c): attr[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].mean().item()
-             for r in range(rows) for c in range(cols)}
+    means = {
+        (r, c): attr[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell].mean().item()
+        for r in range(rows)
+        for c in range(cols)
+    }
     return sorted(means, key=means.get, reverse=True)[:k]
 
 
@@ -153,8 +193,8 @@ def test_top_cells_rank_by_magnitude_so_evidence_against_the_class_is_shown():
     """A cell pushing the predicted logit down (a label-coded patch often does) is still a
     cell the model uses; the signed ranking (the paper's) would hide it."""
     attr = torch.full((1, 28, 28), 0.1)
-    attr[0, 24:28, 0:4] = -1.0   # strong negative evidence in the bottom-left cell
-    attr[0, 8:12, 8:12] = 0.5    # the strongest positive cell
+    attr[0, 24:28, 0:4] = -1.0  # strong negative evidence in the bottom-left cell
+    attr[0, 8:12, 8:12] = 0.5  # the strongest positive cell
     assert top_cells(attr, 4, 2)[0].tolist() == [[6, 0], [2, 2]]
     signed = top_cells(attr, 4, 2, signed=True)[0].tolist()
     assert signed[0] == [2, 2] and [6, 0] not in signed
@@ -166,9 +206,12 @@ def test_top_cells_rank_by_magnitude_so_evidence_against_the_class_is_shown():
 
 
 def test_saliency_map_dispatches_by_name(cnn, images):
-    assert torch.equal(saliency_map(cnn, images, "gradcam"), gradcam(cnn, images))
-    assert torch.allclose(saliency_map(cnn, images, "deeplift", sigma=2.0),
-                          deeplift_blurred(cnn, images, sigma=2.0))
+    with eval_mode(cnn):
+        shown = gradcam(cnn, images)
+    assert torch.equal(saliency_map(cnn, images, "gradcam"), shown)
+    assert torch.allclose(
+        saliency_map(cnn, images, "deeplift", sigma=2.0), deeplift_blurred(cnn, images, sigma=2.0)
+    )
     with pytest.raises(ValueError, match="unknown saliency"):
         saliency_map(cnn, images, "lime")
 
@@ -201,6 +244,7 @@ def test_cells_to_mask_rejects_a_cell_outside_the_image():
 
 # --- PNGs -------------------------------------------------------------------------------------
 
+
 def test_image_png_is_an_upscaled_copy(tmp_path):
     image = torch.zeros(1, 28, 28)
     image[0, 5, 6] = 1.0
@@ -218,9 +262,14 @@ def test_overlay_png_size_outlines_and_heat(tmp_path):
     path = overlay_png(image, attr, [(0, 0)], 4, tmp_path / "o.png", scale=10)
     png = np.asarray(Image.open(path))
     assert Image.open(path).mode == "RGB" and png.shape == (280, 280, 3)
-    assert tuple(png[0, 20]) == OUTLINE_RGB and tuple(png[39, 20]) == OUTLINE_RGB  # top and bottom edges
+    assert (
+        tuple(png[0, 20]) == OUTLINE_RGB and tuple(png[39, 20]) == OUTLINE_RGB
+    )  # top and bottom edges
     assert tuple(png[20, 20]) != OUTLINE_RGB  # inside the cell: not filled
-    hot, cold = png[215, 215].astype(int), png[150, 150].astype(int)  # same gray, different attribution
+    hot, cold = (
+        png[215, 215].astype(int),
+        png[150, 150].astype(int),
+    )  # same gray, different attribution
     assert hot[0] > cold[0] and hot[2] < cold[2]
 
 

@@ -48,30 +48,38 @@ def test_entropy_sampling_skips_excluded_images(probs, as_mask):
 
 
 def test_least_confidence_and_margin_on_hand_made_probabilities():
-    probs = np.array([
-        [0.90, 0.05, 0.05],  # confident
-        [0.40, 0.35, 0.25],  # least confident, small margin 0.05
-        [0.50, 0.49, 0.01],  # smallest margin 0.01, max 0.5
-        [0.60, 0.20, 0.20],  # margin 0.40
-    ])
+    probs = np.array(
+        [
+            [0.90, 0.05, 0.05],  # confident
+            [0.40, 0.35, 0.25],  # least confident, small margin 0.05
+            [0.50, 0.49, 0.01],  # smallest margin 0.01, max 0.5
+            [0.60, 0.20, 0.20],  # margin 0.40
+        ]
+    )
     assert select_queries(probs, None, 4, "least_confidence").tolist() == [1, 2, 3, 0]
     assert select_queries(probs, None, 4, "margin").tolist() == [2, 1, 3, 0]
 
 
 def test_random_is_seeded_and_respects_exclusions(probs):
     a = select_queries(probs, None, 10, "random", exclude=[0, 1, 2], seed=3)
-    assert a.tolist() == select_queries(probs, None, 10, "random", exclude=[0, 1, 2], seed=3).tolist()
-    assert a.tolist() != select_queries(probs, None, 10, "random", exclude=[0, 1, 2], seed=4).tolist()
+    assert (
+        a.tolist() == select_queries(probs, None, 10, "random", exclude=[0, 1, 2], seed=3).tolist()
+    )
+    assert (
+        a.tolist() != select_queries(probs, None, 10, "random", exclude=[0, 1, 2], seed=4).tolist()
+    )
     assert len(set(a)) == 10 and not set(a) & {0, 1, 2}
 
 
 def test_confident_mistakes_are_misclassified_lowest_entropy_first():
-    probs = np.array([
-        [0.98, 0.01, 0.01],  # wrong (label 1), very confident
-        [0.10, 0.80, 0.10],  # right
-        [0.40, 0.30, 0.30],  # wrong (label 2), unsure
-        [0.10, 0.10, 0.80],  # wrong (label 0), confident
-    ])
+    probs = np.array(
+        [
+            [0.98, 0.01, 0.01],  # wrong (label 1), very confident
+            [0.10, 0.80, 0.10],  # right
+            [0.40, 0.30, 0.30],  # wrong (label 2), unsure
+            [0.10, 0.10, 0.80],  # wrong (label 0), confident
+        ]
+    )
     labels = np.array([1, 1, 2, 0])
     assert select_queries(probs, labels, 10, "confident_mistakes").tolist() == [0, 3, 2]
     assert select_queries(probs, labels, 10, "confident_mistakes", exclude=[0]).tolist() == [3, 2]

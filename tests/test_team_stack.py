@@ -23,10 +23,16 @@ PREFECT_YAML = REPO / "prefect.yaml"
 # ${NAME}, ${NAME:?message}, ${NAME:-default}, ... ($$ is an escaped dollar, not interpolation)
 INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
 # Names that hold a secret; a switch such as LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN does not.
-SECRET_NAME = re.compile(r"^(?!.*_(?:ENABLE|DISABLE)_).*(?:PASSWORD|SECRET|TOKEN|API_KEY|AUTH_STRING|ACCESS_KEY)")
+SECRET_NAME = re.compile(
+    r"^(?!.*_(?:ENABLE|DISABLE)_).*(?:PASSWORD|SECRET|TOKEN|API_KEY|AUTH_STRING|ACCESS_KEY)"
+)
 ONE_SHOT = {"minio-buckets"}
-TELEMETRY_OFF = {"DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +47,11 @@ def services(compose) -> dict:
 
 @pytest.fixture(scope="module")
 def example() -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in EXAMPLE_FILE.read_text().splitlines()
-             if line.strip() and not line.lstrip().startswith("#"))
+    pairs = (
+        line.split("=", 1)
+        for line in EXAMPLE_FILE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
     return {key.strip(): value.strip() for key, value in pairs}
 
 
@@ -88,10 +97,13 @@ def networks(services, name: str) -> set[str]:
 
 
 def host_ports(services) -> list[tuple[str, str]]:
-    return [(name, str(port)) for name, service in services.items() for port in service.get("ports", [])]
+    return [
+        (name, str(port)) for name, service in services.items() for port in service.get("ports", [])
+    ]
 
 
 # --- the files -------------------------------------------------------------------------------
+
 
 def test_the_compose_file_parses(compose):
     assert {"services", "volumes", "networks"} <= set(compose)
@@ -101,7 +113,9 @@ def test_the_compose_file_parses(compose):
 def test_every_image_is_pinned(services):
     for name, service in services.items():
         image = service.get("image", "")
-        assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image tag ({image!r})"
+        assert ":" in image and not image.endswith(":latest"), (
+            f"{name}: pin the image tag ({image!r})"
+        )
 
 
 def test_label_studio_runs_the_pinned_1_23_release(services):
@@ -117,6 +131,7 @@ def test_build_files_exist(services):
 
 # --- variables and secrets ---------------------------------------------------------------------
 
+
 def test_every_variable_used_is_in_the_example(compose, example):
     missing = {name for name, _ in used_variables(compose)} - set(example)
     assert not missing, f"used in compose.yaml, not in team.env.example: {sorted(missing)}"
@@ -131,8 +146,9 @@ def test_secret_settings_are_required_interpolations(services):
     for name in services:
         for key, value in env(services, name).items():
             if SECRET_NAME.search(key):
-                assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]*\}", value), \
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]*\}", value), (
                     f"{name}.{key} must be ${{VAR:?...}} from team.env, not a literal"
+                )
 
 
 def test_secret_variables_are_never_optional(compose):
@@ -164,16 +180,23 @@ def test_team_env_is_git_ignored():
 
 # --- credentials shared between services -------------------------------------------------------
 
-@pytest.mark.parametrize("app, key, database", [
-    ("prefect-server", "PREFECT_API_DATABASE_CONNECTION_URL", "prefect-db"),
-    ("mlflow", "MLFLOW_BACKEND_STORE_URI", "mlflow-db"),
-])
+
+@pytest.mark.parametrize(
+    "app, key, database",
+    [
+        ("prefect-server", "PREFECT_API_DATABASE_CONNECTION_URL", "prefect-db"),
+        ("mlflow", "MLFLOW_BACKEND_STORE_URI", "mlflow-db"),
+    ],
+)
 def test_database_url_matches_its_postgres(services, app, key, database):
     url = urlsplit(plain(env(services, app)[key]))
     db = {k: plain(v) for k, v in env(services, database).items()}
     assert url.scheme.startswith("postgresql")
-    assert (url.username, url.password, url.path.lstrip("/")) == \
-        (db["POSTGRES_USER"], db["POSTGRES_PASSWORD"], db["POSTGRES_DB"])
+    assert (url.username, url.password, url.path.lstrip("/")) == (
+        db["POSTGRES_USER"],
+        db["POSTGRES_PASSWORD"],
+        db["POSTGRES_DB"],
+    )
     assert (url.hostname, url.port) == (database, 5432)
     assert networks(services, app) & networks(services, database)
 
@@ -182,8 +205,11 @@ def test_label_studio_database_settings_match_its_postgres(services):
     ls = {k: plain(v) for k, v in env(services, "labelstudio").items()}
     db = {k: plain(v) for k, v in env(services, "labelstudio-db").items()}
     assert ls["DJANGO_DB"] == "default"
-    assert (ls["POSTGRE_USER"], ls["POSTGRE_PASSWORD"], ls["POSTGRE_NAME"]) == \
-        (db["POSTGRES_USER"], db["POSTGRES_PASSWORD"], db["POSTGRES_DB"])
+    assert (ls["POSTGRE_USER"], ls["POSTGRE_PASSWORD"], ls["POSTGRE_NAME"]) == (
+        db["POSTGRES_USER"],
+        db["POSTGRES_PASSWORD"],
+        db["POSTGRES_DB"],
+    )
     assert (ls["POSTGRE_HOST"], ls["POSTGRE_PORT"]) == ("labelstudio-db", "5432")
     assert networks(services, "labelstudio") & networks(services, "labelstudio-db")
 
@@ -199,42 +225,67 @@ def test_s3_clients_use_the_minio_account(services, client):
 def test_bucket_job_uses_the_minio_account(services):
     url = urlsplit(plain(env(services, "minio-buckets")["MC_HOST_team"]))
     minio = env(services, "minio")
-    assert (url.username, url.password) == (plain(minio["MINIO_ROOT_USER"]), plain(minio["MINIO_ROOT_PASSWORD"]))
+    assert (url.username, url.password) == (
+        plain(minio["MINIO_ROOT_USER"]),
+        plain(minio["MINIO_ROOT_PASSWORD"]),
+    )
     assert (url.hostname, url.port) == ("minio", listen_port(services, "minio"))
 
 
 def test_buckets_exist_for_dvc_and_mlflow_artifacts(services):
-    created = {arg.split("/", 1)[1] for arg in services["minio-buckets"]["command"] if arg.startswith("team/")}
+    created = {
+        arg.split("/", 1)[1]
+        for arg in services["minio-buckets"]["command"]
+        if arg.startswith("team/")
+    }
     command = services["mlflow"]["command"]
     artifacts = urlsplit(command[command.index("--artifacts-destination") + 1])
     assert artifacts.scheme == "s3" and artifacts.hostname in created
     assert {"dvc", "mlflow"} <= created
 
 
-@pytest.mark.parametrize("client, key, server, server_key", [
-    ("prefect-worker", "PREFECT_API_AUTH_STRING", "prefect-server", "PREFECT_SERVER_API_AUTH_STRING"),
-    ("webhook", "PREFECT_API_AUTH_STRING", "prefect-server", "PREFECT_SERVER_API_AUTH_STRING"),
-    ("prefect-worker", "LABEL_STUDIO_API_KEY", "labelstudio", "LABEL_STUDIO_USER_TOKEN"),
-    ("webhook", "LABEL_STUDIO_API_KEY", "labelstudio", "LABEL_STUDIO_USER_TOKEN"),
-])
+@pytest.mark.parametrize(
+    "client, key, server, server_key",
+    [
+        (
+            "prefect-worker",
+            "PREFECT_API_AUTH_STRING",
+            "prefect-server",
+            "PREFECT_SERVER_API_AUTH_STRING",
+        ),
+        ("webhook", "PREFECT_API_AUTH_STRING", "prefect-server", "PREFECT_SERVER_API_AUTH_STRING"),
+        ("prefect-worker", "LABEL_STUDIO_API_KEY", "labelstudio", "LABEL_STUDIO_USER_TOKEN"),
+        ("webhook", "LABEL_STUDIO_API_KEY", "labelstudio", "LABEL_STUDIO_USER_TOKEN"),
+    ],
+)
 def test_api_credentials_match_the_server(services, client, key, server, server_key):
     assert plain(env(services, client)[key]) == plain(env(services, server)[server_key])
 
 
 # --- addresses ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("client, key, server, path", [
-    ("prefect-worker", "PREFECT_API_URL", "prefect-server", "/api"),
-    ("webhook", "PREFECT_API_URL", "prefect-server", "/api"),
-    ("prefect-worker", "MLFLOW_TRACKING_URI", "mlflow", ""),
-    ("prefect-worker", "LABEL_STUDIO_URL", "labelstudio", ""),
-    ("webhook", "LABEL_STUDIO_URL", "labelstudio", ""),
-])
+
+@pytest.mark.parametrize(
+    "client, key, server, path",
+    [
+        ("prefect-worker", "PREFECT_API_URL", "prefect-server", "/api"),
+        ("webhook", "PREFECT_API_URL", "prefect-server", "/api"),
+        ("prefect-worker", "MLFLOW_TRACKING_URI", "mlflow", ""),
+        ("prefect-worker", "LABEL_STUDIO_URL", "labelstudio", ""),
+        ("webhook", "LABEL_STUDIO_URL", "labelstudio", ""),
+    ],
+)
 def test_clients_point_at_the_right_service_and_port(services, client, key, server, path):
     url = urlsplit(env(services, client)[key])
-    assert (url.scheme, url.hostname, url.port, url.path) == \
-        ("http", server, listen_port(services, server), path)
-    assert networks(services, client) & networks(services, server), f"{client} cannot reach {server}"
+    assert (url.scheme, url.hostname, url.port, url.path) == (
+        "http",
+        server,
+        listen_port(services, server),
+        path,
+    )
+    assert networks(services, client) & networks(services, server), (
+        f"{client} cannot reach {server}"
+    )
 
 
 @pytest.mark.parametrize("name", ["prefect-server", "mlflow", "labelstudio", "minio"])
@@ -255,7 +306,9 @@ def test_worker_runs_flows_in_the_mounted_project(services):
     mounts = [volume.split(":")[1] for volume in services["prefect-worker"]["volumes"]]
     assert project_dir in mounts
     pull = yaml.safe_load(PREFECT_YAML.read_text())["pull"]
-    assert "$XBL_PROJECT_DIR" in str(pull), "prefect.yaml no longer takes the project dir from the env"
+    assert "$XBL_PROJECT_DIR" in str(pull), (
+        "prefect.yaml no longer takes the project dir from the env"
+    )
 
 
 def test_the_webhook_starts_a_deployment_the_worker_pool_runs(services):
@@ -263,23 +316,30 @@ def test_the_webhook_starts_a_deployment_the_worker_pool_runs(services):
     flow_name, deployment = default.split("/")
     declared = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
     entry_file, entry_func = declared[deployment]["entrypoint"].split(":")
-    assert re.search(rf'@flow\(name="{flow_name}".*\n(?:async )?def {entry_func}\b',
-                     (REPO / entry_file).read_text()), f"{entry_func} is not the flow {flow_name!r}"
+    assert re.search(
+        rf'@flow\(name="{flow_name}".*\n(?:async )?def {entry_func}\b',
+        (REPO / entry_file).read_text(),
+    ), f"{entry_func} is not the flow {flow_name!r}"
     command = services["prefect-worker"]["command"]
     assert declared[deployment]["work_pool"]["name"] == command[command.index("--pool") + 1]
 
 
 def test_webhook_runs_the_receiver_where_label_studio_can_post(services):
     webhook = services["webhook"]
-    assert webhook["command"][:3] == ["python", "-m", "flows.webhook"]
+    assert webhook["command"][:2] == ["xbl", "webhook"]
     assert "XBL_WEBHOOK_SECRET" in env(services, "webhook")
     shared = networks(services, "webhook") & networks(services, "labelstudio")
-    aliases = [alias for net in shared for alias in (webhook["networks"][net] or {}).get("aliases", [])]
+    aliases = [
+        alias for net in shared for alias in (webhook["networks"][net] or {}).get("aliases", [])
+    ]
     # Label Studio accepts only URLs whose host has a dot (Django's URL validator).
-    assert any("." in alias for alias in aliases), "give the webhook a dotted alias on a shared network"
+    assert any("." in alias for alias in aliases), (
+        "give the webhook a dotted alias on a shared network"
+    )
 
 
 # --- ports, volumes, networks, order -----------------------------------------------------------
+
 
 def test_host_ports_bind_to_loopback(services):
     for name, port in host_ports(services):
@@ -292,13 +352,21 @@ def test_host_ports_do_not_collide(services):
 
 
 def test_named_volumes_are_declared(compose, services):
-    used = {volume.split(":", 1)[0] for service in services.values() for volume in service.get("volumes", [])
-            if not volume.startswith((".", "/", "~"))}
+    used = {
+        volume.split(":", 1)[0]
+        for service in services.values()
+        for volume in service.get("volumes", [])
+        if not volume.startswith((".", "/", "~"))
+    }
     assert used <= set(compose["volumes"]), f"undeclared: {sorted(used - set(compose['volumes']))}"
 
 
 def test_declared_volumes_are_used(compose, services):
-    used = {volume.split(":", 1)[0] for service in services.values() for volume in service.get("volumes", [])}
+    used = {
+        volume.split(":", 1)[0]
+        for service in services.values()
+        for volume in service.get("volumes", [])
+    }
     assert set(compose["volumes"]) <= used
 
 
@@ -333,6 +401,10 @@ def test_telemetry_is_off_in_every_service(services):
 
 
 def test_worker_image_copies_code_but_no_secrets():
-    sources = [part for line in WORKER_DOCKERFILE.read_text().splitlines()
-               if line.startswith("COPY ") for part in line.split()[1:-1]]
+    sources = [
+        part
+        for line in WORKER_DOCKERFILE.read_text().splitlines()
+        if line.startswith("COPY ")
+        for part in line.split()[1:-1]
+    ]
     assert sources and not [s for s in sources if s.startswith(("infra", ".", "data", "runs"))]

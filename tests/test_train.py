@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import xbl.losses
-from xbl.losses import feedback_term
+from xbl.config import TrainConfig, build_config
+from xbl.feedback import Feedback
+from xbl.loop import FeedbackDiverged, mean_loss, training_loop
+from xbl.losses import rrr_penalty
+from xbl.methods import METHODS, RRR, AnnotatedImages
 from xbl.models import SmallCNN
-from xbl.train import Feedback, FeedbackDiverged, TrainConfig, mean_loss, train
 
 N_CLASSES = 4
 
@@ -24,7 +26,7 @@ def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = 0.3 * torch.rand(n, 1, 28, 28, generator=gen)
     for i, label in enumerate(y.tolist()):
         r, c = 6 + 10 * (label // 2), 6 + 10 * (label % 2)
-        x[i, 0, r:r + 6, c:c + 6] = 1.0
+        x[i, 0, r : r + 6, c : c + 6] = 1.0
     return x, y
 
 
@@ -40,15 +42,38 @@ def _model(seed: int = 0) -> SmallCNN:
     return SmallCNN(n_classes=N_CLASSES)
 
 
-def _feedback(method: str = "rrr", n: int = 8, lam: float = 10.0, normalize: bool = False,
-              per_batch: int = 4, W: torch.Tensor | None = None) -> Feedback:
+def _feedback(
+    method: str = "rrr",
+    n: int = 8,
+    lam: float = 10.0,
+    normalize: bool = False,
+    per_batch: int = 4,
+    W: torch.Tensor | None = None,
+) -> Feedback:
     x, y = _images(n, seed=3)
     x[:, :, :4, :4] = 0.8  # a corner "decoy" the annotator marked
     if W is None:
         W = torch.zeros(n, 28, 28)
         W[:, :4, :4] = 1.0
-    return Feedback(method=method, x=x, y=y, W=W, M=1.0 - W, lam=lam, normalize_lambda=normalize,
-                    per_batch=per_batch)
+    return Feedback(
+        method=METHODS[method](),
+        images=AnnotatedImages(x, y, W, 1.0 - W),
+        lam=lam,
+        normalize_lambda=normalize,
+        per_batch=per_batch,
+    )
+
+
+def _spy_on_rrr(monkeypatch, record) -> None:
+    """Call `record(batch)` whenever the RRR term is computed (on the annotated images drawn)."""
+    real = RRR.loss
+
+    def spy(self, model, batch):
+        term = real(self, model, batch)
+        record(batch, term)
+        return term
+
+    monkeypatch.setattr(RRR, "loss", spy)
 
 
 def _same_weights(a: dict, b: dict) -> bool:
@@ -63,18 +88,23 @@ def _snapshots(model):
 
 # --- determinism and early stopping -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", [None, "rrr"])
 def test_two_trainings_with_the_same_seed_give_identical_weights(data, method):
     cfg = TrainConfig(epochs=2, batch_size=32, seed=5, patience=0)
     states = []
     for _ in range(2):
         model = _model()
-        train(model, *data, cfg, feedback=_feedback() if method else None)
+        training_loop(model, *data, cfg, feedback=_feedback() if method else None)
         states.append(model.state_dict())
     assert _same_weights(*states)
     other = _model()
-    train(other, *data, TrainConfig(epochs=2, batch_size=32, seed=6, patience=0),
-          feedback=_feedback() if method else None)
+    training_loop(
+        other,
+        *data,
+        TrainConfig(epochs=2, batch_size=32, seed=6, patience=0),
+        feedback=_feedback() if method else None,
+    )
     assert not _same_weights(states[0], other.state_dict())  # the seed does matter
 
 
@@ -84,7 +114,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch(data):
     model = _model()
     states, keep = _snapshots(model)
     cfg = TrainConfig(lr=3e-3, epochs=30, batch_size=32, patience=2)
-    result = train(model, tx, ty, vx, (vy + 1) % N_CLASSES, cfg, on_epoch=keep)
+    result = training_loop(model, tx, ty, vx, (vy + 1) % N_CLASSES, cfg, on_epoch=keep)
     epochs_run = len(result.history)
     assert epochs_run < cfg.epochs
     assert epochs_run == result.best_epoch + cfg.patience
@@ -99,13 +129,21 @@ def test_patience_zero_keeps_the_last_epoch_even_when_val_gets_worse(data):
     tx, ty, vx, vy = data
     model = _model()
     states, keep = _snapshots(model)
-    result = train(model, tx, ty, vx, (vy + 1) % N_CLASSES,
-                   TrainConfig(lr=3e-3, epochs=4, batch_size=32, patience=0), on_epoch=keep)
+    result = training_loop(
+        model,
+        tx,
+        ty,
+        vx,
+        (vy + 1) % N_CLASSES,
+        TrainConfig(lr=3e-3, epochs=4, batch_size=32, patience=0),
+        on_epoch=keep,
+    )
     assert len(result.history) == 4 and result.best_epoch == 4
     assert _same_weights(model.state_dict(), states[-1])
 
 
 # --- λ normalisation ---------------------------------------------------------------------------
+
 
 def test_normalised_lambda_starts_the_term_at_lambda_times_the_cross_entropy(data):
     tx, ty, vx, vy = data
@@ -113,11 +151,13 @@ def test_normalised_lambda_starts_the_term_at_lambda_times_the_cross_entropy(dat
     model = _model()
     initial = copy.deepcopy(model)
     # one batch holds the whole training set: the first batch is known without the shuffle
-    result = train(model, tx, ty, vx, vy, TrainConfig(epochs=1, batch_size=len(ty), patience=0),
-                   feedback=fb)
+    result = training_loop(
+        model, tx, ty, vx, vy, TrainConfig(epochs=1, batch_size=len(ty), patience=0), feedback=fb
+    )
     initial.train()
-    ce0 = F.cross_entropy(initial(torch.cat([tx, fb.x])), torch.cat([ty, fb.y])).item()
-    term0 = feedback_term("rrr", initial, fb.x, fb.y, W=fb.W).item()
+    images = fb.images
+    ce0 = F.cross_entropy(initial(torch.cat([tx, images.x])), torch.cat([ty, images.y])).item()
+    term0 = rrr_penalty(initial, images.x, images.W).item()
     assert term0 > 0
     assert result.initial_ce == pytest.approx(ce0, rel=1e-4)
     assert result.initial_feedback == pytest.approx(term0, rel=1e-4)
@@ -131,15 +171,10 @@ def test_normalisation_waits_for_the_first_batch_whose_term_is_nonzero(data, mon
     W[7, :4, :4] = 1.0  # one annotated image in eight has something to ignore
     fb = _feedback(lam=7.0, normalize=True, per_batch=1, W=W)
     seen = []
-    real = xbl.losses.feedback_term
-
-    def spy(method, model, x, y, **kwargs):
-        term = real(method, model, x, y, **kwargs)
-        seen.append(term.item())
-        return term
-
-    monkeypatch.setattr(xbl.losses, "feedback_term", spy)
-    result = train(_model(), *data, TrainConfig(epochs=2, batch_size=16, patience=0), feedback=fb)
+    _spy_on_rrr(monkeypatch, lambda batch, term: seen.append(term.item()))
+    result = training_loop(
+        _model(), *data, TrainConfig(epochs=2, batch_size=16, patience=0), feedback=fb
+    )
     assert seen[0] == 0.0 and any(t > 0 for t in seen)  # the first batch had nothing to scale by
     assert result.initial_feedback == next(t for t in seen if t > 0)
     lam_times_term = result.effective_lambda * result.initial_feedback
@@ -147,12 +182,17 @@ def test_normalisation_waits_for_the_first_batch_whose_term_is_nonzero(data, mon
 
 
 def test_without_normalisation_lambda_is_used_as_given(data):
-    result = train(_model(), *data, TrainConfig(epochs=1, batch_size=48, patience=0),
-                   feedback=_feedback(lam=3.0, normalize=False))
+    result = training_loop(
+        _model(),
+        *data,
+        TrainConfig(epochs=1, batch_size=48, patience=0),
+        feedback=_feedback(lam=3.0, normalize=False),
+    )
     assert result.effective_lambda == 3.0
 
 
 # --- the divergence guard ------------------------------------------------------------------------
+
 
 class PoisonableCNN(SmallCNN):
     """Returns NaN logits on demand (a stand-in for weights blowing up): in training after
@@ -187,12 +227,21 @@ def test_nan_raises_naming_method_lambda_epoch_and_keeps_the_last_good_weights(d
             model.train_calls_left = 4  # two more batches (term + CE forward each), then NaN
 
     with pytest.raises(FeedbackDiverged) as err:
-        train(model, *data, TrainConfig(epochs=3, batch_size=32, patience=0),
-              feedback=_feedback("rrr_g", lam=2.5), on_epoch=after_epoch)
+        training_loop(
+            model,
+            *data,
+            TrainConfig(epochs=3, batch_size=32, patience=0),
+            feedback=_feedback("rrr_g", lam=2.5),
+            on_epoch=after_epoch,
+        )
     message = str(err.value)
     assert "'rrr_g'" in message and "lambda 2.5" in message and "epoch 2" in message
-    assert (err.value.method, err.value.lam, err.value.epoch, err.value.best_epoch) == \
-        ("rrr_g", 2.5, 2, 1)
+    assert (err.value.method, err.value.lam, err.value.epoch, err.value.best_epoch) == (
+        "rrr_g",
+        2.5,
+        2,
+        1,
+    )
     assert _same_weights(model.state_dict(), good)  # epoch 2's two steps are undone
 
 
@@ -206,8 +255,13 @@ def test_a_nan_validation_loss_is_divergence_too(data):
             model.poison_eval = True
 
     with pytest.raises(FeedbackDiverged, match="validation loss is nan at epoch 2"):
-        train(model, *data, TrainConfig(epochs=3, batch_size=32, patience=0),
-              feedback=_feedback("rrr", lam=1.0), on_epoch=after_epoch)
+        training_loop(
+            model,
+            *data,
+            TrainConfig(epochs=3, batch_size=32, patience=0),
+            feedback=_feedback("rrr", lam=1.0),
+            on_epoch=after_epoch,
+        )
     assert _same_weights(model.state_dict(), good)
 
 
@@ -215,33 +269,38 @@ def test_an_exploding_term_raises_before_any_step_and_keeps_the_initial_weights(
     model = _model()
     initial = copy.deepcopy(model.state_dict())
     with pytest.raises(FeedbackDiverged, match=r"'rrr'.*lambda 1e\+30|lambda 1e\+30.*'rrr'") as err:
-        train(model, *data, TrainConfig(epochs=2, batch_size=32, patience=0),
-              feedback=_feedback("rrr", lam=1e30))
+        training_loop(
+            model,
+            *data,
+            TrainConfig(epochs=2, batch_size=32, patience=0),
+            feedback=_feedback("rrr", lam=1e30),
+        )
     assert err.value.epoch == 1 and err.value.best_epoch == 0
     assert _same_weights(model.state_dict(), initial)
 
 
 # --- the feedback term sees only the annotated images ----------------------------------------
 
+
 def test_feedback_term_is_computed_on_annotated_rows_only(data, monkeypatch):
     tx, ty, vx, vy = data
     fb = _feedback(per_batch=3)
     seen = []
-    real = xbl.losses.feedback_term
-
-    def spy(method, model, x, y, **kwargs):
-        seen.append((x.clone(), y.clone(), kwargs["W"].clone()))
-        return real(method, model, x, y, **kwargs)
-
-    monkeypatch.setattr(xbl.losses, "feedback_term", spy)
-    train(_model(), tx, ty, vx, vy, TrainConfig(epochs=2, batch_size=32, patience=0), feedback=fb)
+    _spy_on_rrr(
+        monkeypatch,
+        lambda batch, term: seen.append((batch.x.clone(), batch.y.clone(), batch.W.clone())),
+    )
+    training_loop(
+        _model(), tx, ty, vx, vy, TrainConfig(epochs=2, batch_size=32, patience=0), feedback=fb
+    )
     assert len(seen) == 2 * 3  # one call per batch: 96 images / 32 per batch, 2 epochs
+    annotated = fb.images
     for x, y, W in seen:
         assert len(x) == 3
         for xi, yi, Wi in zip(x, y, W):
-            match = [j for j in range(len(fb.y)) if torch.equal(fb.x[j], xi)]
+            match = [j for j in range(len(annotated)) if torch.equal(annotated.x[j], xi)]
             assert len(match) == 1  # an annotated image, never a plain training image
-            assert yi == fb.y[match[0]] and torch.equal(Wi, fb.W[match[0]])
+            assert yi == annotated.y[match[0]] and torch.equal(Wi, annotated.W[match[0]])
 
 
 def test_an_empty_mask_adds_nothing_beyond_the_extra_rows(data):
@@ -250,8 +309,9 @@ def test_an_empty_mask_adds_nothing_beyond_the_extra_rows(data):
     for lam in (50.0, 0.0):
         model = _model()
         fb = _feedback(lam=lam, W=torch.zeros(8, 28, 28))
-        result = train(model, *data, TrainConfig(epochs=2, batch_size=32, patience=0),
-                       feedback=fb)
+        result = training_loop(
+            model, *data, TrainConfig(epochs=2, batch_size=32, patience=0), feedback=fb
+        )
         assert all(row["train_feedback"] == 0.0 for row in result.history)
         weights.append(model.state_dict())
     assert _same_weights(*weights)
@@ -259,22 +319,27 @@ def test_an_empty_mask_adds_nothing_beyond_the_extra_rows(data):
 
 # --- mixed precision ---------------------------------------------------------------------------
 
+
 def test_amp_autocasts_the_cross_entropy_but_not_the_feedback_term(data, monkeypatch):
-    real = xbl.losses.feedback_term
     autocast_during_term = []
+    real = RRR.loss
 
-    def spy(*args, **kwargs):
+    def spy(self, model, batch):
         autocast_during_term.append(torch.is_autocast_enabled("cpu"))
-        return real(*args, **kwargs)
+        return real(self, model, batch)
 
-    monkeypatch.setattr(xbl.losses, "feedback_term", spy)
+    monkeypatch.setattr(RRR, "loss", spy)
     model = _model()
     logit_dtypes = set()
     model.head.register_forward_hook(lambda _m, _i, out: logit_dtypes.add(out.dtype))
-    result = train(model, *data, TrainConfig(epochs=1, batch_size=32, patience=0, amp=True),
-                   feedback=_feedback())
+    result = training_loop(
+        model,
+        *data,
+        TrainConfig(epochs=1, batch_size=32, patience=0, amp=True),
+        feedback=_feedback(),
+    )
     assert autocast_during_term and not any(autocast_during_term)
     assert {torch.bfloat16, torch.float32} <= logit_dtypes  # CE forward cast, the term's not
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert result.history[0]["train_feedback"] > 0
-    assert TrainConfig.from_params({"amp": True, "device": "cpu"}).amp is True
+    assert build_config({"train": {"amp": True, "device": "cpu"}}).train.amp is True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -14,9 +15,17 @@ import uuid
 
 import pytest
 
-from flows import webhook
-from flows.webhook import (DeliveryStore, IgnoredDelivery, WebhookReceiver, labelstudio_progress,
-                           parse_delivery, register_webhook, serve_in_thread)
+from flows.cli import deployment_starter
+from flows.cli import main as xbl
+from services import webhook
+from services.labelstudio import progress_checker, register_webhook
+from services.webhook import (
+    DeliveryStore,
+    IgnoredDelivery,
+    WebhookReceiver,
+    parse_delivery,
+    serve_in_thread,
+)
 
 SECRET = secrets.token_urlsafe(24)
 PROJECT = 7
@@ -38,30 +47,43 @@ class StartRecorder:
 
 
 class Progress:
-    """A progress check answering from a table, optionally slowly; counts its calls."""
+    """A progress check answering from a table; counts its calls."""
 
-    def __init__(self, table: dict[tuple[int, int], tuple[int, int]], delay_s: float = 0.0):
-        self.table, self.delay_s, self.calls = table, delay_s, 0
+    def __init__(self, table: dict[tuple[int, int], tuple[int, int]]):
+        self.table, self.calls = table, 0
 
     def __call__(self, project_id: int, round_: int) -> tuple[int, int]:
         self.calls += 1
-        time.sleep(self.delay_s)
         return self.table[(project_id, round_)]
 
 
-def delivery(annotation_id: int, task_id: int, round_: int, project_id: int = PROJECT,
-             action: str = "ANNOTATION_CREATED") -> dict:
+def delivery(
+    annotation_id: int,
+    task_id: int,
+    round_: int,
+    project_id: int = PROJECT,
+    action: str = "ANNOTATION_CREATED",
+) -> dict:
     """A payload shaped like Label Studio's (send_payload on): annotation, task, project."""
-    return {"action": action,
-            "annotation": {"id": annotation_id, "task": task_id, "project": project_id, "result": []},
-            "task": {"id": task_id, "project": project_id,
-                     "data": {"image_id": f"img-{task_id}", "round": round_}},
-            "project": {"id": project_id, "title": "xbl-xbl"}}
+    return {
+        "action": action,
+        "annotation": {"id": annotation_id, "task": task_id, "project": project_id, "result": []},
+        "task": {
+            "id": task_id,
+            "project": project_id,
+            "data": {"image_id": f"img-{task_id}", "round": round_},
+        },
+        "project": {"id": project_id, "title": "xbl-xbl"},
+    }
 
 
 def post(url: str, payload, secret: str | None = SECRET) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(payload).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     if secret is not None:
         request.add_header(webhook.SECRET_HEADER, secret)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
@@ -78,7 +100,9 @@ def run_receiver(tmp_path):
     started = []
 
     def run(progress, starter, target_fraction: float = 1.0, state_dir=tmp_path / "state"):
-        receiver = WebhookReceiver(SECRET, DeliveryStore(state_dir), progress, starter, target_fraction)
+        receiver = WebhookReceiver(
+            SECRET, DeliveryStore(state_dir), progress, starter, target_fraction
+        )
         server = serve_in_thread(receiver)
         started.append(server)
         return server
@@ -96,6 +120,7 @@ def stop(server) -> None:
 
 
 # --- authentication --------------------------------------------------------------------------
+
 
 def test_missing_or_wrong_secret_is_refused_and_starts_nothing(run_receiver):
     progress, starts = Progress({(PROJECT, 1): (1, 1)}), StartRecorder()
@@ -124,13 +149,14 @@ def test_secret_as_path_token_is_accepted(run_receiver):
 def test_receiver_refuses_to_start_without_a_secret(monkeypatch, tmp_path):
     monkeypatch.delenv(webhook.SECRET_ENV, raising=False)
     with pytest.raises(SystemExit) as stopped:
-        webhook.main(["--port", "0", "--state-dir", str(tmp_path / "state")])
+        xbl(["webhook", "--port", "0", "--state-dir", str(tmp_path / "state")])
     assert webhook.SECRET_ENV in str(stopped.value)
     with pytest.raises(ValueError):
         WebhookReceiver("short", DeliveryStore(tmp_path / "state"), Progress({}), StartRecorder())
 
 
 # --- one run per round -----------------------------------------------------------------------
+
 
 def test_the_same_delivery_twice_starts_one_run(run_receiver):
     starts = StartRecorder()
@@ -212,17 +238,34 @@ def test_a_failed_start_is_retried_by_the_next_delivery(run_receiver):
 
 # --- answers fast, logs no secret ------------------------------------------------------------
 
-def test_the_answer_does_not_wait_for_a_slow_progress_check(run_receiver):
-    starts = StartRecorder()
-    server = run_receiver(Progress({(PROJECT, 1): (1, 1)}, delay_s=2.0), starts)
 
-    began = time.perf_counter()
+class GatedProgress:
+    """A progress check that blocks until the test releases it; says whether it has returned."""
+
+    def __init__(self, answer: tuple[int, int]):
+        self.answer, self.entered, self.release = answer, threading.Event(), threading.Event()
+        self.returned = False
+
+    def __call__(self, project_id: int, round_: int) -> tuple[int, int]:
+        self.entered.set()
+        self.release.wait(60)
+        self.returned = True
+        return self.answer
+
+
+def test_the_answer_does_not_wait_for_a_slow_progress_check(run_receiver):
+    starts, progress = StartRecorder(), GatedProgress((1, 1))
+    server = run_receiver(progress, starts)
+
+    # had the check run inside the request, this post would block on the gate and time out
     status, _ = post(server.url, delivery(1, 10, 1))
-    answered_s = time.perf_counter() - began
+    answered_before_the_check = not progress.returned
+    assert progress.entered.wait(10), "the queued round was never checked"
+    progress.release.set()
     server.receiver.wait_idle()
 
     assert status == 202
-    assert answered_s < 0.5, f"answered after {answered_s:.2f}s: the check ran in the request"
+    assert answered_before_the_check, "the answer waited for the progress check"
     assert starts.calls == [(PROJECT, 1)]
 
 
@@ -243,30 +286,44 @@ def test_the_secret_never_appears_in_the_log(run_receiver, caplog, capfd):
 
 # --- payloads --------------------------------------------------------------------------------
 
+
 def test_a_batch_delivery_maps_each_annotation_to_its_tasks_round():
-    payload = {"action": "ANNOTATIONS_CREATED", "project": {"id": 3},
-               "annotation": [{"id": 1, "task": 10}, {"id": 2, "task": 11}, {"id": 3, "task": 12}],
-               "task": [{"id": 10, "data": {"round": 1}}, {"id": 11, "data": {"round": "2"}},
-                        {"id": 12, "data": {"image": "not pushed by xbl"}}]}
+    payload = {
+        "action": "ANNOTATIONS_CREATED",
+        "project": {"id": 3},
+        "annotation": [{"id": 1, "task": 10}, {"id": 2, "task": 11}, {"id": 3, "task": 12}],
+        "task": [
+            {"id": 10, "data": {"round": 1}},
+            {"id": 11, "data": {"round": "2"}},
+            {"id": 12, "data": {"image": "not pushed by xbl"}},
+        ],
+    }
 
     parsed = parse_delivery(payload)
 
-    assert (parsed.action, parsed.project_id, parsed.annotations) == \
-        ("ANNOTATIONS_CREATED", 3, ((1, 1), (2, 2)))
+    assert (parsed.action, parsed.project_id, parsed.annotations) == (
+        "ANNOTATIONS_CREATED",
+        3,
+        ((1, 1), (2, 2)),
+    )
 
 
-@pytest.mark.parametrize("payload", [
-    delivery(1, 10, 1, action="ANNOTATION_UPDATED"),
-    {"action": "ANNOTATION_CREATED"},  # send_payload off: nothing to go on
-    delivery(1, 10, 1) | {"task": {"id": 10, "data": {"image": "x"}}},  # not an xbl task
-    [1, 2, 3],
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        delivery(1, 10, 1, action="ANNOTATION_UPDATED"),
+        {"action": "ANNOTATION_CREATED"},  # send_payload off: nothing to go on
+        delivery(1, 10, 1) | {"task": {"id": 10, "data": {"image": "x"}}},  # not an xbl task
+        [1, 2, 3],
+    ],
+)
 def test_payloads_that_ask_for_nothing_are_ignored(payload):
     with pytest.raises(IgnoredDelivery):
         parse_delivery(payload)
 
 
 # --- the real starter, against the session's Prefect server ----------------------------------
+
 
 def test_the_deployment_starter_creates_one_flow_run_per_round():
     from prefect import get_client
@@ -275,7 +332,7 @@ def test_the_deployment_starter_creates_one_flow_run_per_round():
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow_from_name(name)
         client.create_deployment(flow_id, name="scheduled")
-        start = webhook.deployment_starter(f"{name}/scheduled")
+        start = deployment_starter(f"{name}/scheduled")
 
         first, again, other = start(PROJECT, 1), start(PROJECT, 1), start(PROJECT, 2)
         run = client.read_flow_run(uuid.UUID(first))
@@ -304,28 +361,49 @@ def test_a_real_annotation_starts_one_flow_run_even_when_delivered_twice(labelst
     from prefect import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    from tasks import labelstudio as ls
+    from services import labelstudio as ls
 
     client = ls.connect(labelstudio.url, labelstudio.token)
-    project = client.sdk.projects.create(title=f"webhook-{uuid.uuid4().hex[:8]}", label_config=LABEL_CONFIG)
+    project = client.sdk.projects.create(
+        title=f"webhook-{uuid.uuid4().hex[:8]}", label_config=LABEL_CONFIG
+    )
     name = f"xbl-webhook-e2e-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as prefect:
-        deployment_id = prefect.create_deployment(prefect.create_flow_from_name(name), name="scheduled")
+        deployment_id = prefect.create_deployment(
+            prefect.create_flow_from_name(name), name="scheduled"
+        )
 
         def runs():
-            return prefect.read_flow_runs(deployment_filter=DeploymentFilter(
-                id=DeploymentFilterId(any_=[deployment_id])))
+            return prefect.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            )
 
         try:
-            client.sdk.projects.import_tasks(project.id, request=[{"image": "/static/x.png", "round": 1}])
-            server = run_receiver(labelstudio_progress(labelstudio.url, labelstudio.token),
-                                  webhook.deployment_starter(f"{name}/scheduled"))
+            client.sdk.projects.import_tasks(
+                project.id, request=[{"image": "/static/x.png", "round": 1}]
+            )
+            server = run_receiver(
+                progress_checker(labelstudio.url, labelstudio.token),
+                deployment_starter(f"{name}/scheduled"),
+            )
             hook_id = register_webhook(client, project.id, server.url, SECRET)
-            assert register_webhook(client, project.id, server.url, SECRET) == hook_id  # no duplicate
+            assert (
+                register_webhook(client, project.id, server.url, SECRET) == hook_id
+            )  # no duplicate
 
             task = next(iter(client.sdk.tasks.list(project=project.id)))
-            annotation = client.sdk.annotations.create(task.id, was_cancelled=False, result=[
-                {"from_name": "verdict", "to_name": "image", "type": "choices", "value": {"choices": ["ok"]}}])
+            annotation = client.sdk.annotations.create(
+                task.id,
+                was_cancelled=False,
+                result=[
+                    {
+                        "from_name": "verdict",
+                        "to_name": "image",
+                        "type": "choices",
+                        "value": {"choices": ["ok"]},
+                    }
+                ],
+            )
 
             assert wait_until(lambda: len(runs()) == 1), "the annotation started no flow run"
             status, _ = post(server.url + "/hooks", delivery(annotation.id, task.id, 1, project.id))

@@ -20,7 +20,9 @@ class CornerNet(nn.Module):
         self.head = nn.Linear(2 * size * size, n_classes)
         with torch.no_grad():
             self.last_conv.weight.fill_(1 / 9)
-            self.head.weight.copy_(torch.linspace(0.1, 1.0, n_classes)[:, None].expand_as(self.head.weight))
+            self.head.weight.copy_(
+                torch.linspace(0.1, 1.0, n_classes)[:, None].expand_as(self.head.weight)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.relu(self.last_conv(x * self.corner)).flatten(1))

@@ -1,31 +1,277 @@
-"""Settings from params.yaml, and the device the model trains on."""
+"""The typed configuration: params.yaml, read once per run, checked, one section per step.
+
+It knows what may be chosen: the models, feedback methods, saliency maps and query strategies
+of their registries.
+
+Every default lives here, in the dataclasses below; the shipped params.yaml states the same
+values (a test holds the two together). A key that is misspelt, of the wrong type or outside
+its allowed values is an error that names the key, the value and what is allowed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
 import yaml
 
+from xbl.methods import METHODS
+from xbl.models import MODELS
+from xbl.saliency import SALIENCY_METHODS
+from xbl.sampling import STRATEGIES
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read params.yaml; a missing file is an error that names the path."""
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the key."""
+
+
+def _choices(*allowed: str) -> dict:
+    return {"choices": allowed}
+
+
+class _Section:
+    """A params.yaml section, checked whenever it is built (from the file or in code)."""
+
+    name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata:
+                _allowed(
+                    f"{self.name}.{_yaml_key(f)}", getattr(self, f.name), f.metadata["choices"]
+                )
+        self.check()
+
+    def check(self) -> None:
+        """Checks beyond the field types and choices; a ConfigError names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    name = "data"
+    dataset: str = "decoy-digits"  # built-in; or a manifest CSV path; or a radiography folder
+    image_size: int = 28
+    digit_size: int = 20
+    decoy_size: int = 4
+    split: dict[str, float] = field(default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2})
+    seed: int = 0
+    out: str = "data/prepared"
+
+    def check(self) -> None:
+        if sorted(self.split) != ["test", "train", "val"]:
+            raise ConfigError(
+                f"data.split has keys {sorted(self.split)}; expected exactly train, val and test"
+            )
+        if abs(sum(self.split.values()) - 1.0) > 1e-6 or min(self.split.values()) < 0:
+            raise ConfigError(
+                f"data.split is {self.split}; the fractions must be non-negative and sum to 1"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    name = "train"
+    model: str = "small_cnn"
+    lr: float = 0.001
+    epochs: int = 20
+    batch_size: int = 64
+    seed: int = 0
+    patience: int = 5  # 0: no early stopping, keep the last epoch's weights
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    devices: int = 1  # > 1: data-parallel under torchrun
+    amp: bool = False  # autocast the CE forward: CUDA float16, CPU bfloat16
+
+    def check(self) -> None:
+        _allowed("train.model", self.model, tuple(MODELS))
+        _positive("train.epochs", self.epochs)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.devices", self.devices)
+        _positive("train.lr", self.lr)
+
+
+@dataclass(frozen=True)
+class MlflowConfig(_Section):
+    name = "mlflow"
+    experiment: str = "xbl"
+    model_name: str = "xbl-classifier"
+
+
+@dataclass(frozen=True)
+class QueryConfig(_Section):
+    name = "query"
+    strategy: str = field(default="entropy", metadata=_choices(*STRATEGIES))
+    k: int = 25
+    saliency: str = field(default="deeplift", metadata=_choices(*SALIENCY_METHODS))
+    blur_sigma: float = 3.0
+    grid_cell: int = 4
+    top_cells: int = 8
+    seed: int = 0  # the random strategy's seed (plus the round number)
+
+    def check(self) -> None:
+        _positive("query.k", self.k)
+        _positive("query.grid_cell", self.grid_cell)
+        _positive("query.top_cells", self.top_cells)
+
+
+@dataclass(frozen=True)
+class LabelStudioConfig(_Section):
+    name = "labelstudio"
+    project_prefix: str = "xbl"
+    annotator: str = field(default="oracle", metadata=_choices("oracle", "human"))
+    oracle_overlap: float = 0.1
+
+
+@dataclass(frozen=True)
+class WaitConfig(_Section):
+    name = "wait"
+    mode: str = field(default="block", metadata=_choices("block", "resume"))
+    target_fraction: float = 1.0
+    min_annotated: int = 5
+    timeout_s: float = 900.0
+    poll_s: float = 3.0
+
+    def check(self) -> None:
+        if not 0 < self.target_fraction <= 1:
+            raise ConfigError(
+                f"wait.target_fraction is {self.target_fraction}; allowed: a fraction in (0, 1]"
+            )
+
+
+@dataclass(frozen=True)
+class FeedbackConfig(_Section):
+    name = "feedback"
+    method: str = "rrr_output"
+    lambda_: dict[str, float] = field(default_factory=dict, metadata={"key": "lambda"})
+    normalize_lambda: bool = False
+    init: str = field(default="scratch", metadata=_choices("scratch", "baseline"))
+    epochs: int = 20
+    lr: float = 0.001
+    per_batch: int = 16
+    exbl_margin: float = 1.0
+    counterexample_copies: int = 3
+
+    def check(self) -> None:
+        _allowed("feedback.method", self.method, tuple(METHODS))
+        for name in self.lambda_:
+            _allowed("feedback.lambda", name, tuple(METHODS))
+        _positive("feedback.per_batch", self.per_batch)
+
+    def lam(self, method: str) -> float:
+        """λ for `method`: its value under feedback.lambda, else the method's own default."""
+        return float(self.lambda_.get(method, METHODS[method].default_lambda))
+
+
+@dataclass(frozen=True)
+class PromotionConfig(_Section):
+    name = "promotion"
+    max_val_acc_drop: float = 0.02
+    require_better_explanation: bool = True
+
+
+@dataclass(frozen=True)
+class ScheduleConfig(_Section):
+    name = "schedule"
+    cron: str = "0 * * * *"
+    interval_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    labelstudio: LabelStudioConfig = field(default_factory=LabelStudioConfig)
+    wait: WaitConfig = field(default_factory=WaitConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+# ---------------------------------------------------------------- reading and checking
+def _allowed(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} is {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} is {value!r}; allowed: a number above 0")
+
+
+def _yaml_key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """`value` as type `kind` (int for float is fine; bool for int is not)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} is {value!r}; allowed: a mapping")
+        return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"{key} is {value!r}; allowed: a {kind.__name__}")
+    return float(value) if kind is float else value
+
+
+def _section(cls: type, name: str, values: Any) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name} is {values!r}; allowed: a mapping of settings")
+    hints = typing.get_type_hints(cls)
+    by_key = {_yaml_key(f): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(by_key))
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]} is not a setting; allowed: {', '.join(by_key)}")
+    return cls(
+        **{
+            f.name: _coerce(f"{name}.{key}", values[key], hints[f.name])
+            for key, f in by_key.items()
+            if key in values
+        }
+    )
+
+
+def build_config(params: dict) -> Config:
+    """A checked Config from params as read from YAML (sections may be left out)."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"expected a mapping of sections, got {type(params).__name__}")
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(set(params) - set(hints))
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a section; allowed: {', '.join(hints)}")
+    return Config(**{name: _section(hints[name], name, params.get(name)) for name in hints})
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Read and check params.yaml; errors name the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"settings file not found: {path}")
     with path.open() as fh:
         params = yaml.safe_load(fh) or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
-    return params
+    try:
+        return build_config(params)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
-def resolve_device(setting: str | None = "auto") -> torch.device:
-    """'auto' takes CUDA when present, so the same settings run on a laptop and a GPU worker."""
-    if setting in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device is {setting!r} but CUDA is not available here")
-    return device
+def as_params(section: Any) -> dict:
+    """A section as the nested dict params.yaml spells it (for logging to MLflow)."""
+    return {_yaml_key(f): getattr(section, f.name) for f in dataclasses.fields(section)}

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
+
+from xbl.config import DataConfig
 
 SPLITS = ("train", "val", "test")
 
@@ -35,17 +38,27 @@ class PreparedData:
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == split)
 
+    def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's images as float in [0,1] and its labels."""
+        idx = self.indices(split)
+        return to_tensor(self.images[idx]), torch.from_numpy(self.labels[idx])
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as fh:  # a file handle keeps numpy from appending ".npz"
             np.savez_compressed(fh, **self.__dict__)
 
     @classmethod
-    def load(cls, path: Path) -> "PreparedData":
+    def load(cls, path: Path) -> PreparedData:
         if not Path(path).is_file():
             raise FileNotFoundError(f"prepared dataset not found: {path} (run the prepare stage)")
         with np.load(path, allow_pickle=False) as z:
             return cls(**{k: z[k] for k in cls.__dataclass_fields__})
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N,C,H,W) to float in [0,1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
 
 
 # ---------------------------------------------------------------- decoy-digits
@@ -60,8 +73,9 @@ def _stratified_split(labels: np.ndarray, fractions: dict, rng: np.random.Genera
     return split
 
 
-def add_decoys(images: np.ndarray, code: np.ndarray, size: int, rng: np.random.Generator
-               ) -> np.ndarray:
+def add_decoys(
+    images: np.ndarray, code: np.ndarray, size: int, rng: np.random.Generator
+) -> np.ndarray:
     """Stamp a size x size patch of value 255 - 25*code in a random corner (Decoy-MNIST).
 
     Returns the confounder masks; `images` (N,1,H,W) is modified in place.
@@ -73,13 +87,19 @@ def add_decoys(images: np.ndarray, code: np.ndarray, size: int, rng: np.random.G
     for i in range(n):
         r = 0 if top[i] else h - size
         c = 0 if left[i] else w - size
-        images[i, :, r:r + size, c:c + size] = 255 - 25 * int(code[i])
-        masks[i, r:r + size, c:c + size] = True
+        images[i, :, r : r + size, c : c + size] = 255 - 25 * int(code[i])
+        masks[i, r : r + size, c : c + size] = True
     return masks
 
 
-def decoy_digits(image_size: int = 28, digit_size: int = 20, decoy_size: int = 4,
-                 split: dict | None = None, seed: int = 0, decoys: bool = True) -> PreparedData:
+def decoy_digits(
+    image_size: int = 28,
+    digit_size: int = 20,
+    decoy_size: int = 4,
+    split: dict | None = None,
+    seed: int = 0,
+    decoys: bool = True,
+) -> PreparedData:
     """scikit-learn's bundled digits drawn large in a frame, with the Decoy-MNIST confounder.
 
     The patch value encodes the label in train and val (so a validation-based early stop
@@ -98,16 +118,22 @@ def decoy_digits(image_size: int = 28, digit_size: int = 20, decoy_size: int = 4
     images = np.zeros((n, 1, image_size, image_size), dtype=np.uint8)
     for i, small in enumerate(digits.images):
         big = Image.fromarray((small * (255 / 16)).astype(np.uint8)).resize(
-            (digit_size, digit_size), Image.BILINEAR)
-        images[i, 0, off:off + digit_size, off:off + digit_size] = np.asarray(big)
+            (digit_size, digit_size), Image.BILINEAR
+        )
+        images[i, 0, off : off + digit_size, off : off + digit_size] = np.asarray(big)
     relevance = images[:, 0] > 32
     splits = _stratified_split(labels, split, rng)
     code = np.where(splits == "test", rng.integers(0, 10, n), labels)
-    confounder = (add_decoys(images, code, decoy_size, rng) if decoys
-                  else np.zeros_like(relevance))
-    return PreparedData(images, labels, splits, relevance, confounder,
-                        np.array([f"digit-{i:04d}" for i in range(n)]),
-                        np.array([str(k) for k in range(10)]))
+    confounder = add_decoys(images, code, decoy_size, rng) if decoys else np.zeros_like(relevance)
+    return PreparedData(
+        images,
+        labels,
+        splits,
+        relevance,
+        confounder,
+        np.array([f"digit-{i:04d}" for i in range(n)]),
+        np.array([str(k) for k in range(10)]),
+    )
 
 
 # ---------------------------------------------------------------- user manifests
@@ -124,8 +150,9 @@ def _read_gray(path: Path) -> np.ndarray:
 def _resize(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
     if array.shape == (size, size):
         return array
-    return np.asarray(Image.fromarray(array).resize(
-        (size, size), Image.NEAREST if nearest else Image.BILINEAR))
+    return np.asarray(
+        Image.fromarray(array).resize((size, size), Image.NEAREST if nearest else Image.BILINEAR)
+    )
 
 
 def _load_row(row: dict, root: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,8 +176,10 @@ def _load_row(row: dict, root: Path, image_size: int) -> tuple[np.ndarray, np.nd
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"unreadable mask {mask_path}: {exc}") from None
         if mask.shape != image.shape:
-            raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, "
-                             f"image is {image.shape[1]}x{image.shape[0]}")
+            raise ValueError(
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, "
+                f"image is {image.shape[1]}x{image.shape[0]}"
+            )
     return _resize(image, image_size, False), _resize(mask.astype(np.uint8), image_size, True) > 0
 
 
@@ -217,8 +246,13 @@ def radiography_manifest(folder: str | Path, out: str | Path, split: dict, seed:
     for class_dir in sorted(p for p in folder.iterdir() if (p / "images").is_dir()):
         for image in sorted((class_dir / "images").glob("*.png")):
             mask = class_dir / "masks" / image.name
-            rows.append({"image": image.relative_to(folder).as_posix(), "label": class_dir.name,
-                         "mask": mask.relative_to(folder).as_posix() if mask.exists() else ""})
+            rows.append(
+                {
+                    "image": image.relative_to(folder).as_posix(),
+                    "label": class_dir.name,
+                    "mask": mask.relative_to(folder).as_posix() if mask.exists() else "",
+                }
+            )
     if not rows:
         raise ManifestError(f"{folder}: no <class>/images/*.png found")
     labels = np.array([r["label"] for r in rows])
@@ -232,15 +266,12 @@ def radiography_manifest(folder: str | Path, out: str | Path, split: dict, seed:
     return out
 
 
-def build_dataset(cfg: dict, root: Path = Path(".")) -> PreparedData:
+def build_dataset(cfg: DataConfig, root: Path = Path(".")) -> PreparedData:
     """The dataset named in params' `data` section."""
-    name = cfg.get("dataset", "decoy-digits")
-    if name == "decoy-digits":
-        return decoy_digits(cfg.get("image_size", 28), cfg.get("digit_size", 20),
-                            cfg.get("decoy_size", 4), cfg.get("split"), cfg.get("seed", 0))
-    source = root / name
+    if cfg.dataset == "decoy-digits":
+        return decoy_digits(cfg.image_size, cfg.digit_size, cfg.decoy_size, cfg.split, cfg.seed)
+    source = root / cfg.dataset
     if source.is_dir():
-        manifest = radiography_manifest(source, source / "manifest.csv", cfg["split"],
-                                        cfg.get("seed", 0))
-        return read_manifest(manifest, cfg.get("image_size", 28))
-    return read_manifest(source, cfg.get("image_size", 28))
+        manifest = radiography_manifest(source, source / "manifest.csv", cfg.split, cfg.seed)
+        return read_manifest(manifest, cfg.image_size)
+    return read_manifest(source, cfg.image_size)

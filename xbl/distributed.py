@@ -1,15 +1,16 @@
 """Data-parallel training: one process per GPU (or several on a CPU) under torchrun with DDP.
 
-`run_distributed` (or `train_distributed`, which takes what `fit` has) writes a job file and
-runs `python -m torch.distributed.run --standalone --nproc_per_node=N -m xbl.distributed JOB`.
-Every process runs the ordinary `xbl.train.train` loop: all draw the same seeded global
+`xbl.train.fit` calls `launch` when `train.devices` > 1: it writes a job file and runs
+`python -m torch.distributed.run --standalone --nproc_per_node=N -m xbl.distributed JOB`.
+Every process runs the ordinary `xbl.train.training_loop`: all draw the same seeded global
 batches and the same annotated images, each trains on its own slice of both, and the
 gradients are averaged by DistributedDataParallel. SmallCNN has no dropout and no batchnorm,
 so this is the single-process training on the same global batch, up to float rounding.
 Validation runs in full on every process: the weights are identical everywhere (same averaged
 gradients, same Adam step), so every process reaches the same early-stopping decision
 without talking; the training-loss guard sees values summed over processes, so a divergence
-stops all of them at the same step. Process 0 writes the checkpoint and a result JSON.
+stops all of them at the same step. Process 0 writes the checkpoint and the TrainResult as JSON.
+How each feedback term splits across processes is the method's own `share` (xbl/methods.py).
 
 Plain torch on purpose: the workers import no Prefect, MLflow or DVC.
 """
@@ -25,10 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,40 +39,19 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 
 import xbl
-from xbl.config import resolve_device
+from xbl.checkpoint import checkpoint_meta, initial_model, save_checkpoint, save_last_good
+from xbl.config import TrainConfig
 from xbl.data import PreparedData
-from xbl.evaluate import split_tensors
-from xbl.train import (Feedback, FeedbackDiverged, TrainConfig, _autocast, _feedback_term,
-                       checkpoint_meta, initial_model, save_checkpoint, save_last_good, train)
-
-# Terms that sum over the annotated images (or are zero): a process's slice contributes its
-# own sum. hint and eXBL average instead, so their slices are weighted by their share.
-SUMMED_TERMS = ("rrr", "rrr_output", "rrr_g", "counterexamples")
+from xbl.feedback import Feedback
+from xbl.loop import FeedbackDiverged, TrainResult, training_loop
+from xbl.methods import AnnotatedImages
+from xbl.runtime import autocast, resolve_device
 
 
 # ---------------------------------------------------------------- one process's share of a step
-def _part(t: torch.Tensor | None, rank: int, world: int) -> torch.Tensor | None:
+def _part(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Contiguous slice `rank` of `world` (uneven sizes allowed; a slice may be empty)."""
-    return None if t is None else torch.tensor_split(t, world)[rank]
-
-
-def feedback_share(fb: Feedback, model: nn.Module, fbatch: tuple, rank: int,
-                   world: int) -> torch.Tensor:
-    """This process's part of the feedback term on the step's annotated images: summed over
-    processes it is the term on the whole `fbatch`, and so are the gradients."""
-    local = tuple(_part(t, rank, world) for t in fbatch)
-    if fb.method in SUMMED_TERMS:
-        return _feedback_term(fb, model, *local)
-    if fb.method == "hint" and fbatch[3] is not None:  # an MSE over the masked images
-        n_all = int(fbatch[3].flatten(1).any(1).sum())
-        n_here = int(local[3].flatten(1).any(1).sum())
-        return _feedback_term(fb, model, *local) * (n_here / n_all) if n_here else \
-            local[0].new_zeros(())
-    if fb.method == "exbl" and fb.exemplars is not None:  # a mean over the images
-        return _feedback_term(fb, model, *local) * (len(local[1]) / len(fbatch[1]))
-    # eXBL without fixed exemplars picks them from the whole batch: not separable, so every
-    # process computes the whole term (annotated images are few; the CE part still splits)
-    return _feedback_term(fb, model, *fbatch) / world
+    return torch.tensor_split(t, world)[rank]
 
 
 class ShardedStep:
@@ -87,22 +67,29 @@ class ShardedStep:
     def __init__(self, ddp: DistributedDataParallel, rank: int, world: int):
         self.ddp, self.rank, self.world = ddp, rank, world
 
-    def __call__(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
-                 fb: Feedback | None, fbatch: tuple | None, device: torch.device,
-                 use_amp: bool) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        n_global = len(yb) + (len(fbatch[1]) if fbatch is not None else 0)
+    def __call__(
+        self,
+        model: nn.Module,
+        xb: torch.Tensor,
+        yb: torch.Tensor,
+        fb: Feedback | None,
+        fbatch: AnnotatedImages | None,
+        device: torch.device,
+        use_amp: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        n_global = len(yb) + (len(fbatch) if fbatch is not None else 0)
         x = _part(xb, self.rank, self.world).to(device, non_blocking=True)
         y = _part(yb, self.rank, self.world).to(device, non_blocking=True)
         expl = torch.zeros((), device=device)
         if fbatch is not None:
-            x = torch.cat([x, _part(fbatch[0], self.rank, self.world)])
-            y = torch.cat([y, _part(fbatch[1], self.rank, self.world)])
+            x = torch.cat([x, _part(fbatch.x, self.rank, self.world)])
+            y = torch.cat([y, _part(fbatch.y, self.rank, self.world)])
             # Through the bare module, not DDP: the term runs its own forward and an
             # autograd.grad, and DDP allows one forward per backward (a second raises
             # "Expected to have finished reduction in the prior iteration"). Its gradients
             # still meet the CE's at the same parameters, so DDP's hooks average their sum.
-            expl = feedback_share(fb, model, fbatch, self.rank, self.world).float()
-        with _autocast(device, use_amp):
+            expl = fb.method.share(model, fbatch, self.rank, self.world).float()
+        with autocast(device, use_amp):
             logits = self.ddp(x)
         ce = F.cross_entropy(logits.float(), y, reduction="sum") / n_global
         shares = torch.stack([ce.detach(), expl.detach()])
@@ -112,7 +99,7 @@ class ShardedStep:
 
 
 # ---------------------------------------------------------------- the worker (one per process)
-def _worker_device(setting: str | None) -> torch.device:
+def _worker_device(setting: str) -> torch.device:
     """CUDA device LOCAL_RANK when training on CUDA, else the CPU."""
     if resolve_device(setting).type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -128,13 +115,15 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 def _train_here(job: dict, rank: int, world: int, device: torch.device) -> None:
+    """One process's training; process 0 saves the checkpoint and the result."""
     data = PreparedData.load(Path(job["dataset"]))
-    model = initial_model(job["model_name"], data, int(job["train_params"].get("seed", 0)),
-                          job.get("init")).to(device)  # as fit does
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                  else None)
-    feedback = Feedback(**job["feedback"]) if job.get("feedback") else None
-    meta = checkpoint_meta(job["model_name"], data)
+    cfg = TrainConfig(**job["train"])
+    model = initial_model(cfg.model, data, cfg.seed, job["init"]).to(device)  # as fit does
+    ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    feedback = Feedback.from_job(job["feedback"]) if job["feedback"] else None
+    meta = checkpoint_meta(cfg.model, data)
     out, lead = Path(job["out"]), rank == 0
 
     def on_epoch(row: dict) -> None:
@@ -143,24 +132,37 @@ def _train_here(job: dict, rank: int, world: int, device: torch.device) -> None:
                 fh.write(json.dumps(row) + "\n")
 
     try:
-        result = train(model, *split_tensors(data, "train"), *split_tensors(data, "val"),
-                       TrainConfig.from_params(job["train_params"]), feedback,
-                       on_epoch=on_epoch, step=ShardedStep(ddp, rank, world))
+        result = training_loop(
+            model,
+            *data.tensors("train"),
+            *data.tensors("val"),
+            cfg,
+            feedback,
+            on_epoch=on_epoch,
+            step=ShardedStep(ddp, rank, world),
+        )
     except FeedbackDiverged as bad:
         # every process diverges at the same step (the guard sees summed values); keep the
         # last good weights as fit does and report, so the launcher raises the same error
         if lead:
-            kept = save_last_good(model, out, meta)
-            _write_json(job["result"], {"diverged": {
-                "message": f"{bad} Last good weights: {kept}", "method": bad.method,
-                "lam": bad.lam, "epoch": bad.epoch, "best_epoch": bad.best_epoch}})
+            bad = bad.kept_at(save_last_good(model, out, meta))
+            _write_json(
+                job["result"],
+                {
+                    "diverged": {
+                        "message": str(bad),
+                        "method": bad.method,
+                        "lam": bad.lam,
+                        "epoch": bad.epoch,
+                        "best_epoch": bad.best_epoch,
+                    }
+                },
+            )
         return
     if lead:
-        save_checkpoint(model, out, meta)
-        _write_json(job["result"], {
-            "checkpoint": str(out), "history": result.history, "best_epoch": result.best_epoch,
-            "min_val_loss": result.min_val_loss, "effective_lambda": result.effective_lambda,
-            "device": str(device), "world_size": world})
+        result.checkpoint = str(save_checkpoint(model, out, meta))
+        result.device, result.world_size = str(device), world
+        _write_json(job["result"], asdict(result))
 
 
 @record  # puts a failing worker's traceback in torchrun's summary, for the launcher's error
@@ -168,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     (job_file,) = argv if argv is not None else sys.argv[1:]
     job = torch.load(job_file, map_location="cpu", weights_only=True)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = _worker_device(job["train_params"].get("device", "auto"))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(seconds=float(job.get("collective_timeout_s", 600))))
+    device = _worker_device(job["train"]["device"])
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=timedelta(seconds=float(job["collective_timeout_s"])),
+    )
     try:
         _train_here(job, rank, world, device)
     finally:
@@ -188,8 +192,11 @@ def _root_cause(log: Path) -> str:
     """The worker's exception line (e.g. 'FileNotFoundError: ...') from torchrun's "Root
     Cause" section, else the last exception line that is not torchrun's own wrapper."""
     text = log.read_text(errors="replace") if log.is_file() else ""
-    lines = re.findall(r"^\s*((?:\w+\.)*\w+(?:Error|Exception|Diverged|Interrupt)\b.*)$",
-                       text.split("Root Cause")[-1], re.MULTILINE)
+    lines = re.findall(
+        r"^\s*((?:\w+\.)*\w+(?:Error|Exception|Diverged|Interrupt)\b.*)$",
+        text.split("Root Cause")[-1],
+        re.MULTILINE,
+    )
     lines = [line for line in lines if "ChildFailedError" not in line]
     return lines[0].strip() if lines else "see the log below"
 
@@ -215,8 +222,12 @@ def _new_rows(path: Path, seen: int) -> list[dict]:
     return [json.loads(line) for line in lines[seen:]]
 
 
-def _supervise(proc: subprocess.Popen, epochs: Path, timeout_s: float | None,
-               on_epoch: Callable[[dict], None] | None) -> bool:
+def _supervise(
+    proc: subprocess.Popen,
+    epochs: Path,
+    timeout_s: float | None,
+    on_epoch: Callable[[dict], None] | None,
+) -> bool:
     """Wait for torchrun, passing epoch rows on as process 0 writes them; False on timeout.
     Whatever ends the wait (timeout, Ctrl-C), no worker is left running."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -244,82 +255,113 @@ def _environment(devices: int, job: dict) -> dict:
     # the workers import the same xbl as this launcher, wherever the caller's cwd is
     root = str(Path(xbl.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    if resolve_device(job["train_params"].get("device", "auto")).type == "cuda":
+    if resolve_device(job["train"]["device"]).type == "cuda":
         if devices > torch.cuda.device_count():  # fail here, not in N half-started workers
-            raise ValueError(f"train.devices is {devices} but {torch.cuda.device_count()} "
-                             "CUDA devices are visible")
+            raise ValueError(
+                f"train.devices is {devices} but {torch.cuda.device_count()} "
+                "CUDA devices are visible"
+            )
     else:  # N processes share the cores: N x all-cores threads would oversubscribe them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // devices))
     return env
 
 
-def run_distributed(devices: int, job: dict, workdir: Path, timeout_s: float | None = None,
-                    on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Run `job` on `devices` processes; return process 0's result.
+def launch(
+    devices: int,
+    data: PreparedData | str | Path,
+    cfg: TrainConfig,
+    out: Path,
+    init: str | Path | dict | None = None,
+    feedback: Feedback | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    workdir: Path | None = None,
+    timeout_s: float | None = None,
+    collective_timeout_s: float = 600.0,
+) -> TrainResult:
+    """Train on `devices` processes; process 0's TrainResult. Called by `xbl.train.fit`.
 
-    job: dataset (prepared .npz path), train_params, init (checkpoint or None), model_name,
-    out (checkpoint path), feedback (Feedback fields as a dict, or None); optionally
-    collective_timeout_s (default 600), after which a stuck collective fails. The result has
-    checkpoint, history, best_epoch, min_val_loss, effective_lambda, device, world_size.
-    Raises FeedbackDiverged as `train` would, and RuntimeError (with the workers' error and
-    log tail) when a process fails or `timeout_s` passes.
+    An in-memory dataset is saved for the workers. Without `workdir` a temporary one is used,
+    removed on success and on divergence, kept (and named in the error) on a failure. Raises
+    FeedbackDiverged as the loop would, and RuntimeError (with the workers' error and log tail)
+    when a process fails or `timeout_s` passes; a collective stuck for `collective_timeout_s`
+    fails its process.
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    result, epochs = workdir / "result.json", workdir / "epochs.jsonl"
-    log = workdir / "torchrun.log"
-    for stale in (result, epochs):
-        stale.unlink(missing_ok=True)
-    job = {**job, "result": str(result), "epochs_log": str(epochs)}
-    torch.save(job, workdir / "job.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={devices}", "-m", "xbl.distributed", str(workdir / "job.pt")]
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                env=_environment(devices, job), start_new_session=True)
-        finished = _supervise(proc, epochs, timeout_s, on_epoch)
-    if not finished:
-        raise RuntimeError(f"distributed training timed out after {timeout_s:g} s ({devices} "
-                           f"processes); log {log}:\n{_tail(log)}")
-    if proc.returncode != 0 or not result.is_file():
-        raise RuntimeError(f"distributed training failed ({devices} processes, exit code "
-                           f"{proc.returncode}): {_root_cause(log)}\n--- last lines of {log} "
-                           f"---\n{_tail(log)}")
-    outcome = json.loads(result.read_text())
-    if "diverged" in outcome:
-        bad = outcome["diverged"]
-        raise FeedbackDiverged(bad["message"], bad["method"], bad["lam"], bad["epoch"],
-                               bad["best_epoch"])
-    return outcome
-
-
-def train_distributed(devices: int, data: PreparedData | str | Path, train_params: dict,
-                      out: Path, init: str | None = None, feedback: Feedback | None = None,
-                      model_name: str | None = None, workdir: Path | None = None,
-                      timeout_s: float | None = None,
-                      on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """`fit`'s arguments to `run_distributed`. An in-memory dataset is saved for the workers;
-    without `workdir` a temporary one is used, kept (and named in the error) on failure."""
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="xbl-ddp-")) if own else Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     if isinstance(data, PreparedData):
         data.save(workdir / "dataset.npz")
         data = workdir / "dataset.npz"
-    job = {"dataset": str(data), "train_params": dict(train_params),
-           "init": str(init) if init else None,
-           "model_name": model_name or train_params.get("model", "small_cnn"),
-           "out": str(out),
-           "feedback": ({f.name: getattr(feedback, f.name) for f in fields(Feedback)}
-                        if feedback is not None else None)}
+    job = {
+        "dataset": str(data),
+        "train": asdict(cfg),
+        "out": str(out),
+        "init": str(init) if isinstance(init, (str, Path)) else init,
+        "feedback": feedback.job() if feedback is not None else None,
+        "collective_timeout_s": collective_timeout_s,
+    }
     try:
-        outcome = run_distributed(devices, job, workdir, timeout_s, on_epoch)
+        result = _run(devices, job, workdir, timeout_s, on_epoch)
     except FeedbackDiverged:  # a training outcome, not a failure to debug: nothing to keep
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
         raise
     if own:
         shutil.rmtree(workdir, ignore_errors=True)
-    return outcome
+    return result
+
+
+def _run(
+    devices: int,
+    job: dict,
+    workdir: Path,
+    timeout_s: float | None,
+    on_epoch: Callable[[dict], None] | None,
+) -> TrainResult:
+    """Write the job, run torchrun on it, and read back process 0's result."""
+    result, epochs = workdir / "result.json", workdir / "epochs.jsonl"
+    log = workdir / "torchrun.log"
+    for stale in (result, epochs):
+        stale.unlink(missing_ok=True)
+    job = {**job, "result": str(result), "epochs_log": str(epochs)}
+    torch.save(job, workdir / "job.pt")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={devices}",
+        "-m",
+        "xbl.distributed",
+        str(workdir / "job.pt"),
+    ]
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=_environment(devices, job),
+            start_new_session=True,
+        )
+        finished = _supervise(proc, epochs, timeout_s, on_epoch)
+    if not finished:
+        raise RuntimeError(
+            f"distributed training timed out after {timeout_s:g} s ({devices} "
+            f"processes); log {log}:\n{_tail(log)}"
+        )
+    if proc.returncode != 0 or not result.is_file():
+        raise RuntimeError(
+            f"distributed training failed ({devices} processes, exit code "
+            f"{proc.returncode}): {_root_cause(log)}\n--- last lines of {log} "
+            f"---\n{_tail(log)}"
+        )
+    outcome = json.loads(result.read_text())
+    if "diverged" in outcome:
+        bad = outcome["diverged"]
+        raise FeedbackDiverged(
+            bad["message"], bad["method"], bad["lam"], bad["epoch"], bad["best_epoch"]
+        )
+    return TrainResult(**outcome)
 
 
 if __name__ == "__main__":

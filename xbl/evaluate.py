@@ -6,24 +6,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from xbl.data import PreparedData
-from xbl.metrics import classification_metrics, confusion_matrix
-from xbl.train import mean_loss, predict_proba, to_tensor
-
-
-def split_tensors(data: PreparedData, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = data.indices(split)
-    return to_tensor(data.images[idx]), torch.from_numpy(data.labels[idx])
+from xbl.data import PreparedData, to_tensor
+from xbl.loop import mean_loss, predict_proba
+from xbl.losses import input_gradients
+from xbl.metrics import (
+    activation_recall,
+    classification_metrics,
+    confusion_matrix,
+    wrong_reason_share,
+)
+from xbl.runtime import model_device
+from xbl.saliency import eval_mode, gradcam
 
 
 def evaluate_split(model: nn.Module, data: PreparedData, split: str) -> tuple[dict, np.ndarray]:
     """Metrics named `<split>_<metric>`, and the split's confusion matrix."""
-    x, y = split_tensors(data, split)
+    x, y = data.tensors(split)
     if len(y) == 0:
         return {}, np.zeros((len(data.classes),) * 2, dtype=np.int64)
     pred = predict_proba(model, x).argmax(1)
     k = len(data.classes)
-    metrics = {f"{split}_{name}": v for name, v in classification_metrics(y.numpy(), pred, k).items()}
+    metrics = {
+        f"{split}_{name}": v for name, v in classification_metrics(y.numpy(), pred, k).items()
+    }
     metrics[f"{split}_loss"] = mean_loss(model, x, y)
     return metrics, confusion_matrix(y.numpy(), pred, k)
 
@@ -41,42 +46,40 @@ def evaluate(model: nn.Module, data: PreparedData) -> tuple[dict, np.ndarray]:
 
 
 def _attribution_maps(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per-image maps for the predicted class: GradCAM, and |input gradient| scaled to [0,1]."""
-    from xbl.losses import input_gradients
-    from xbl.saliency import gradcam
-
-    device = next(model.parameters()).device
-    x = x.to(device)
-    was_training = model.training
-    model.eval()
-    grads = input_gradients(model, x, create_graph=False).detach().abs()
-    model.train(was_training)
+    """Per-image maps of the deployed model: GradCAM of the predicted class (the one the
+    losses train through), and |∂ Σ_k log p_k / ∂x| scaled to [0,1]."""
+    x = x.to(model_device(model))
+    with eval_mode(model):
+        grads = input_gradients(model, x, create_graph=False).detach().abs()
+        cam = gradcam(model, x)
     grads = grads / grads.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
-    return {"gradcam": gradcam(model, x).cpu().numpy(), "inputgrad": grads.cpu().numpy()}
+    return {"gradcam": cam.cpu().numpy(), "inputgrad": grads.cpu().numpy()}
 
 
-def explanation_metrics(model: nn.Module, data: PreparedData, split: str,
-                        batch_size: int = 256) -> dict[str, float]:
+def explanation_metrics(
+    model: nn.Module, data: PreparedData, split: str, batch_size: int = 256
+) -> dict[str, float]:
     """Mean AR (relevance masks) and wrong-reason share (confounder masks) per explainer.
 
-    Images without a mask of that kind are left out of its mean.
+    Images without a mask of that kind are left out of its mean (docs/methods.md, "Metrics").
     """
-    from xbl.metrics import activation_recall, wrong_reason_share
-
     idx = data.indices(split)
     per_map: dict[str, dict[str, list]] = {}
     for start in range(0, len(idx), batch_size):
-        part = idx[start:start + batch_size]
+        part = idx[start : start + batch_size]
         maps = _attribution_maps(model, to_tensor(data.images[part]))
         for name, A in maps.items():
             scores = per_map.setdefault(name, {"ar": [], "wrs": []})
             scores["ar"].append(activation_recall(A, data.relevance[part]))
             has_confounder = data.confounder[part].any(axis=(1, 2))
-            scores["wrs"].append(wrong_reason_share(A[has_confounder],
-                                                    data.confounder[part][has_confounder]))
+            if has_confounder.any():  # user data may have no confounder mask at all
+                scores["wrs"].append(
+                    wrong_reason_share(A[has_confounder], data.confounder[part][has_confounder])
+                )
     out = {}
     for name, scores in per_map.items():
-        ar, wrs = np.concatenate(scores["ar"]), np.concatenate(scores["wrs"])
+        ar = np.concatenate(scores["ar"])
+        wrs = np.concatenate(scores["wrs"]) if scores["wrs"] else np.zeros(0)
         if np.isfinite(ar).any():
             out[f"{split}_activation_recall_{name}"] = float(np.nanmean(ar))
         if len(wrs):

@@ -1,92 +1,161 @@
-"""Turn annotated images into the `Feedback` a retraining round uses, per method."""
+"""What annotators said, as training uses it: the feedback manifests written each round, and
+the `Feedback` a retraining draws its annotated images from (docs/methods.md, "Feedback losses").
+"""
 
 from __future__ import annotations
 
+import copy
+import csv
+from dataclasses import dataclass, replace
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from xbl.data import PreparedData
-from xbl.losses import FEEDBACK_METHODS, counterexamples, explanation, select_exemplars
-from xbl.train import Feedback, to_tensor
+from xbl.config import FeedbackConfig, TrainConfig
+from xbl.data import PreparedData, to_tensor
+from xbl.methods import METHODS, AnnotatedImages, FeedbackMethod, method_for
+
+FEEDBACK_ROOT = "data/feedback"  # every round's masks, one DVC-tracked folder
 
 
-def relevance_for(data: PreparedData, indices: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """Where the evidence is: the image's relevance mask minus what annotators said to ignore."""
-    return data.relevance[indices] & ~W
+@dataclass
+class Feedback:
+    """The annotated images and the method that learns from them.
+
+    Every batch gets `per_batch` of these mixed in, so a handful of annotations act throughout
+    training. `normalize_lambda` rescales λ at the first batch with a nonzero term, so that the
+    term starts at λ times the cross-entropy; it is meant for fine-tuning a trained model (from
+    a fresh start the term is near zero at first and the rescaled λ would be huge). The RRR
+    terms sum over the `per_batch` images: their λ goes with 1/per_batch.
+    """
+
+    method: FeedbackMethod
+    images: AnnotatedImages
+    lam: float
+    normalize_lambda: bool = False
+    per_batch: int = 16
+
+    def to(self, device: torch.device) -> Feedback:
+        """A copy with the images on `device` (annotations are few: they move once)."""
+        method = copy.copy(self.method)
+        if getattr(method, "exemplars", None) is not None:
+            method.exemplars = tuple(e.to(device) for e in method.exemplars)
+        return replace(self, method=method, images=self.images.to(device))
+
+    def draw(self, gen: torch.Generator) -> AnnotatedImages:
+        """The annotated images of one step: `per_batch` of them, at random."""
+        idx = torch.randperm(len(self.images), generator=gen)[: self.per_batch]
+        return self.images.take(idx.to(self.images.y.device))
+
+    def job(self) -> dict:
+        """Plain values and tensors that rebuild this feedback in a data-parallel worker."""
+        images = self.images
+        return {
+            "method": self.method.name,
+            "state": self.method.state(),
+            "images": {"x": images.x, "y": images.y, "W": images.W, "M": images.M},
+            "lam": self.lam,
+            "normalize_lambda": self.normalize_lambda,
+            "per_batch": self.per_batch,
+        }
+
+    @classmethod
+    def from_job(cls, job: dict) -> Feedback:
+        method = METHODS[job["method"]].from_state(job["state"])
+        return cls(
+            method,
+            AnnotatedImages(**job["images"]),
+            job["lam"],
+            job["normalize_lambda"],
+            job["per_batch"],
+        )
 
 
-def build_feedback(method: str, data: PreparedData, indices: np.ndarray, W: np.ndarray,
-                   settings: dict, model: nn.Module | None = None,
-                   ratings: dict[int, str] | None = None) -> Feedback:
+def build_feedback(
+    cfg: FeedbackConfig,
+    data: PreparedData,
+    indices: np.ndarray,
+    W: np.ndarray,
+    seed: int,
+    model: nn.Module | None = None,
+    ratings: dict[int, str] | None = None,
+) -> Feedback:
     """Feedback on the annotated training images `indices` with their ignore masks W (n,H,W).
 
-    Counterexamples add noisy copies of each image (labels kept); eXBL fixes its good and bad
-    exemplars up front, from annotators' ratings when given, else by Activation Recall.
+    The evidence mask M is the image's relevance mask minus what annotators said to ignore.
+    `model` is the one annotators judged; only methods with `needs_model` use it.
     """
-    if method not in FEEDBACK_METHODS:
-        raise ValueError(f"unknown feedback method {method!r}; choose one of {list(FEEDBACK_METHODS)}")
-    indices = np.asarray(indices)
-    x = to_tensor(data.images[indices])
-    y = torch.from_numpy(data.labels[indices])
-    Wt = torch.from_numpy(np.asarray(W, dtype=bool))
-    M = torch.from_numpy(relevance_for(data, indices, np.asarray(W, dtype=bool)))
-    exemplars = None
-    if method == "counterexamples":
-        gen = torch.Generator().manual_seed(int(settings.get("seed", 0)))
-        x_new, y_new = counterexamples(x, y, Wt, int(settings.get("counterexample_copies", 3)), gen)
-        x, y = torch.cat([x, x_new]), torch.cat([y, y_new])
-        Wt = torch.cat([Wt, torch.zeros(len(y_new), *Wt.shape[1:], dtype=torch.bool)])
-        M = torch.cat([M, torch.zeros_like(Wt[len(M):])])
-    elif method == "exbl":
-        if model is None:
-            raise ValueError("eXBL needs the baseline model to compute its exemplars")
-        exemplars = exbl_exemplars(model, x, y, M, ratings)
-    return Feedback(method=method, x=x, y=y, W=Wt.float(), M=M.float(),
-                    lam=method_lambda(settings, method),
-                    normalize_lambda=bool(settings.get("normalize_lambda", False)),
-                    per_batch=int(settings.get("per_batch", 16)),
-                    margin=float(settings.get("exbl_margin", 1.0)), exemplars=exemplars)
+    indices, W = np.asarray(indices), np.asarray(W, dtype=bool)
+    images = AnnotatedImages(
+        to_tensor(data.images[indices]),
+        torch.from_numpy(data.labels[indices]),
+        torch.from_numpy(W).float(),
+        torch.from_numpy(data.relevance[indices] & ~W).float(),
+    )
+    method = method_for(cfg)
+    images = method.prepare(images, model, ratings or {}, seed)
+    return Feedback(method, images, cfg.lam(cfg.method), cfg.normalize_lambda, cfg.per_batch)
 
 
-def retraining_schedule(train_params: dict, feedback_params: dict) -> dict:
+def retraining_schedule(train: TrainConfig, feedback: FeedbackConfig) -> TrainConfig:
     """Train settings for a feedback retraining: the feedback's epochs and learning rate on a
     fixed schedule (early stopping on the confounded val split would pick the shortcut back)."""
-    return {**train_params, "epochs": feedback_params.get("epochs", 20),
-            "lr": feedback_params.get("lr", train_params.get("lr")), "patience": 0}
+    return replace(train, epochs=feedback.epochs, lr=feedback.lr, patience=0)
 
 
-def from_scratch(feedback_params: dict) -> bool:
-    """`init: scratch` retrains from a fresh start, as RRR does (fine-tuning only moves the model
-    near the annotated images); `init: baseline` fine-tunes the baseline's weights."""
-    init = feedback_params.get("init", "scratch")
-    if init not in ("scratch", "baseline"):
-        raise ValueError(f"feedback.init is {init!r}: expected 'scratch' or 'baseline'")
-    return init == "scratch"
+# ---------------------------------------------------------------- manifests, one per round
+MANIFEST_FIELDS = ["image_id", "index", "round", "mask", "ignored_pixels", "rating"]
 
 
-def method_lambda(settings: dict, method: str) -> float:
-    """λ for `method`: params give one per method (the terms differ by orders of magnitude),
-    or a single number for all."""
-    lam = settings.get("lambda", 1.0)
-    if isinstance(lam, dict):
-        if method not in lam:
-            raise ValueError(f"feedback.lambda has no value for method {method!r}: "
-                             f"add `{method}: <weight>` under feedback.lambda in params.yaml")
-        lam = lam[method]
-    return float(lam)
+def write_feedback(
+    out: Path, queries: dict, masks: dict, ratings: dict, problems: list[str]
+) -> Path:
+    """masks/<image_id>.png (255 = ignore), manifest.csv and problems.txt in `out`; masks of
+    images that are not among the round's `queries` are skipped."""
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    manifest = out / "manifest.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, MANIFEST_FIELDS)
+        writer.writeheader()
+        for image_id, mask in sorted(masks.items()):
+            if image_id not in queries:
+                continue
+            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{image_id}.png")
+            writer.writerow(
+                {
+                    "image_id": image_id,
+                    "index": queries[image_id]["index"],
+                    "round": queries[image_id]["round"],
+                    "mask": f"masks/{image_id}.png",
+                    "ignored_pixels": int(mask.sum()),
+                    "rating": ratings.get(image_id) or "",
+                }
+            )
+    (out / "problems.txt").write_text("".join(f"{p}\n" for p in problems))
+    return manifest
 
 
-def exbl_exemplars(model: nn.Module, x: torch.Tensor, y: torch.Tensor, M: torch.Tensor,
-                   ratings: dict[int, str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """e_good, e_bad: rated explanations when annotators rated both kinds, else max/min AR."""
-    device = next(model.parameters()).device
-    x, y = x.to(device), y.to(device)
-    ratings = ratings or {}
-    good = [i for i, r in ratings.items() if r == "good"]
-    bad = [i for i, r in ratings.items() if r == "bad"]
-    if good and bad:
-        g, b = good[0], bad[0]
-    else:
-        g, b = select_exemplars(model, x, y, M.to(device))
-    return tuple(explanation(model, x[[i]], y[[i]], create_graph=False).detach() for i in (g, b))
+def read_feedback(manifests: list[str]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """All rounds' feedback: dataset indices, ignore masks W, and ratings by position."""
+    indices, masks, ratings = [], [], {}
+    for manifest in manifests:
+        root = Path(manifest).parent
+        with open(manifest, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row["rating"]:
+                    ratings[len(indices)] = row["rating"]
+                indices.append(int(row["index"]))
+                with Image.open(root / row["mask"]) as mask:
+                    masks.append(np.asarray(mask) > 0)
+    if not indices:
+        return np.zeros(0, dtype=int), np.zeros((0, 0, 0), dtype=bool), {}
+    return np.array(indices), np.stack(masks), ratings
+
+
+def finished_rounds(project: Path) -> list[Path]:
+    """Feedback manifests of the rounds already collected, oldest first."""
+    manifests = (project / FEEDBACK_ROOT).glob("round-*/manifest.csv")
+    return sorted(manifests, key=lambda p: int(p.parent.name.split("-")[1]))

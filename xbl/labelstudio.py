@@ -1,6 +1,8 @@
 """Label Studio's side of the feedback loop, as pure data: the labeling interface, task payloads,
 the pre-drawn grid cells, and annotations back to feedback masks W (1 = the model must not use
-this pixel). No network here; tasks/labelstudio.py talks to the server.
+this pixel). No network here; services/labelstudio.py talks to the server.
+
+A round waits for `annotation_target` of its tasks (`wait.target_fraction`).
 
 Coordinates: Label Studio stores rectangles in percent of the image, so the shown image may be
 an upscaled copy of the model's input; `height`, `width` and `cell` are in model-input pixels.
@@ -22,6 +24,11 @@ BRUSH_NAME = "brush"
 IMAGE_NAME = "image"
 
 Cell = tuple[int, int]
+
+
+def annotation_target(total: int, target_fraction: float) -> int:
+    """How many of a round's `total` tasks must be annotated before it retrains (at least 1)."""
+    return max(1, int(np.ceil(target_fraction * total)))
 
 
 def labeling_config(labels: Sequence[str] = (IGNORE_LABEL, ATTENTION_LABEL)) -> str:
@@ -72,9 +79,11 @@ def task_payload(query: dict) -> dict:
         "cell": int(query["cell"]),
         "height": int(query["height"]),
         "width": int(query["width"]),
-        "summary": (f"image {query['image_id']} · round {int(query['round'])} · "
-                    f"true label {query['true_label']} · predicted {query['predicted_label']} · "
-                    f"entropy {entropy:.3f}"),
+        "summary": (
+            f"image {query['image_id']} · round {int(query['round'])} · "
+            f"true label {query['true_label']} · predicted {query['predicted_label']} · "
+            f"entropy {entropy:.3f}"
+        ),
     }
     return {"data": data}
 
@@ -105,14 +114,21 @@ def _cell_rectangle(row: int, col: int, cell: int, height: int, width: int, labe
     }
 
 
-def cell_predictions(cells: Iterable[Cell], cell: int, height: int, width: int,
-                     model_version: str, score: float = 0.0) -> dict:
+def cell_predictions(
+    cells: Iterable[Cell],
+    cell: int,
+    height: int,
+    width: int,
+    model_version: str,
+    score: float = 0.0,
+) -> dict:
     """The model's top cells as one prediction, pre-drawn as "model attention" rectangles."""
     return {
         "model_version": model_version,
         "score": float(score),
-        "result": [_cell_rectangle(int(r), int(c), cell, height, width, ATTENTION_LABEL)
-                   for r, c in cells],
+        "result": [
+            _cell_rectangle(int(r), int(c), cell, height, width, ATTENTION_LABEL) for r, c in cells
+        ],
     }
 
 
@@ -129,6 +145,7 @@ def cells_from_prediction(result: list[dict], cell: int, height: int, width: int
 
 
 # --- annotations back to masks ---------------------------------------------------------------
+
 
 def _rectangle_mask(value: dict, height: int, width: int) -> np.ndarray:
     """Pixels whose centre lies inside the (possibly rotated) rectangle; rotation is in degrees,
@@ -157,7 +174,7 @@ class _BitReader:
         if self.pos + n > self.bits.size:
             raise ValueError("RLE stream ends early")
         value = 0
-        for bit in self.bits[self.pos:self.pos + n]:
+        for bit in self.bits[self.pos : self.pos + n]:
             value = (value << 1) | int(bit)
         self.pos += n
         return value
@@ -214,9 +231,12 @@ def _region_mask(region: dict, height: int, width: int) -> np.ndarray:
     return _brush_mask(region, height, width)
 
 
-def annotation_to_mask(result: list[dict], height: int, width: int,
-                       labels: Sequence[str] = (IGNORE_LABEL, ATTENTION_LABEL),
-                       ) -> tuple[np.ndarray, str | None, list[str]]:
+def annotation_to_mask(
+    result: list[dict],
+    height: int,
+    width: int,
+    labels: Sequence[str] = (IGNORE_LABEL, ATTENTION_LABEL),
+) -> tuple[np.ndarray, str | None, list[str]]:
     """An annotation's result -> (W: bool HxW, explanation rating or None, problems).
 
     Regions labelled `labels[0]` ("ignore") join W; `labels[1]` ("model attention") regions
@@ -244,8 +264,10 @@ def annotation_to_mask(result: list[dict], height: int, width: int,
         region_labels = list(value.get(kind) or [])
         unknown = [label for label in region_labels if label not in (ignore, attention)]
         if unknown or not region_labels:
-            problems.append(f"{name}: unknown label {unknown[0] if unknown else None!r} "
-                            f"(expected {ignore!r} or {attention!r})")
+            problems.append(
+                f"{name}: unknown label {unknown[0] if unknown else None!r} "
+                f"(expected {ignore!r} or {attention!r})"
+            )
             continue
         try:
             region_mask = _region_mask(region, height, width)
@@ -253,24 +275,30 @@ def annotation_to_mask(result: list[dict], height: int, width: int,
             problems.append(f"{name}: unreadable {kind} region ({type(err).__name__}: {err})")
             continue
         if not region_mask.any():
-            problems.append(f"{name}: {kind} region lies outside the {height}x{width} image "
-                            "or covers no pixel")
+            problems.append(
+                f"{name}: {kind} region lies outside the {height}x{width} image or covers no pixel"
+            )
             continue
         if ignore in region_labels:
             mask |= region_mask
     return mask, rating, problems
 
 
-def masks_from_annotations(annotations: list[dict], height: int, width: int,
-                           ) -> tuple[dict[str, np.ndarray], dict[str, str | None], list[str]]:
+def masks_from_annotations(
+    annotations: list[dict],
+    height: int,
+    width: int,
+) -> tuple[dict[str, np.ndarray], dict[str, str | None], list[str]]:
     """Collected annotations ({image_id, task_id, annotation_id, result}) -> W per image id,
     rating per image id, and problems, each naming its task and image."""
     masks, ratings, problems = {}, {}, []
     for ann in annotations:
         mask, rating, found = annotation_to_mask(ann["result"], height, width)
         masks[ann["image_id"]], ratings[ann["image_id"]] = mask, rating
-        where = (f"task {ann.get('task_id')} (image {ann['image_id']}, "
-                 f"annotation {ann.get('annotation_id')})")
+        where = (
+            f"task {ann.get('task_id')} (image {ann['image_id']}, "
+            f"annotation {ann.get('annotation_id')})"
+        )
         problems += [f"{where}: {problem}" for problem in found]
     return masks, ratings, problems
 
@@ -287,8 +315,11 @@ def validate_labeling_config(config: str) -> list[str]:
         problems.append(f"no RectangleLabels named {RECTANGLES_NAME!r}")
     else:
         values = {label.get("value") for label in rect.iter("Label")}
-        problems += [f"RectangleLabels {RECTANGLES_NAME!r} lacks the label {label!r}"
-                     for label in (IGNORE_LABEL, ATTENTION_LABEL) if label not in values]
+        problems += [
+            f"RectangleLabels {RECTANGLES_NAME!r} lacks the label {label!r}"
+            for label in (IGNORE_LABEL, ATTENTION_LABEL)
+            if label not in values
+        ]
     if root.find(f".//Image[@name='{IMAGE_NAME}']") is None:
         problems.append(f"no Image named {IMAGE_NAME!r}")
     return problems
@@ -296,41 +327,46 @@ def validate_labeling_config(config: str) -> list[str]:
 
 # --- the simulated annotator -----------------------------------------------------------------
 
-def oracle_ignore_cells(cells: Iterable[Cell], cell: int, relevance_mask: np.ndarray,
-                        max_overlap: float) -> list[Cell]:
+
+def oracle_ignore_cells(
+    cells: Iterable[Cell], cell: int, relevance_mask: np.ndarray, max_overlap: float
+) -> list[Cell]:
     """The shown cells a careful annotator marks "ignore": those whose share of pixels inside
     the relevance mask (the true evidence) is below `max_overlap`."""
     relevance = np.asarray(relevance_mask, dtype=bool)
     chosen = []
     for row, col in cells:
-        patch = relevance[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell]
+        patch = relevance[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
         if patch.size and patch.mean() < max_overlap:
             chosen.append((int(row), int(col)))
     return chosen
 
 
-def oracle_annotation(cells: Iterable[Cell], cell: int, height: int, width: int,
-                      relevance_mask: np.ndarray, max_overlap: float) -> list[dict]:
+def oracle_annotation(
+    cells: Iterable[Cell],
+    cell: int,
+    height: int,
+    width: int,
+    relevance_mask: np.ndarray,
+    max_overlap: float,
+) -> list[dict]:
     """The result a person would submit: each shown cell relabelled "ignore" or kept as
     "model attention", and the explanation rated "good" only when nothing is to be ignored."""
     cells = [(int(r), int(c)) for r, c in cells]
     ignored = set(oracle_ignore_cells(cells, cell, relevance_mask, max_overlap))
-    result = [_cell_rectangle(r, c, cell, height, width,
-                              IGNORE_LABEL if (r, c) in ignored else ATTENTION_LABEL)
-              for r, c in cells]
-    result.append({
-        "id": "rating",
-        "from_name": RATING_NAME,
-        "to_name": IMAGE_NAME,
-        "type": "choices",
-        "value": {"choices": [RATINGS[1] if ignored else RATINGS[0]]},
-    })
+    result = [
+        _cell_rectangle(
+            r, c, cell, height, width, IGNORE_LABEL if (r, c) in ignored else ATTENTION_LABEL
+        )
+        for r, c in cells
+    ]
+    result.append(
+        {
+            "id": "rating",
+            "from_name": RATING_NAME,
+            "to_name": IMAGE_NAME,
+            "type": "choices",
+            "value": {"choices": [RATINGS[1] if ignored else RATINGS[0]]},
+        }
+    )
     return result
-
-
-def cells_mask(cells: Iterable[Cell], cell: int, height: int, width: int) -> np.ndarray:
-    """The union of grid cells as a bool HxW mask."""
-    mask = np.zeros((height, width), dtype=bool)
-    for row, col in cells:
-        mask[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell] = True
-    return mask

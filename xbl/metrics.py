@@ -1,4 +1,4 @@
-"""Classification and explanation metrics (METHODS.md, 'Metrics')."""
+"""Classification and explanation metrics (docs/methods.md, "Metrics")."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return cm
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, float]:
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, n_classes: int
+) -> dict[str, float]:
     """Accuracy, macro precision and recall, and per-class accuracy (= per-class recall)."""
     cm = confusion_matrix(y_true, y_pred, n_classes)
     support = cm.sum(axis=1)

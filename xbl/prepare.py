@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xbl.config import load_params
+from xbl.config import ConfigError, load_config
 from xbl.data import ManifestError, build_dataset
 
 
@@ -27,13 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    cfg = load_params(args.params)["data"]
     try:
+        cfg = load_config(args.params).data
         data = build_dataset(cfg, Path("."))
-    except ManifestError as exc:
+    except (ConfigError, ManifestError) as exc:
         print(f"prepare: {exc}", file=sys.stderr)
         return 2
-    out = Path(cfg.get("out", "data/prepared"))
+    out = Path(cfg.out)
     data.save(out / "dataset.npz")
     (out / "summary.json").write_text(json.dumps(summary(data), indent=2) + "\n")
     print(json.dumps(summary(data)))

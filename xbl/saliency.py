@@ -1,8 +1,8 @@
 """What the annotator sees: saliency maps, their grid cells, and the PNGs shown in Label Studio.
 
-METHODS.md, 'Query selection': DeepLIFT (Rescale) for the predicted class against a blurred
-baseline, or GradCAM on `model.last_conv`; the map is cut into a grid and the top cells by mean
-attribution are outlined.
+docs/methods.md, "Saliency": DeepLIFT (Rescale, Captum's) for the predicted class against a
+blurred baseline, or GradCAM on `model.last_conv`; the map is cut into a grid and the top cells
+by mean attribution are outlined.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from captum.attr import DeepLift, LayerGradCam
+from captum.attr import DeepLift
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from torch import nn
@@ -61,8 +61,9 @@ def _scale_per_image(attr: torch.Tensor) -> torch.Tensor:
     return attr / peak.view(-1, *([1] * (attr.dim() - 1)))
 
 
-def deeplift_blurred(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None = None,
-                     sigma: float = 3.0) -> torch.Tensor:
+def deeplift_blurred(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None = None, sigma: float = 3.0
+) -> torch.Tensor:
     """DeepLIFT (Rescale) against a blurred copy of x, summed over channels, scaled by max |.|."""
     # blur before requires_grad: a baseline inside the graph would leak gradient into DeepLIFT
     baseline = gaussian_blur(x.detach(), sigma)
@@ -76,27 +77,63 @@ def deeplift_blurred(model: nn.Module, x: torch.Tensor, target: torch.Tensor | i
     return _scale_per_image(attr.detach().sum(dim=1))
 
 
-def gradcam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Captum GradCAM of `model.last_conv`, relu'd, bilinearly upsampled, scaled to [0, 1]."""
-    x = x.detach()
-    with eval_mode(model):
-        if target is None:
-            target = predicted_class(model, x)
-        cam = LayerGradCam(model, model.last_conv).attribute(x, target=target, relu_attributions=True)
-    cam = F.interpolate(cam.detach(), size=x.shape[-2:], mode="bilinear", align_corners=False)
-    return _scale_per_image(cam[:, 0])
+def gradcam(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor | int | None = None,
+    upsample: bool = True,
+    create_graph: bool = False,
+) -> torch.Tensor:
+    """GradCAM of `model.last_conv`: ReLU(Σ_c mean_ij(∂z_t/∂A_c) · A_c), scaled per image to
+    [0, 1]; bilinearly upsampled to the image first when `upsample` (N,H,W), else at the
+    layer's own resolution (N,h,w). docs/methods.md, "Saliency".
+
+    The one GradCAM of the project: the losses keep its graph (`create_graph=True`) and train
+    through it, the metrics and the annotator's overlays read it, so all three see the same
+    map. `target` None is the predicted class, from the same forward pass. The model's mode is
+    the caller's: wrap a call in `eval_mode` to explain the deployed model.
+    """
+    captured = {}
+    hook = model.last_conv.register_forward_hook(lambda _m, _i, out: captured.update(acts=out))
+    try:
+        with torch.enable_grad():
+            if not create_graph:  # the map only; a frozen model still gets its layer's gradient
+                x = x.detach().requires_grad_(True)
+            logits = model(x)
+    finally:
+        hook.remove()
+    acts = captured["acts"]
+    if target is None:
+        target = logits.argmax(dim=1)
+    target = torch.as_tensor(target, device=logits.device).long().expand(len(x))
+    with torch.enable_grad():
+        score = logits.gather(1, target.unsqueeze(1)).sum()
+        (grads,) = torch.autograd.grad(score, acts, create_graph=create_graph)
+    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1))
+    if not create_graph:
+        cam = cam.detach()
+    if upsample:
+        cam = upsample_map(cam, x.shape[-2:])
+    return cam / cam.flatten(1).amax(dim=1).clamp_min(_EPS).view(-1, 1, 1)
+
+
+def upsample_map(maps: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """(N,h,w) maps to (N,*size), bilinearly (the corners of the image are pixel edges)."""
+    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 SALIENCY_METHODS = ("deeplift", "gradcam")
 
 
-def saliency_map(model: nn.Module, x: torch.Tensor, method: str = "deeplift",
-                 sigma: float = 3.0) -> torch.Tensor:
+def saliency_map(
+    model: nn.Module, x: torch.Tensor, method: str = "deeplift", sigma: float = 3.0
+) -> torch.Tensor:
     """The map the annotator sees (query.saliency): DeepLIFT vs a blurred baseline, or GradCAM."""
     if method == "deeplift":
         return deeplift_blurred(model, x, sigma=sigma)
     if method == "gradcam":
-        return gradcam(model, x)
+        with eval_mode(model):
+            return gradcam(model, x)
     raise ValueError(f"unknown saliency {method!r}; choose one of {list(SALIENCY_METHODS)}")
 
 
@@ -126,14 +163,15 @@ def top_cells(attr: torch.Tensor, cell: int, k: int, signed: bool = False) -> to
     return torch.stack([best // n_cols, best % n_cols], dim=-1)
 
 
-def cells_to_mask(cells: torch.Tensor | np.ndarray | Iterable[tuple[int, int]], cell: int,
-                  height: int, width: int) -> np.ndarray:
+def cells_to_mask(
+    cells: torch.Tensor | np.ndarray | Iterable[tuple[int, int]], cell: int, height: int, width: int
+) -> np.ndarray:
     """Boolean (H, W) mask that is True inside every given (row, col) cell."""
     mask = np.zeros((height, width), dtype=bool)
     for row, col in np.asarray(cells, dtype=np.int64).reshape(-1, 2):
         if not (0 <= row * cell < height and 0 <= col * cell < width):
             raise ValueError(f"cell ({row}, {col}) lies outside a {height}x{width} image")
-        mask[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell] = True
+        mask[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = True
     return mask
 
 
@@ -169,12 +207,20 @@ def image_png(image: torch.Tensor | np.ndarray, path: str | Path, scale: int = 1
     return _save_rgb(_upscale(rgb, scale), path)
 
 
-def overlay_png(image: torch.Tensor | np.ndarray, attr: torch.Tensor | np.ndarray,
-                cells: torch.Tensor | np.ndarray | Iterable[tuple[int, int]], cell: int,
-                path: str | Path, scale: int = 10, alpha: float = 0.5) -> Path:
+def overlay_png(
+    image: torch.Tensor | np.ndarray,
+    attr: torch.Tensor | np.ndarray,
+    cells: torch.Tensor | np.ndarray | Iterable[tuple[int, int]],
+    cell: int,
+    path: str | Path,
+    scale: int = 10,
+    alpha: float = 0.5,
+) -> Path:
     """Write the grayscale image blended with the attribution heat map, given cells outlined."""
     gray = _gray(image)
-    attr = attr.detach().cpu().numpy() if torch.is_tensor(attr) else np.asarray(attr, dtype=np.float64)
+    attr = (
+        attr.detach().cpu().numpy() if torch.is_tensor(attr) else np.asarray(attr, dtype=np.float64)
+    )
     rgb = (1 - alpha) * gray[..., None] + alpha * _heatmap(attr)
     canvas = Image.fromarray(_to_uint8(_upscale(rgb, scale)))
     draw = ImageDraw.Draw(canvas)

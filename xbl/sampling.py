@@ -1,4 +1,5 @@
-"""Query selection: which training images go to the annotator next (METHODS.md, 'Query selection')."""
+"""Query selection: which training images go to the annotator next (docs/methods.md, "Query
+selection")."""
 
 from __future__ import annotations
 
@@ -41,8 +42,14 @@ def _available(n: int, exclude: np.ndarray | Iterable[int] | None) -> np.ndarray
     return available
 
 
-def select_queries(probs: np.ndarray, labels: np.ndarray | None, k: int, strategy: str = "entropy",
-                   exclude: np.ndarray | Iterable[int] | None = None, seed: int = 0) -> np.ndarray:
+def select_queries(
+    probs: np.ndarray,
+    labels: np.ndarray | None,
+    k: int,
+    strategy: str = "entropy",
+    exclude: np.ndarray | Iterable[int] | None = None,
+    seed: int = 0,
+) -> np.ndarray:
     """Indices of the k most informative pool images, most informative first.
 
     Already-annotated images (exclude) are skipped; k beyond the pool returns all available.

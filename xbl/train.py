@@ -1,346 +1,43 @@
-"""The training loop: plain cross-entropy, or CE + λ·explanation feedback on annotated images.
-
-Device: everything follows the model (`model.to(device)` before calling `train`); tensors are
-moved batch by batch, so the dataset may stay on the CPU. Mixed precision (`amp`) wraps only
-the cross-entropy forward in autocast; the feedback term, whose input gradients are
-differentiated a second time, always runs in float32, where those small second-order terms do
-not underflow. The CPU in float32 is the tested default.
-"""
+"""Training: `fit`, the one entry point, for one process or N."""
 
 from __future__ import annotations
 
-import copy
-import math
-import random
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from xbl.models import build_model
-
-EXPLOSION = 1e12   # a finite loss above this is treated as diverged, like NaN
+from xbl.checkpoint import checkpoint_meta, initial_model, save_checkpoint, save_last_good
+from xbl.config import TrainConfig
+from xbl.data import PreparedData
+from xbl.distributed import launch
+from xbl.feedback import Feedback
+from xbl.loop import FeedbackDiverged, TrainResult, training_loop
+from xbl.runtime import resolve_device
 
 
-@dataclass
-class TrainConfig:
-    lr: float = 1e-3
-    epochs: int = 20
-    batch_size: int = 64
-    seed: int = 0
-    patience: int = 5            # 0: no early stopping, keep the last epoch's weights
-    amp: bool = False            # autocast the CE forward: CUDA float16 (+ loss scaling), CPU bf16
+def fit(
+    data: PreparedData,
+    cfg: TrainConfig,
+    out: Path,
+    init: str | Path | dict | None = None,
+    feedback: Feedback | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """The one way to train: `cfg.model` on the train split, validated on val, from the seed's
+    weights or `init`, with or without feedback; the checkpoint at `out` holds the kept weights.
 
-    @classmethod
-    def from_params(cls, section: dict) -> "TrainConfig":
-        return cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
-
-
-@dataclass
-class Feedback:
-    """Annotated images and what the annotators said about them.
-
-    W marks pixels the model must not use; M (optional) where the evidence is. Every batch
-    gets `per_batch` of these mixed in, so a handful of annotations act throughout training.
-    `normalize_lambda` rescales λ at the first batch with a nonzero term, so that the term
-    starts at λ times the cross-entropy. It is meant for fine-tuning a trained model. From a
-    fresh initialisation the term is near zero at first and the rescaled λ would be huge:
-    give λ directly there. The RRR terms sum over the `per_batch` images: their λ goes with
-    1/per_batch.
+    With `cfg.devices` > 1 the same training runs data-parallel in that many processes. On
+    divergence the last good weights are saved beside `out` and FeedbackDiverged names them.
     """
-    method: str
-    x: torch.Tensor
-    y: torch.Tensor
-    W: torch.Tensor
-    M: torch.Tensor | None = None
-    lam: float = 10.0
-    normalize_lambda: bool = True
-    per_batch: int = 16
-    margin: float = 1.0
-    exemplars: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def to(self, device: torch.device) -> "Feedback":
-        """A copy with every tensor on `device` (annotations are few: they move once)."""
-        moved = copy.copy(self)
-        for name in ("x", "y", "W", "M"):
-            value = getattr(self, name)
-            setattr(moved, name, value.to(device) if value is not None else None)
-        if self.exemplars is not None:
-            moved.exemplars = tuple(e.to(device) for e in self.exemplars)
-        return moved
-
-
-class FeedbackDiverged(RuntimeError):
-    """The loss went NaN or exploded; the model holds the last good weights (those of
-    `best_epoch`, 0 = the weights it started with), so a caller can still save them."""
-
-    def __init__(self, message: str, method: str | None = None, lam: float | None = None,
-                 epoch: int | None = None, best_epoch: int | None = None):
-        super().__init__(message)
-        self.method, self.lam, self.epoch, self.best_epoch = method, lam, epoch, best_epoch
-
-
-@dataclass
-class TrainResult:
-    history: list[dict] = field(default_factory=list)
-    best_epoch: int = 0
-    min_val_loss: float = math.inf
-    effective_lambda: float | None = None
-    initial_ce: float | None = None        # CE and feedback term of the first batch (with
-    initial_feedback: float | None = None  # normalisation: of the batch λ was scaled on)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N,C,H,W) to float in [0,1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> np.ndarray:
-    """Softmax probabilities, in batches (on a CPU 64-128 images per batch run ~2x faster
-    than 512: the activations stay in cache)."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    out = [F.softmax(model(x[i:i + batch_size].to(device)).float(), dim=1).cpu()
-           for i in range(0, len(x), batch_size)]
-    model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, 0))
-
-
-def _nll(probs: np.ndarray, y: torch.Tensor) -> float:
-    return float(F.nll_loss(torch.from_numpy(probs).clamp_min(1e-12).log(), y, reduction="mean"))
-
-
-@torch.no_grad()
-def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> float:
-    return _nll(predict_proba(model, x, batch_size), y)
-
-
-def _feedback_batch(fb: Feedback, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    idx = torch.randperm(len(fb.y), generator=gen)[:fb.per_batch].to(fb.y.device)
-    M = fb.M[idx] if fb.M is not None else None
-    return fb.x[idx], fb.y[idx], fb.W[idx], M
-
-
-def _feedback_term(fb: Feedback, model: nn.Module, x, y, W, M) -> torch.Tensor:
-    from xbl.losses import feedback_term
-
-    return feedback_term(fb.method, model, x, y, W=W, M=M, exemplars=fb.exemplars,
-                         margin=fb.margin)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    """CE-forward autocast: float16 on CUDA, bfloat16 elsewhere; a no-op when disabled."""
-    if not enabled:
-        return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# A step's losses: (ce, expl) to backpropagate, and their values over the whole global batch.
-StepLosses = Callable[..., tuple[torch.Tensor, torch.Tensor, float, float]]
-
-
-def _step_losses(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, fb: Feedback | None,
-                 fbatch: tuple | None, device: torch.device, use_amp: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """One process: the CE over the batch plus the annotated images, and the feedback term.
-
-    xb, yb are the batch as stored (it may stay on the CPU); `fbatch` the annotated images
-    drawn for this step, already on the device, or None without feedback.
-    """
-    xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-    expl = torch.zeros((), device=device)
-    if fbatch is not None:
-        fx, fy, fW, fM = fbatch
-        xb, yb = torch.cat([xb, fx]), torch.cat([yb, fy])
-        # float32 on purpose: a second derivative through fp16 underflows
-        expl = _feedback_term(fb, model, fx, fy, fW, fM).float()
-    with _autocast(device, use_amp):
-        logits = model(xb)
-    ce = F.cross_entropy(logits.float(), yb)
-    # one device sync per step for the guard, the normalisation and the history
-    ce_value, expl_value = torch.stack([ce.detach(), expl.detach()]).tolist()
-    return ce, expl, ce_value, expl_value
-
-
-class _Diverged(Exception):
-    """Internal: carries what the message needs until the best weights are back in place."""
-
-    def __init__(self, value: float, epoch: int, where: str):
-        self.value, self.epoch, self.where = value, epoch, where
-
-
-def _check_finite(value: float, epoch: int, where: str) -> None:
-    if not (math.isfinite(value) and value < EXPLOSION):
-        raise _Diverged(value, epoch, where)
-
-
-def train(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
-          val_x: torch.Tensor, val_y: torch.Tensor, cfg: TrainConfig,
-          feedback: Feedback | None = None,
-          on_epoch: Callable[[dict], None] | None = None,
-          step: StepLosses | None = None) -> TrainResult:
-    """Adam with early stopping on the (confounded) validation loss; restores the best weights.
-
-    With `cfg.patience` 0 every epoch counts as the best, so the last epoch's weights are kept.
-    On divergence (NaN or a loss above 1e12, in training or on validation) the best weights so
-    far are restored before FeedbackDiverged is raised, naming the method, λ and epoch.
-    `step` computes each step's losses; None is one process, xbl.distributed passes its
-    data-parallel share.
-    """
-    seed_everything(cfg.seed)
-    loop = _EpochRunner.start(model, cfg, feedback, step or _step_losses)
-    result = loop.result
-    best_state, stale = copy.deepcopy(model.state_dict()), 0
+    if cfg.devices > 1:  # one process per device under torchrun (gloo on CPU, nccl on GPUs)
+        return launch(cfg.devices, data, cfg, Path(out), init, feedback, on_epoch)
+    device = resolve_device(cfg.device)
+    model = initial_model(cfg.model, data, cfg.seed, init).to(device)
+    meta = checkpoint_meta(cfg.model, data)
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            row = {"epoch": epoch, **loop.run(train_x, train_y, epoch),
-                   **_validate(model, val_x, val_y, epoch)}
-            result.history.append(row)
-            if on_epoch:
-                on_epoch(row)
-            if row["val_loss"] < result.min_val_loss - 1e-6 or cfg.patience <= 0:
-                result.min_val_loss = min(result.min_val_loss, row["val_loss"])
-                result.best_epoch, stale = epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    break
-    except _Diverged as bad:
-        raise _diverged(bad, feedback, loop.lam, result.best_epoch) from None
-    finally:
-        model.load_state_dict(best_state)  # also on divergence: the last good weights
-    result.effective_lambda = loop.lam if feedback is not None else None
+        result = training_loop(
+            model, *data.tensors("train"), *data.tensors("val"), cfg, feedback, on_epoch=on_epoch
+        )
+    except FeedbackDiverged as diverged:
+        raise diverged.kept_at(save_last_good(model, Path(out), meta)) from None
+    result.checkpoint, result.device = str(save_checkpoint(model, Path(out), meta)), str(device)
     return result
-
-
-def _validate(model: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, epoch: int) -> dict:
-    probs = predict_proba(model, val_x)
-    val_loss = _nll(probs, val_y)
-    _check_finite(val_loss, epoch, "validation loss")
-    return {"val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == val_y.numpy()).mean())}
-
-
-@dataclass
-class _EpochRunner:
-    """The optimiser state and λ across epochs; `run` trains one epoch."""
-    model: nn.Module
-    cfg: TrainConfig
-    fb: Feedback | None           # on the model's device; None without (or with empty) feedback
-    step: StepLosses
-    device: torch.device
-    opt: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    gen: torch.Generator
-    lam: float
-    pending: bool                 # λ still to be normalised
-    result: TrainResult = field(default_factory=TrainResult)
-
-    @classmethod
-    def start(cls, model: nn.Module, cfg: TrainConfig, feedback: Feedback | None,
-              step: StepLosses) -> "_EpochRunner":
-        device = model_device(model)
-        fb = feedback.to(device) if feedback is not None and len(feedback.y) else None
-        scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
-        return cls(model, cfg, fb, step, device, torch.optim.Adam(model.parameters(), lr=cfg.lr),
-                   scaler, torch.Generator().manual_seed(cfg.seed),
-                   feedback.lam if feedback is not None else 0.0,
-                   fb is not None and fb.normalize_lambda)
-
-    def run(self, train_x: torch.Tensor, train_y: torch.Tensor, epoch: int) -> dict:
-        self.model.train()
-        ce_sum = fb_sum = 0.0
-        order = torch.randperm(len(train_y), generator=self.gen)
-        starts = range(0, len(order), self.cfg.batch_size)
-        for start in starts:
-            idx = order[start:start + self.cfg.batch_size]
-            fbatch = _feedback_batch(self.fb, self.gen) if self.fb is not None else None
-            ce, expl, ce_value, expl_value = self.step(self.model, train_x[idx], train_y[idx],
-                                                       self.fb, fbatch, self.device,
-                                                       bool(self.cfg.amp))
-            self._observe(ce_value, expl_value)
-            _check_finite(ce_value + self.lam * expl_value, epoch, "training loss")
-            self._update(ce + self.lam * expl)
-            ce_sum, fb_sum = ce_sum + ce_value, fb_sum + expl_value
-        return {"train_ce": ce_sum / len(starts), "train_feedback": fb_sum / len(starts)}
-
-    def _observe(self, ce_value: float, expl_value: float) -> None:
-        """Record the first batch's losses; with normalisation, rescale λ so the term starts at
-        λ times the CE (at the first batch whose term is nonzero; before it, λ acts on 0)."""
-        result = self.result
-        if result.initial_ce is None or (self.pending and expl_value > 0):
-            result.initial_ce, result.initial_feedback = ce_value, expl_value
-            if self.pending and expl_value > 0:
-                self.lam, self.pending = self.fb.lam * ce_value / expl_value, False
-
-    def _update(self, loss: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.opt.step()
-
-
-def _diverged(bad: _Diverged, feedback: Feedback | None, lam: float,
-              best_epoch: int) -> FeedbackDiverged:
-    method = feedback.method if feedback is not None else None
-    where = f"method {method!r}, lambda {lam:g}" if feedback is not None else "plain cross-entropy"
-    kept = f"those of epoch {best_epoch}" if best_epoch else "the initial ones"
-    return FeedbackDiverged(
-        f"{bad.where} is {bad.value:g} at epoch {bad.epoch} ({where}); the model keeps the "
-        f"last good weights ({kept}) — lower the lambda or the learning rate",
-        method=method, lam=lam, epoch=bad.epoch, best_epoch=best_epoch)
-
-
-def initial_model(name: str, data, seed: int, init: str | Path | None = None) -> nn.Module:
-    """The model a run starts from: weights fixed by the seed, or those of `init`."""
-    seed_everything(seed)
-    meta = checkpoint_meta(name, data)
-    model = build_model(name, meta["in_channels"], meta["n_classes"], meta["image_size"])
-    if init:
-        model.load_state_dict(load_checkpoint(Path(init))[0])
-    return model
-
-
-def checkpoint_meta(name: str, data) -> dict:
-    """What rebuilds the model from a checkpoint: its name and the data's shape."""
-    _, c, h, _ = data.images.shape
-    return {"model": name, "in_channels": c, "n_classes": len(data.classes), "image_size": h}
-
-
-def save_last_good(model: nn.Module, out: Path, meta: dict) -> Path:
-    """After a divergence the model holds the last good weights: keep them beside `out`."""
-    return save_checkpoint(model, out.with_name(out.stem + "-last-good.pt"), meta)
-
-
-def save_checkpoint(model: nn.Module, path: Path, meta: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
-    return path
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    return ckpt["state_dict"], ckpt["meta"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.offline import OFFLINE_ENV
+from services.offline import OFFLINE_ENV
 
 REMOTE_NAME = "local"
 REMOTE_DIR = ".dvc-remote"

@@ -39,6 +39,9 @@ DEFAULT_PORT = 8089
 # transport error or a gateway/overload answer, a write only when it never left (connect).
 RETRY_STATUSES = (429, 502, 503, 504)
 IMAGES_CONFIG = '<View><Image name="image" value="$image"/></View>'
+# The webhook events that can complete a round, and the header that carries the shared secret.
+ACTIONS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED")
+SECRET_HEADER = "X-XBL-Webhook-Secret"
 
 
 class LabelStudioError(RuntimeError):
@@ -61,6 +64,7 @@ class LabelStudioClient:
 
 
 # --- settings and connection -----------------------------------------------------------------
+
 
 def _local_settings() -> dict[str, str]:
     """XBL_LABEL_STUDIO_* from the environment over the git-ignored .labelstudio/env file."""
@@ -91,10 +95,14 @@ def server_settings() -> tuple[str, str | None]:
 def _transient(err: Exception, write: bool) -> bool:
     if isinstance(err, ApiError):
         return not write and err.status_code in RETRY_STATUSES
-    return isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout) if write else httpx.TransportError)
+    return isinstance(
+        err, (httpx.ConnectError, httpx.ConnectTimeout) if write else httpx.TransportError
+    )
 
 
-def _retry(call: Callable[[], Any], write: bool = False, attempts: int = 4, first_delay_s: float = 0.5):
+def _retry(
+    call: Callable[[], Any], write: bool = False, attempts: int = 4, first_delay_s: float = 0.5
+):
     """Run `call`, retrying transient failures with exponential backoff."""
     for attempt in range(attempts):
         try:
@@ -102,11 +110,14 @@ def _retry(call: Callable[[], Any], write: bool = False, attempts: int = 4, firs
         except (httpx.TransportError, ApiError) as err:
             if not _transient(err, write):
                 raise
-            reason = (f"HTTP {err.status_code}" if isinstance(err, ApiError)
-                      else f"{type(err).__name__}: {err}")
+            reason = (
+                f"HTTP {err.status_code}"
+                if isinstance(err, ApiError)
+                else f"{type(err).__name__}: {err}"
+            )
             if attempt == attempts - 1:
                 raise LabelStudioUnavailable(f"Label Studio unreachable ({reason})") from err
-            delay = first_delay_s * 2 ** attempt
+            delay = first_delay_s * 2**attempt
             log.warning("Label Studio unreachable (%s); retry in %.1fs", reason, delay)
             time.sleep(delay)
 
@@ -115,21 +126,27 @@ def _is_loopback(url: str) -> bool:
     return urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
 
 
-def connect(url: str | None = None, token: str | None = None, timeout_s: float = 30.0) -> LabelStudioClient:
+def connect(
+    url: str | None = None, token: str | None = None, timeout_s: float = 30.0
+) -> LabelStudioClient:
     """A checked connection (reachable, token accepted) to the configured server."""
     env_url, env_token = server_settings() if not (url and token) else (url, token)
     url, token = (url or env_url).rstrip("/"), token or env_token
     if not token:
-        raise LabelStudioError("no Label Studio API token: set LABEL_STUDIO_API_KEY, or start the local "
-                               "server with `infra/labelstudio.sh start` (it writes .labelstudio/env)")
+        raise LabelStudioError(
+            "no Label Studio API token: set LABEL_STUDIO_API_KEY, or start the local "
+            "server with `infra/labelstudio.sh start` (it writes .labelstudio/env)"
+        )
     http = httpx.Client(timeout=timeout_s, trust_env=not _is_loopback(url))  # no proxy for loopback
     try:
         sdk = LabelStudio(base_url=url, api_key=token, httpx_client=http, max_retries=0)
         _retry(sdk.users.whoami, attempts=2)
     except LabelStudioUnavailable as err:
         http.close()
-        raise LabelStudioUnavailable(f"Label Studio is not reachable at {url} (start the local server with "
-                                     "`infra/labelstudio.sh start`)") from err
+        raise LabelStudioUnavailable(
+            f"Label Studio is not reachable at {url} (start the local server with "
+            "`infra/labelstudio.sh start`)"
+        ) from err
     except ApiError as err:
         http.close()
         what = "rejected the API token" if err.status_code in (401, 403) else "answered"
@@ -144,8 +161,11 @@ def project_link(client: LabelStudioClient, project_id: int) -> str:
 
 # --- projects --------------------------------------------------------------------------------
 
+
 def _find_project(client: LabelStudioClient, title: str) -> int | None:
-    found = _retry(lambda: [p.id for p in client.sdk.projects.list(title=title) if p.title == title])
+    found = _retry(
+        lambda: [p.id for p in client.sdk.projects.list(title=title) if p.title == title]
+    )
     return min(found) if found else None
 
 
@@ -171,14 +191,23 @@ def ensure_project(client: LabelStudioClient, title: str, model_version: str) ->
     """The project with this title (created with the xbl labeling config when missing)."""
     sdk = client.sdk
     project_id = _find_project(client, title)
-    settings = dict(label_config=mapping.labeling_config(), show_collab_predictions=True,
-                    show_skip_button=False)  # a skipped task would never count as annotated
+    settings = dict(
+        label_config=mapping.labeling_config(), show_collab_predictions=True, show_skip_button=False
+    )  # a skipped task would never count as annotated
     if project_id is not None:
         _retry(lambda: sdk.projects.update(project_id, **settings), write=True)
     else:
-        project_id = _retry(lambda: sdk.projects.create(
-            title=title, model_version=model_version, description="xbl explanation feedback",
-            **settings).id, write=True)
+        project_id = _retry(
+            lambda: (
+                sdk.projects.create(
+                    title=title,
+                    model_version=model_version,
+                    description="xbl explanation feedback",
+                    **settings,
+                ).id
+            ),
+            write=True,
+        )
     _retry(lambda: _use_model_version(client, project_id, model_version))
     return project_id
 
@@ -186,33 +215,65 @@ def ensure_project(client: LabelStudioClient, title: str, model_version: str) ->
 def _images_project(client: LabelStudioClient, project_id: int) -> int:
     """The companion project that receives the uploaded images (no tasks, one data key)."""
     title = f"{_retry(lambda: client.sdk.projects.get(project_id).title)} (images)"
-    return _find_project(client, title) or _retry(lambda: client.sdk.projects.create(
-        title=title, label_config=IMAGES_CONFIG,
-        description=f"Uploaded images for project {project_id}; it holds no tasks. Do not delete."
-    ).id, write=True)
+    return _find_project(client, title) or _retry(
+        lambda: (
+            client.sdk.projects.create(
+                title=title,
+                label_config=IMAGES_CONFIG,
+                description=f"Uploaded images for project {project_id}; it holds no tasks. Do not delete.",
+            ).id
+        ),
+        write=True,
+    )
 
 
 # --- tasks -----------------------------------------------------------------------------------
+
 
 def _field(obj: Any, name: str, default: Any = None) -> Any:
     """Task parts come back as dicts or SDK models depending on the endpoint."""
     return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
 
 
-def _round_tasks(client: LabelStudioClient, project_id: int, round_: int, fields: str = "task_only") -> list:
-    query = json.dumps({"filters": {"conjunction": "and", "items": [
-        {"filter": "filter:tasks:data.round", "operator": "equal", "type": "Number", "value": int(round_)}]}})
-    tasks = _retry(lambda: list(client.sdk.tasks.list(project=project_id, query=query, fields=fields)))
+def _round_tasks(
+    client: LabelStudioClient, project_id: int, round_: int, fields: str = "task_only"
+) -> list:
+    query = json.dumps(
+        {
+            "filters": {
+                "conjunction": "and",
+                "items": [
+                    {
+                        "filter": "filter:tasks:data.round",
+                        "operator": "equal",
+                        "type": "Number",
+                        "value": int(round_),
+                    }
+                ],
+            }
+        }
+    )
+    tasks = _retry(
+        lambda: list(client.sdk.tasks.list(project=project_id, query=query, fields=fields))
+    )
     return [t for t in tasks if str((t.data or {}).get("round")) == str(int(round_))]
 
 
-def pushed_rounds(client: LabelStudioClient, title: str) -> tuple[dict[int, str], set[str]]:
-    """Rounds present in the experiment's project → the model version their cells came from
-    (the baseline's MLflow run id), and every image id already queried; empty when the project
-    does not exist yet."""
+@dataclass(frozen=True)
+class PushedRounds:
+    """What the experiment's project holds: its id (None before the first push), each round's
+    model version (the MLflow run whose explanations its tasks show), every queried image."""
+
+    project_id: int | None
+    rounds: dict[int, str]
+    queried: set[str]
+
+
+def pushed_rounds(client: LabelStudioClient, title: str) -> PushedRounds:
+    """The rounds the experiment's project holds; empty when it does not exist yet."""
     project_id = _find_project(client, title)
     if project_id is None:
-        return {}, set()
+        return PushedRounds(None, {}, set())
     tasks = _retry(lambda: list(client.sdk.tasks.list(project=project_id, fields="all")))
     rounds: dict[int, str] = {}
     images: set[str] = set()
@@ -221,7 +282,7 @@ def pushed_rounds(client: LabelStudioClient, title: str) -> tuple[dict[int, str]
         images.add(str(data.get("image_id")))
         if predictions and data.get("round") is not None:
             rounds[int(data["round"])] = str(_field(predictions[-1], "model_version"))
-    return rounds, images
+    return PushedRounds(project_id, rounds, images)
 
 
 def round_task_data(client: LabelStudioClient, project_id: int, round_: int) -> list[dict]:
@@ -229,8 +290,13 @@ def round_task_data(client: LabelStudioClient, project_id: int, round_: int) -> 
     out = []
     for task in _round_tasks(client, project_id, round_, fields="all"):
         data, predictions = dict(task.data), _field(task, "predictions") or []
-        cells = (mapping.cells_from_prediction(_field(predictions[-1], "result"), data["cell"],
-                                               data["height"], data["width"]) if predictions else [])
+        cells = (
+            mapping.cells_from_prediction(
+                _field(predictions[-1], "result"), data["cell"], data["height"], data["width"]
+            )
+            if predictions
+            else []
+        )
         out.append({**data, "cells": [list(c) for c in cells], "task_id": task.id})
     return out
 
@@ -240,38 +306,59 @@ def upload_file(client: LabelStudioClient, project_id: int, path: str | Path) ->
     Label Studio serves it at."""
     path = Path(path)
     mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    http = client.sdk._client_wrapper.httpx_client  # the SDK's authenticated client; it has no upload call
+    http = (
+        client.sdk._client_wrapper.httpx_client
+    )  # the SDK's authenticated client; it has no upload call
 
     def post() -> httpx.Response:
         with path.open("rb") as fh:
-            return http.request(f"api/projects/{project_id}/import", method="POST",
-                                params={"commit_to_project": "false"},
-                                files={"file": (path.name, fh, mime)}, force_multipart=True)
+            return http.request(
+                f"api/projects/{project_id}/import",
+                method="POST",
+                params={"commit_to_project": "false"},
+                files={"file": (path.name, fh, mime)},
+                force_multipart=True,
+            )
 
     response = _retry(post, write=True)
     if response.status_code != 201:
-        raise LabelStudioError(f"upload of {path.name} failed: HTTP {response.status_code} "
-                               f"{response.text[:300]}")
+        raise LabelStudioError(
+            f"upload of {path.name} failed: HTTP {response.status_code} {response.text[:300]}"
+        )
     file_id = response.json()["file_upload_ids"][0]
     name = _retry(lambda: client.sdk.files.get(file_id).file)
     return f"{urlparse(client.url).path.rstrip('/')}/data/{name}"
 
 
 def _task(client: LabelStudioClient, images_id: int, query: dict, model_version: str) -> dict:
-    urls = {"image_url": upload_file(client, images_id, query["image_path"]),
-            "overlay_url": upload_file(client, images_id, query["overlay_path"])}
+    urls = {
+        "image_url": upload_file(client, images_id, query["image_path"]),
+        "overlay_url": upload_file(client, images_id, query["overlay_path"]),
+    }
     task = mapping.task_payload({**query, **urls})
-    task["predictions"] = [mapping.cell_predictions(query["cells"], query["cell"], query["height"],
-                                                    query["width"], model_version, score=query["entropy"])]
+    task["predictions"] = [
+        mapping.cell_predictions(
+            query["cells"],
+            query["cell"],
+            query["height"],
+            query["width"],
+            model_version,
+            score=query["entropy"],
+        )
+    ]
     return task
 
 
-def push_round(client: LabelStudioClient, project_id: int, queries: list[dict], model_version: str) -> dict:
+def push_round(
+    client: LabelStudioClient, project_id: int, queries: list[dict], model_version: str
+) -> dict:
     """Upload each query's image and overlay and create its task with the pre-drawn cells;
     a task whose (image_id, round) is already in the project is skipped."""
-    seen = {(str(t.data["image_id"]), int(t.data["round"]))
-            for round_ in {int(q["round"]) for q in queries}
-            for t in _round_tasks(client, project_id, round_)}
+    seen = {
+        (str(t.data["image_id"]), int(t.data["round"]))
+        for round_ in {int(q["round"]) for q in queries}
+        for t in _round_tasks(client, project_id, round_)
+    }
     new = []
     for query in queries:
         key = (str(query["image_id"]), int(query["round"]))
@@ -287,6 +374,7 @@ def push_round(client: LabelStudioClient, project_id: int, queries: list[dict], 
 
 
 # --- annotations -----------------------------------------------------------------------------
+
 
 def _done_annotations(task: Any) -> list:
     return [a for a in (_field(task, "annotations") or []) if not _field(a, "was_cancelled")]
@@ -306,13 +394,24 @@ def collect_annotations(client: LabelStudioClient, project_id: int, round_: int)
         if not done:
             continue
         latest = max(done, key=lambda a: (str(_field(a, "updated_at")), _field(a, "id")))
-        out.append({"image_id": str(task.data["image_id"]), "task_id": task.id,
-                    "annotation_id": _field(latest, "id"), "result": _field(latest, "result") or []})
+        out.append(
+            {
+                "image_id": str(task.data["image_id"]),
+                "task_id": task.id,
+                "annotation_id": _field(latest, "id"),
+                "result": _field(latest, "result") or [],
+            }
+        )
     return out
 
 
-def oracle_annotate(client: LabelStudioClient, project_id: int, round_: int,
-                    relevance_masks: dict[str, np.ndarray], max_overlap: float) -> int:
+def oracle_annotate(
+    client: LabelStudioClient,
+    project_id: int,
+    round_: int,
+    relevance_masks: dict[str, np.ndarray],
+    max_overlap: float,
+) -> int:
     """Annotate, through the API as a person would, the round's tasks that have no annotation
     yet: shown cells mostly off the relevance mask are relabelled "ignore"."""
     created = 0
@@ -321,22 +420,41 @@ def oracle_annotate(client: LabelStudioClient, project_id: int, round_: int,
         if _done_annotations(task) or not predictions:
             continue
         if data["image_id"] not in relevance_masks:
-            log.warning("oracle: no relevance mask for image %s (task %s)", data["image_id"], task.id)
+            log.warning(
+                "oracle: no relevance mask for image %s (task %s)", data["image_id"], task.id
+            )
             continue
-        cells = mapping.cells_from_prediction(_field(predictions[-1], "result"), data["cell"],
-                                              data["height"], data["width"])
-        result = mapping.oracle_annotation(cells, data["cell"], data["height"], data["width"],
-                                           relevance_masks[data["image_id"]], max_overlap)
-        _retry(lambda: client.sdk.annotations.create(task.id, result=result, was_cancelled=False,
-                                                     lead_time=0.0), write=True)
+        cells = mapping.cells_from_prediction(
+            _field(predictions[-1], "result"), data["cell"], data["height"], data["width"]
+        )
+        result = mapping.oracle_annotation(
+            cells,
+            data["cell"],
+            data["height"],
+            data["width"],
+            relevance_masks[data["image_id"]],
+            max_overlap,
+        )
+        _retry(
+            lambda task_id=task.id, result=result: client.sdk.annotations.create(
+                task_id, result=result, was_cancelled=False, lead_time=0.0
+            ),
+            write=True,
+        )
         created += 1
     return created
 
 
-def wait_for_round(client_factory: Callable[[], LabelStudioClient], project_id: int, round_: int,
-                   target: int, timeout_s: float, poll_s: float,
-                   on_progress: Callable[[int, int], None] | None = None,
-                   max_backoff_s: float = 30.0) -> tuple[int, int]:
+def wait_for_round(
+    client_factory: Callable[[], LabelStudioClient],
+    project_id: int,
+    round_: int,
+    target: int,
+    timeout_s: float,
+    poll_s: float,
+    on_progress: Callable[[int, int], None] | None = None,
+    max_backoff_s: float = 30.0,
+) -> tuple[int, int]:
     """Poll until `target` tasks of the round are annotated or `timeout_s` passes; returns
     the last (annotated, total). An outage is waited out with exponential backoff; a server
     never reached before the timeout raises LabelStudioUnavailable."""
@@ -360,6 +478,51 @@ def wait_for_round(client_factory: Callable[[], LabelStudioClient], project_id: 
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             if last is None:
-                raise LabelStudioUnavailable(f"Label Studio stayed unreachable for {timeout_s:.0f}s")
+                raise LabelStudioUnavailable(
+                    f"Label Studio stayed unreachable for {timeout_s:.0f}s"
+                )
             return last
         time.sleep(min(delay, remaining))
+
+
+# --- webhooks --------------------------------------------------------------------------------
+
+
+def register_webhook(
+    client: LabelStudioClient, project_id: int | None, url: str, secret: str
+) -> int:
+    """Point a project's (None: the organisation's) annotation events at the receiver; an
+    existing webhook with the same URL is updated rather than duplicated. Returns its id."""
+    settings = dict(
+        url=url,
+        send_payload=True,
+        send_for_all_actions=False,
+        is_active=True,
+        headers={SECRET_HEADER: secret},
+        actions=list(ACTIONS),
+    )
+    scope = str(project_id) if project_id is not None else None
+    listed = _retry(lambda: list(client.sdk.webhooks.list(project=scope)))
+    same = [w for w in listed if w.url == url and w.project == project_id]
+    if same:
+        _retry(lambda: client.sdk.webhooks.update(same[0].id, **settings), write=True)
+        return same[0].id
+    return _retry(lambda: client.sdk.webhooks.create(project=project_id, **settings).id, write=True)
+
+
+def progress_checker(
+    url: str | None = None, token: str | None = None
+) -> Callable[[int, int], tuple[int, int]]:
+    """(project, round) -> (annotated, tasks), on one connection reopened after an outage."""
+    client = None
+
+    def check(project_id: int, round_: int) -> tuple[int, int]:
+        nonlocal client  # one caller thread (the webhook receiver's worker)
+        try:
+            client = client or connect(url, token)
+            return round_progress(client, project_id, round_)
+        except LabelStudioUnavailable:
+            client = None
+            raise
+
+    return check

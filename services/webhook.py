@@ -12,17 +12,18 @@ once the target is met, starts the Prefect deployment.
   so a redelivery, or a restart, never counts twice; a (project, round) starts at most one
   run, also across restarts.
 
-    python -m flows.webhook --host 127.0.0.1 --port 8787 --state-dir .xbl-webhook
-    python -m flows.webhook register --url http://127.0.0.1:8787/hooks [--project-id N]
+    xbl webhook --host 127.0.0.1 --port 8787 --state-dir .xbl-webhook
+    xbl webhook register --url http://127.0.0.1:8787/hooks [--project-id N]
+
+Which run a round starts is the caller's `Starter` (the CLI starts a Prefect deployment), so
+this module knows nothing of Prefect.
 """
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import json
 import logging
-import os
 import queue
 import re
 import signal
@@ -36,16 +37,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from tasks import offline as _offline  # noqa: F401
-from tasks.annotation import annotation_target
+from services.labelstudio import ACTIONS, SECRET_HEADER
+from xbl.labelstudio import annotation_target
 
-log = logging.getLogger("flows.webhook")  # the same name when run with -m
+log = logging.getLogger("services.webhook")
 
-ACTIONS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED")
-SECRET_HEADER = "X-XBL-Webhook-Secret"
 SECRET_ENV = "XBL_WEBHOOK_SECRET"
 MIN_SECRET_LENGTH = 16
-DEFAULT_DEPLOYMENT = "xbl-feedback-round/scheduled"
 HOOK_PATH = "/hooks"
 MAX_BODY_BYTES = 10 * 2**20  # a delivery carries one task's data and annotation: far below this
 
@@ -67,6 +65,7 @@ class Delivery:
 
 
 # --- parsing ---------------------------------------------------------------------------------
+
 
 def _as_list(value) -> list:
     return [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, dict)]
@@ -101,14 +100,18 @@ def parse_delivery(payload) -> Delivery:
     tasks = _as_list(payload.get("task"))
     rounds = _task_rounds(tasks)
     project = _id(payload.get("project")) or next((_id(t.get("project")) for t in tasks), None)
-    found = tuple((_id(a), rounds[_id(a.get("task"))]) for a in _as_list(payload.get("annotation"))
-                  if _id(a) is not None and _id(a.get("task")) in rounds)
+    found = tuple(
+        (_id(a), rounds[_id(a.get("task"))])
+        for a in _as_list(payload.get("annotation"))
+        if _id(a) is not None and _id(a.get("task")) in rounds
+    )
     if not found or project is None:
         raise IgnoredDelivery("no annotation of a task with data.round (is send_payload on?)")
     return Delivery(action, project, found)
 
 
 # --- state -----------------------------------------------------------------------------------
+
 
 class DeliveryStore:
     """Seen deliveries and started rounds, in SQLite so a restart remembers both."""
@@ -142,8 +145,14 @@ class DeliveryStore:
         """Store the delivery's annotations; the (project, round) pairs with a new one."""
         new = set()
         for annotation_id, round_ in delivery.annotations:
-            cursor = self._run("INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?, ?, 0)",
-                               delivery.action, annotation_id, delivery.project_id, round_, time.time())
+            cursor = self._run(
+                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?, ?, 0)",
+                delivery.action,
+                annotation_id,
+                delivery.project_id,
+                round_,
+                time.time(),
+            )
             if cursor.rowcount:
                 new.add((delivery.project_id, round_))
         return sorted(new)
@@ -154,23 +163,41 @@ class DeliveryStore:
         return [tuple(row) for row in rows.fetchall()]
 
     def mark_checked(self, project_id: int, round_: int) -> None:
-        self._run("UPDATE deliveries SET checked = 1 WHERE project_id = ? AND round = ?", project_id, round_)
+        self._run(
+            "UPDATE deliveries SET checked = 1 WHERE project_id = ? AND round = ?",
+            project_id,
+            round_,
+        )
 
     def started(self, project_id: int, round_: int) -> bool:
-        rows = self._run("SELECT 1 FROM started_rounds WHERE project_id = ? AND round = ?", project_id, round_)
+        rows = self._run(
+            "SELECT 1 FROM started_rounds WHERE project_id = ? AND round = ?", project_id, round_
+        )
         return rows.fetchone() is not None
 
     def claim_round(self, project_id: int, round_: int) -> bool:
         """True for the first caller only: the round is now taken."""
-        return bool(self._run("INSERT OR IGNORE INTO started_rounds VALUES (?, ?, NULL, ?)",
-                              project_id, round_, time.time()).rowcount)
+        return bool(
+            self._run(
+                "INSERT OR IGNORE INTO started_rounds VALUES (?, ?, NULL, ?)",
+                project_id,
+                round_,
+                time.time(),
+            ).rowcount
+        )
 
     def release_round(self, project_id: int, round_: int) -> None:
-        self._run("DELETE FROM started_rounds WHERE project_id = ? AND round = ?", project_id, round_)
+        self._run(
+            "DELETE FROM started_rounds WHERE project_id = ? AND round = ?", project_id, round_
+        )
 
     def set_flow_run(self, project_id: int, round_: int, flow_run: str | None) -> None:
-        self._run("UPDATE started_rounds SET flow_run = ? WHERE project_id = ? AND round = ?",
-                  flow_run, project_id, round_)
+        self._run(
+            "UPDATE started_rounds SET flow_run = ? WHERE project_id = ? AND round = ?",
+            flow_run,
+            project_id,
+            round_,
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -178,6 +205,7 @@ class DeliveryStore:
 
 
 # --- the receiver ----------------------------------------------------------------------------
+
 
 @dataclass
 class WebhookReceiver:
@@ -193,16 +221,21 @@ class WebhookReceiver:
 
     def __post_init__(self):
         if len(self.secret or "") < MIN_SECRET_LENGTH:
-            raise ValueError(f"the webhook secret must have at least {MIN_SECRET_LENGTH} characters "
-                             f"(set {SECRET_ENV})")
+            raise ValueError(
+                f"the webhook secret must have at least {MIN_SECRET_LENGTH} characters "
+                f"(set {SECRET_ENV})"
+            )
         if not 0 < self.target_fraction <= 1:
             raise ValueError(f"target fraction must be in (0, 1], got {self.target_fraction}")
 
     def authorized(self, *candidates: str | None) -> bool:
         """Whether any candidate (header, path token) is the secret, in constant time."""
         expected = self.secret.encode()
-        return any(hmac.compare_digest(c.encode("utf-8", "replace"), expected)
-                   for c in candidates if c is not None)
+        return any(
+            hmac.compare_digest(c.encode("utf-8", "replace"), expected)
+            for c in candidates
+            if c is not None
+        )
 
     def accept(self, payload) -> tuple[int, dict]:
         """(HTTP status, answer) for an authenticated delivery; the work is queued, not done."""
@@ -213,8 +246,11 @@ class WebhookReceiver:
             return 200, {"status": "ignored", "reason": str(why)}
         rounds = self.store.record(delivery)
         if not rounds:
-            log.info("duplicate %s delivery for annotation(s) %s", delivery.action,
-                     [a for a, _ in delivery.annotations])
+            log.info(
+                "duplicate %s delivery for annotation(s) %s",
+                delivery.action,
+                [a for a, _ in delivery.annotations],
+            )
             return 200, {"status": "duplicate"}
         for key in rounds:
             self._queue.put(key)
@@ -226,10 +262,16 @@ class WebhookReceiver:
             log.info("project %d round %d: run already started", project_id, round_)
         else:
             done, total = self.progress(project_id, round_)
-            target = annotation_target(total, {"target_fraction": self.target_fraction})
+            target = annotation_target(total, self.target_fraction)
             if total == 0 or done < target:
-                log.info("project %d round %d: %d/%d annotated, waiting for %d",
-                         project_id, round_, done, total, target)
+                log.info(
+                    "project %d round %d: %d/%d annotated, waiting for %d",
+                    project_id,
+                    round_,
+                    done,
+                    total,
+                    target,
+                )
             elif self.store.claim_round(project_id, round_):
                 self._start(project_id, round_, done, total)
         self.store.mark_checked(project_id, round_)
@@ -241,8 +283,14 @@ class WebhookReceiver:
             self.store.release_round(project_id, round_)  # a later delivery may try again
             raise
         self.store.set_flow_run(project_id, round_, flow_run)
-        log.info("project %d round %d: %d/%d annotated; started run %s",
-                 project_id, round_, done, total, flow_run)
+        log.info(
+            "project %d round %d: %d/%d annotated; started run %s",
+            project_id,
+            round_,
+            done,
+            total,
+            flow_run,
+        )
 
     def _work(self) -> None:
         while (key := self._queue.get()) is not None:
@@ -358,7 +406,9 @@ class WebhookServer(ThreadingHTTPServer):
         log.exception("error while handling a request from %s", client_address[0])
 
 
-def serve_in_thread(receiver: WebhookReceiver, host: str = "127.0.0.1", port: int = 0) -> WebhookServer:
+def serve_in_thread(
+    receiver: WebhookReceiver, host: str = "127.0.0.1", port: int = 0
+) -> WebhookServer:
     """Start the worker and the server in background threads; `server.shutdown()` stops it."""
     receiver.start_worker()
     server = WebhookServer(receiver, host, port)
@@ -366,70 +416,17 @@ def serve_in_thread(receiver: WebhookReceiver, host: str = "127.0.0.1", port: in
     return server
 
 
-# --- the services it talks to ----------------------------------------------------------------
-
-def labelstudio_progress(url: str | None = None, token: str | None = None) -> ProgressCheck:
-    """round_progress on one Label Studio connection, reopened after an outage."""
-    from tasks import labelstudio as ls
-
-    client = None
-
-    def check(project_id: int, round_: int) -> tuple[int, int]:
-        nonlocal client  # only the worker thread calls this
-        try:
-            client = client or ls.connect(url, token)
-            return ls.round_progress(client, project_id, round_)
-        except ls.LabelStudioUnavailable:
-            client = None
-            raise
-
-    return check
-
-
-def deployment_starter(deployment: str = DEFAULT_DEPLOYMENT) -> Starter:
-    """Start a run of the Prefect deployment and return at once (timeout=0)."""
-    def start(project_id: int, round_: int) -> str:
-        from prefect.deployments import run_deployment
-
-        run = run_deployment(name=deployment, timeout=0, tags=["xbl-webhook", f"round-{round_}"],
-                             # the server refuses a second run for the same round as well
-                             idempotency_key=f"xbl-webhook:{project_id}:{round_}")
-        return str(run.id)
-
-    return start
-
-
-def register_webhook(client, project_id: int | None, url: str, secret: str) -> int:
-    """Point a project's (None: the organisation's) annotation events at the receiver; an
-    existing webhook with the same URL is updated rather than duplicated. Returns its id."""
-    settings = dict(url=url, send_payload=True, send_for_all_actions=False, is_active=True,
-                    headers={SECRET_HEADER: secret}, actions=list(ACTIONS))
-    listed = client.sdk.webhooks.list(project=str(project_id) if project_id is not None else None)
-    same = [w for w in listed if w.url == url and w.project == project_id]
-    if same:
-        client.sdk.webhooks.update(same[0].id, **settings)
-        return same[0].id
-    return client.sdk.webhooks.create(project=project_id, **settings).id
-
-
-# --- command line ----------------------------------------------------------------------------
-
-def _secret() -> str:
-    secret = os.environ.get(SECRET_ENV, "")
-    if len(secret) < MIN_SECRET_LENGTH:
-        sys.exit(f"webhook: set {SECRET_ENV} to a shared secret of at least {MIN_SECRET_LENGTH} "
-                 "characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'")
-    return secret
-
-
-def _serve(args) -> int:
-    receiver = WebhookReceiver(_secret(), DeliveryStore(args.state_dir), labelstudio_progress(),
-                               deployment_starter(args.deployment), args.target_fraction)
+def run_receiver(receiver: WebhookReceiver, host: str, port: int, what: str) -> int:
+    """Serve in this thread until Ctrl-C or SIGTERM (docker stop), then shut down cleanly."""
     receiver.start_worker()
-    server = WebhookServer(receiver, args.host, args.port)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # docker stop: shut down cleanly
-    log.info("receiving Label Studio webhooks at %s (deployment %s, target %.0f%%)",
-             server.url, args.deployment, 100 * args.target_fraction)
+    server = WebhookServer(receiver, host, port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    log.info(
+        "receiving Label Studio webhooks at %s (%s, target %.0f%%)",
+        server.url,
+        what,
+        100 * receiver.target_fraction,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -439,59 +436,3 @@ def _serve(args) -> int:
         receiver.stop_worker()
         receiver.store.close()
     return 0
-
-
-def _register(args) -> int:
-    from tasks import labelstudio as ls
-
-    client = ls.connect()
-    hook_id = register_webhook(client, args.project_id, args.url, _secret())
-    scope = f"project {args.project_id}" if args.project_id is not None else "the organisation"
-    print(f"webhook {hook_id}: {scope} -> {args.url}")
-    return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flows.webhook", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8787)
-    parser.add_argument("--state-dir", default=".xbl-webhook")
-    parser.add_argument("--deployment", default=os.environ.get("XBL_WEBHOOK_DEPLOYMENT", DEFAULT_DEPLOYMENT))
-    parser.add_argument("--target-fraction", type=float, default=_default_target_fraction(),
-                        help="default: XBL_WEBHOOK_TARGET_FRACTION, else wait.target_fraction "
-                        "of ./params.yaml (the flow's own target), else 1.0")
-    return parser
-
-
-def _default_target_fraction() -> float:
-    """The flow's own target, so the receiver never starts a run the flow would find short."""
-    if os.environ.get("XBL_WEBHOOK_TARGET_FRACTION"):
-        return float(os.environ["XBL_WEBHOOK_TARGET_FRACTION"])
-    params = Path(os.environ.get("XBL_PROJECT", ".")) / "params.yaml"
-    if params.is_file():
-        from xbl.config import load_params
-
-        return float(load_params(params).get("wait", {}).get("target_fraction", 1.0))
-    return 1.0
-
-
-def _register_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flows.webhook register",
-                                     description="Register the receiver as a Label Studio webhook.")
-    parser.add_argument("--url", required=True, help="where Label Studio reaches the receiver, …/hooks")
-    parser.add_argument("--project-id", type=int, default=None, help="default: every project")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    # force: importing Prefect already put a WARNING-level handler on the root logger
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        force=True)
-    if argv[:1] == ["register"]:
-        return _register(_register_parser().parse_args(argv[1:]))
-    return _serve(_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,11 +10,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from tasks import offline as _offline  # noqa: F401
-
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
+
+from services import offline as _offline  # noqa: F401
 
 DATA_VERSION_TAG = "xbl.data_version"
 FEEDBACK_VERSION_TAG = "xbl.feedback_version"
@@ -44,8 +44,13 @@ def experiment_id(client: MlflowClient, project: Path, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def start_run(client: MlflowClient, exp_id: str, name: str, parent_id: str | None = None,
-              tags: dict | None = None) -> str:
+def start_run(
+    client: MlflowClient,
+    exp_id: str,
+    name: str,
+    parent_id: str | None = None,
+    tags: dict | None = None,
+) -> str:
     tags = dict(tags or {})
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
@@ -76,12 +81,19 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict) -> None:
             client.log_metric(run_id, key, float(value))
 
 
-def log_file(client: MlflowClient, run_id: str, path: Path, artifact_dir: str | None = None) -> None:
+def log_file(
+    client: MlflowClient, run_id: str, path: Path, artifact_dir: str | None = None
+) -> None:
     client.log_artifact(run_id, str(path), artifact_dir)
 
 
-def log_confusion_matrix(client: MlflowClient, run_id: str, cm: np.ndarray, classes: list[str],
-                         name: str = "confusion_matrix.png") -> None:
+def log_confusion_matrix(
+    client: MlflowClient,
+    run_id: str,
+    cm: np.ndarray,
+    classes: list[str],
+    name: str = "confusion_matrix.png",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,8 +101,14 @@ def log_confusion_matrix(client: MlflowClient, run_id: str, cm: np.ndarray, clas
 
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.imshow(cm, cmap="Blues")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes,
-           yticklabels=classes, xlabel="predicted", ylabel="true")
+    ax.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xticklabels=classes,
+        yticklabels=classes,
+        xlabel="predicted",
+        ylabel="true",
+    )
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
     fig.tight_layout()
@@ -112,11 +130,15 @@ def log_model(run_id: str, model, example: np.ndarray, registered_name: str) -> 
         output = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model, name="model", signature=signature,
-                                        pip_requirements=MODEL_REQUIREMENTS,
-                                        # pickle keeps a dynamic batch size; pt2 would trace one.
-                                        serialization_format="pickle",
-                                        registered_model_name=registered_name)
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            pip_requirements=MODEL_REQUIREMENTS,
+            # pickle keeps a dynamic batch size; pt2 would trace one.
+            serialization_format="pickle",
+            registered_model_name=registered_name,
+        )
     return str(info.registered_model_version)
 
 
@@ -142,45 +164,59 @@ def round_runs(client: MlflowClient, exp_id: str, round_number: int) -> list:
 
 def completed_rounds(client: MlflowClient, exp_id: str) -> set[int]:
     """Rounds whose feedback run finished all the way through promotion."""
-    runs = client.search_runs([exp_id], f"attributes.status = 'FINISHED' and "
-                                        f"tags.`{PROMOTION_TAG}` != ''", max_results=5000)
+    runs = client.search_runs(
+        [exp_id],
+        f"attributes.status = 'FINISHED' and tags.`{PROMOTION_TAG}` != ''",
+        max_results=5000,
+    )
     return {int(r.data.tags[ROUND_TAG]) for r in runs if ROUND_TAG in r.data.tags}
 
 
-def discard_incomplete_round(client: MlflowClient, exp_id: str, registered_name: str,
-                             round_number: int) -> int:
+def discard_incomplete_round(
+    client: MlflowClient, exp_id: str, registered_name: str, round_number: int
+) -> int:
     """A crash mid-retraining leaves a run without promotion: fail it and unregister its
     model, so a rerun starts the retraining clean. Returns how many runs were discarded."""
-    runs = [run for run in round_runs(client, exp_id, round_number)
-            if not (run.info.status == "FINISHED" and PROMOTION_TAG in run.data.tags)]
+    runs = [
+        run
+        for run in round_runs(client, exp_id, round_number)
+        if not (run.info.status == "FINISHED" and PROMOTION_TAG in run.data.tags)
+    ]
     for run in runs:
         client.set_tag(run.info.run_id, ROUND_TAG, f"{round_number}-discarded")
     return _discard(client, runs, registered_name)
 
 
-def discard_unpushed_round(client: MlflowClient, exp_id: str, registered_name: str,
-                           round_number: int) -> int:
+def discard_unpushed_round(
+    client: MlflowClient, exp_id: str, registered_name: str, round_number: int
+) -> int:
     """A run that died before pushing its round leaves a parent run and a registered baseline
     that no task points to: fail them and unregister it, so the rerun's baseline is the only
     one. Returns how many such attempts were discarded."""
-    parents = client.search_runs([exp_id], f"attributes.run_name = 'round-{round_number}' and "
-                                           "attributes.status = 'RUNNING'")
+    parents = client.search_runs(
+        [exp_id], f"attributes.run_name = 'round-{round_number}' and attributes.status = 'RUNNING'"
+    )
     for parent in parents:
         children = client.search_runs(
-            [exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+            [exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
         _discard(client, [*children, parent], registered_name)
     return len(parents)
 
 
-def discard_unfinished_attempts(client: MlflowClient, exp_id: str, parent_id: str, name: str,
-                                registered_name: str) -> int:
+def discard_unfinished_attempts(
+    client: MlflowClient, exp_id: str, parent_id: str, name: str, registered_name: str
+) -> int:
     """Before a retried step logs a model run again: fail the earlier attempt's run under the
     same parent and unregister its model, so a retry leaves one run and one version. (A parent
     has one child per name; an attempt that died after logging its model may already show as
     FINISHED, since MLflow's run context closes it.)"""
-    runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and "
-                                        f"attributes.run_name = '{name}' and "
-                                        "attributes.status != 'FAILED'")
+    runs = client.search_runs(
+        [exp_id],
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+        f"attributes.run_name = '{name}' and "
+        "attributes.status != 'FAILED'",
+    )
     return _discard(client, runs, registered_name)
 
 

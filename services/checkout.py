@@ -6,8 +6,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tasks import dvc, tracking
-from tasks.data import FEEDBACK_ROOT
+from services import dvc, tracking
+from xbl.feedback import FEEDBACK_ROOT
 
 FEEDBACK_POINTER = "feedback.dvc"  # as logged on a feedback run
 
@@ -22,12 +22,17 @@ def checkout_run_data(project: Path, run_id: str) -> str:
         raise ValueError(f"run {run_id} has no {tracking.DATA_VERSION_TAG} tag: not an xbl run")
     logged = {a.path for a in client.list_artifacts(run_id)}
     if "dvc.lock" not in logged:
-        raise ValueError(f"run {run_id} ({run.info.run_name}) logged no dvc.lock: check out one "
-                         "of its model runs (baseline, feedback-round-N) instead")
+        raise ValueError(
+            f"run {run_id} ({run.info.run_name}) logged no dvc.lock: check out one "
+            "of its model runs (baseline, feedback-round-N) instead"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         lock = Path(client.download_artifacts(run_id, "dvc.lock", tmp)).read_text()
-        pointer = (Path(client.download_artifacts(run_id, FEEDBACK_POINTER, tmp)).read_text()
-                   if FEEDBACK_POINTER in logged else None)
+        pointer = (
+            Path(client.download_artifacts(run_id, FEEDBACK_POINTER, tmp)).read_text()
+            if FEEDBACK_POINTER in logged
+            else None
+        )
     dvc.checkout_lock(project, lock, ["prepare"])
     if pointer is not None:
         dvc.restore(project, f"{FEEDBACK_ROOT}.dvc", pointer, [f"{FEEDBACK_ROOT}.dvc"])

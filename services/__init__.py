@@ -1,0 +1,7 @@
+"""Clients of the outside world: Label Studio, MLflow, DVC, the webhook receiver. No Prefect.
+
+`services.offline` runs first: no tool may reach the internet, so telemetry is off before any
+of them is imported.
+"""
+
+from services import offline as _offline  # noqa: F401
