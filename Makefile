@@ -15,7 +15,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
 .PHONY: setup labelstudio-install labelstudio-start labelstudio-stop demo baseline test lint \
-        bench bench-quick server-start server-stop webhook clean
+        bench bench-quick server-start server-stop webhook clean clean-all
 
 setup: $(STAMP)
 
@@ -68,5 +68,17 @@ server-stop:
 webhook: setup
 	$(VENV)/bin/xbl webhook
 
+# clean: this project's runs, tracking store and prepared data. It keeps Label Studio's data
+# (projects, tasks, annotations) and the annotators' masks: a later run sees rounds that the
+# wiped MLflow store no longer knows, keeps their annotations and opens a new round.
 clean:
+	@echo "removing: runs/, the MLflow store (mlflow.db, mlartifacts/), .prefect/, data/prepared/"
+	@echo "keeping:  Label Studio's data (.labelstudio/data), data/feedback/ and the DVC remote (make clean-all removes Label Studio's data too)"
 	rm -rf runs mlflow.db mlartifacts .prefect data/prepared
+
+# clean-all: both stores, for a fresh start: also the local Label Studio's projects and
+# annotations (its install and credentials stay).
+clean-all: clean
+	@echo "removing: Label Studio's data (.labelstudio/data): every project, task and annotation"
+	bash infra/labelstudio.sh stop
+	rm -rf .labelstudio/data

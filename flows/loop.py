@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -97,6 +97,8 @@ def feedback_round_flow(
 ) -> dict:
     root = Path(project).resolve()
     cfg = load_config(root / params_file)
+    if wait_mode is not None:  # a deployment's override, checked like the file's value
+        cfg = replace(cfg, wait=replace(cfg.wait, mode=wait_mode))
     title = project_title(cfg)
     data = prepare_data(str(root), cfg.data.out)
     state = read_round_state(str(root), cfg.mlflow.experiment, title)
@@ -106,7 +108,7 @@ def feedback_round_flow(
         oracle_answers(
             opened.project_id, rnd.n, data.path, opened.queries, cfg.labelstudio.oracle_overlap
         )
-    waiting = _await_annotations(rnd, opened, wait_mode or cfg.wait.mode)
+    waiting = _await_annotations(rnd, opened)
     if waiting is not None:
         close_run(str(root), opened.parent)
         return waiting
@@ -162,10 +164,10 @@ def _open_round(rnd: _Round, state: RoundState) -> _Opened:
     return _Opened(queries, base.checkpoint, baseline, parent, pushed["project_id"], pushed["url"])
 
 
-def _await_annotations(rnd: _Round, opened: _Opened, mode: str) -> dict | None:
+def _await_annotations(rnd: _Round, opened: _Opened) -> dict | None:
     """`block`: poll until the target is met (or fail clearly). `resume`: None when the target
     is met, else the progress, and this run ends: a later one carries on."""
-    if mode == "block":
+    if rnd.cfg.wait.mode == "block":
         wait_for_annotations(opened.project_id, rnd.n, rnd.cfg.wait)
         return None
     annotated, total = round_progress(opened.project_id, rnd.n)
@@ -183,11 +185,13 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
     manifest = collect_feedback_masks(
         opened.project_id, n, opened.queries, str(rnd.root / FEEDBACK_ROOT / f"round-{n}")
     )
+    orphans = [_orphan_feedback(rnd, opened.project_id, k) for k in state.orphaned]
     feedback_version = version_feedback(root, FEEDBACK_ROOT)
+    manifests = [*earlier_feedback(rnd.root, state.completed), *orphans, manifest]
     tuned = train_with_feedback(
         rnd.data.path,
         opened.checkpoint,
-        [*earlier_feedback(rnd.root, state.completed), manifest],
+        manifests,
         cfg.train,
         cfg.feedback,
         str(run_dir(rnd.root) / "feedback.pt"),
@@ -201,7 +205,13 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
         evaluate_checkpoint(tuned.checkpoint, rnd.data.path),
         rnd.data.version,
         cfg.mlflow.model_name,
-        extra_tags={tracking.FEEDBACK_VERSION_TAG: feedback_version, tracking.ROUND_TAG: str(n)},
+        extra_tags={
+            tracking.FEEDBACK_VERSION_TAG: feedback_version,
+            tracking.ROUND_TAG: str(n),
+            tracking.FEEDBACK_ROUNDS_TAG: ",".join(
+                Path(m).parent.name.removeprefix("round-") for m in manifests
+            ),
+        },
         extra_files=(str(rnd.root / f"{FEEDBACK_ROOT}.dvc"),),
     )
     crash_point("retrain")
@@ -221,6 +231,17 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
         "data_version": rnd.data.version,
         "feedback_version": feedback_version,
     }
+
+
+def _orphan_feedback(rnd: _Round, project_id: int, k: int) -> str:
+    """The masks of orphaned round `k`, collected from Label Studio: what annotators said there
+    still holds, though the model that showed them the images is gone."""
+    queries = queries_from_labelstudio(
+        project_id, k, rnd.data.path, str(rnd.root / "data" / "rounds" / f"round-{k}")
+    )
+    return collect_feedback_masks(
+        project_id, k, queries, str(rnd.root / FEEDBACK_ROOT / f"round-{k}")
+    )
 
 
 def _feedback_params(cfg: Config) -> dict:

@@ -154,8 +154,17 @@ def alias_version(client: MlflowClient, registered_name: str, alias: str):
         return None
 
 
+def run_exists(client: MlflowClient, run_id: str) -> bool:
+    """Whether this store holds the run (and has not deleted it)."""
+    try:
+        return client.get_run(run_id).info.lifecycle_stage != "deleted"
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
 ROUND_TAG = "xbl.round"
 PROMOTION_TAG = "xbl.promotion"
+FEEDBACK_ROUNDS_TAG = "xbl.feedback_rounds"  # the rounds whose masks a feedback run learnt from
 
 
 def round_runs(client: MlflowClient, exp_id: str, round_number: int) -> list:

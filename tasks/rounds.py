@@ -24,21 +24,41 @@ class RoundState:
     queried: tuple[str, ...]  # image ids in any round: never asked twice
     project_id: int | None  # the experiment's Label Studio project, once pushed to
     project_url: str | None
+    orphaned: tuple[int, ...] = ()  # pushed rounds whose baseline this MLflow store lacks
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def read_round_state(project: str, experiment: str, title: str) -> RoundState:
-    completed = tracking.completed_rounds(*_experiment(project, experiment))
-    client = ls.connect()
-    pushed = ls.pushed_rounds(client, title)
-    url = ls.project_link(client, pushed.project_id) if pushed.project_id is not None else None
-    open_rounds = sorted(set(pushed.rounds) - completed)
+    """Which round this run works on, from what Label Studio and MLflow hold.
+
+    A round pushed to Label Studio whose baseline run the tracking store does not have (the
+    store was wiped, or points elsewhere) cannot be resumed: it is orphaned, its annotations
+    stay in Label Studio and join the next retraining, and this run opens a new round."""
+    client, exp_id = _experiment(project, experiment)
+    completed = tracking.completed_rounds(client, exp_id)
+    labelstudio = ls.connect()
+    pushed = ls.pushed_rounds(labelstudio, title)
+    url = ls.project_link(labelstudio, pushed.project_id) if pushed.project_id else None
+    unfinished = sorted(set(pushed.rounds) - completed)
+    orphaned = tuple(n for n in unfinished if not tracking.run_exists(client, pushed.rounds[n]))
+    if orphaned:
+        get_run_logger().warning(
+            "Label Studio project %r (%s) holds round(s) %s whose baseline runs are not in the "
+            "MLflow store %s (wiped, or another store?): they cannot be resumed; their "
+            "annotations stay in Label Studio and join this round's retraining. `make "
+            "clean-all` clears both stores for a fresh start.",
+            title,
+            url,
+            list(orphaned),
+            client.tracking_uri,
+        )
+    open_rounds = [n for n in unfinished if n not in orphaned]
     done, asked = tuple(sorted(completed)), tuple(sorted(pushed.queried))
     if open_rounds:
         n = open_rounds[-1]
-        return RoundState(n, True, pushed.rounds[n], done, asked, pushed.project_id, url)
+        return RoundState(n, True, pushed.rounds[n], done, asked, pushed.project_id, url, orphaned)
     n = max([*completed, *pushed.rounds, 0]) + 1
-    return RoundState(n, False, None, done, asked, pushed.project_id, url)
+    return RoundState(n, False, None, done, asked, pushed.project_id, url, orphaned)
 
 
 def _experiment(project: str, experiment: str):

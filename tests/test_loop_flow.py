@@ -160,3 +160,40 @@ def test_unanswered_round_stops_clearly_and_a_rerun_picks_it_up(tmp_path, team_s
     client = ls.connect()
     tasks = list(client.sdk.tasks.list(project=ls.find_project(client, "xbl-loop-human")))
     assert len(tasks) == 6  # the rerun pushed no duplicates
+
+
+def test_a_wiped_tracking_store_opens_a_new_round_and_keeps_the_annotations(
+    tmp_path, team_server, monkeypatch
+):
+    """After `make clean` the MLflow store is empty but Label Studio still holds round 1: the
+    next run cannot resume it (its baseline run is gone), so it opens round 2 and learns from
+    both rounds' annotations."""
+    project = make_project(
+        tmp_path / "project",
+        mlflow={"experiment": "loop-wiped"},
+        train={"epochs": 3, "patience": 0},
+        feedback={"epochs": 2},
+        query={"k": 5},
+    )
+    first = feedback_round_flow(str(project))
+    assert (first["round"], first["status"]) == (1, "done")
+    # an empty store, as `make clean` leaves (a new file: this process still holds the old one)
+    empty = f"sqlite:///{tmp_path / 'wiped.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty)
+
+    second = feedback_round_flow(str(project))
+
+    assert (second["round"], second["status"]) == (2, "done")
+    run = MlflowClient(empty, empty).get_run(second["feedback"]["run_id"])
+    assert run.data.tags[tracking.FEEDBACK_ROUNDS_TAG] == "1,2"
+    manifest = project / "data" / "feedback" / "round-1" / "manifest.csv"
+    assert len(manifest.read_text().strip().splitlines()) == 1 + 5
+    rounds = project / "data" / "rounds"
+    asked = [
+        {q["image_id"] for q in json.loads((rounds / f"round-{n}" / "queries.json").read_text())}
+        for n in (1, 2)
+    ]
+    assert len(asked[1]) == 5 and not asked[0] & asked[1]  # never asked twice
+    client = ls.connect()
+    tasks = list(client.sdk.tasks.list(project=ls.find_project(client, "xbl-loop-wiped")))
+    assert len(tasks) == 10  # round 1's tasks and answers stay in Label Studio
