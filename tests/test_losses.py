@@ -354,3 +354,22 @@ def test_counterexamples_are_reproducible_with_a_seeded_generator():
     a = counterexamples(x, y, W, 3, torch.Generator().manual_seed(5))[0]
     b = counterexamples(x, y, W, 3, torch.Generator().manual_seed(5))[0]
     assert torch.equal(a, b)
+
+
+def test_rrr_output_is_blind_to_last_layer_centring_and_rrr_is_not():
+    """docs/methods.md, "Known limitations of the losses": making each column of the last
+    weight matrix mean-free shifts every logit of an input equally. The softmax, and so `rrr`'s
+    term, do not change; `rrr_output`'s term on Σ_k z_k drops to zero for every input, whatever
+    the model looks at."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    x = torch.rand(8, 1, 28, 28)
+    W = torch.ones(8, 28, 28)
+    probs = torch.softmax(model(x), dim=1).detach()
+    output_term, logp_term = rrr_penalty(model, x, W, "output"), rrr_penalty(model, x, W, "logp")
+    with torch.no_grad():
+        last = model.head[-1]
+        last.weight -= last.weight.mean(dim=0, keepdim=True)
+    assert torch.allclose(torch.softmax(model(x), dim=1), probs, atol=1e-6)
+    assert output_term > 0 and rrr_penalty(model, x, W, "output") < 1e-9 * output_term
+    assert float(rrr_penalty(model, x, W, "logp")) == pytest.approx(float(logp_term), rel=1e-3)
