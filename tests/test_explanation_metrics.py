@@ -48,3 +48,23 @@ def test_wrong_reason_share_by_hand():
 def test_wrong_reason_share_single_map_and_torch():
     A = torch.tensor([[2.0, -2.0], [0.0, 0.0]])
     assert wrong_reason_share(A, torch.tensor([[0, 1], [0, 0]])) == pytest.approx([0.5])
+
+
+def test_evaluation_of_data_without_confounder_masks_falls_back_to_activation_recall():
+    """A user's manifest has relevance masks but no confounder masks: the evaluation used to
+    crash on the empty selection; it reports activation recall and no wrong-reason share."""
+    from xbl.data import decoy_digits
+    from xbl.evaluate import evaluate
+    from xbl.models import SmallCNN
+
+    data = decoy_digits(seed=0)
+    keep = np.concatenate([data.indices(split)[:40] for split in ("train", "val", "test")])
+    for name in ("images", "labels", "split", "relevance", "confounder", "ids"):
+        setattr(data, name, getattr(data, name)[keep])
+    data.confounder[:] = False
+    torch.manual_seed(0)
+    metrics, cm = evaluate(SmallCNN(), data)
+    assert not [k for k in metrics if "wrong_reason_share" in k]
+    assert metrics["val_explanation_score"] == metrics["val_activation_recall_inputgrad"]
+    assert 0 <= metrics["val_explanation_score"] <= 1
+    assert cm.sum() == len(data.indices("test"))
