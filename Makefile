@@ -77,8 +77,11 @@ clean:
 	rm -rf runs mlflow.db mlartifacts .prefect data/prepared
 
 # clean-all: both stores, for a fresh start: also the local Label Studio's projects and
-# annotations (its install and credentials stay).
+# annotations (its install and credentials stay), the rounds' masks and queries, and the
+# webhook receiver's record of deliveries (Label Studio's ids start again at 1).
+LS_HOME ?= $(or $(XBL_LABEL_STUDIO_HOME),.labelstudio)
 clean-all: clean
-	@echo "removing: Label Studio's data (.labelstudio/data): every project, task and annotation"
+	@echo "removing: Label Studio's data ($(LS_HOME)/data): every project, task and annotation;"
+	@echo "          data/feedback/, data/feedback.dvc, data/rounds/, .xbl-webhook/"
 	bash infra/labelstudio.sh stop
-	rm -rf .labelstudio/data
+	rm -rf $(LS_HOME)/data data/feedback data/feedback.dvc data/rounds .xbl-webhook

@@ -24,10 +24,10 @@ from xbl.config import FeedbackConfig, TrainConfig, as_params, build_config, loa
 from xbl.data import PreparedData, decoy_digits, to_tensor
 from xbl.feedback import Feedback, build_feedback, retraining_schedule
 from xbl.labelstudio import oracle_ignore_cells
-from xbl.loop import TrainResult, predict_proba, training_loop
 from xbl.methods import METHODS
 from xbl.saliency import cells_to_mask, saliency_map, top_cells
 from xbl.sampling import select_queries
+from xbl.training_loop import TrainResult, predict_proba, training_loop
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -32,8 +32,8 @@ from bench.common import (
     write_json,
 )
 from xbl.feedback import build_feedback
-from xbl.loop import training_loop
 from xbl.methods import METHODS
+from xbl.training_loop import training_loop
 
 
 def epoch_seconds(

@@ -156,7 +156,7 @@ def run_seed(
             done.add((kind, budget))
             ann = subset(all_clicks, pool, np.sort(chosen))
             for method in methods:
-                settings = {**feedback, "lambda": METHOD_LAMBDA.get(method, feedback["lambda"])}
+                settings = {**feedback, "lambda": METHOD_LAMBDA[method]}
                 start = time.perf_counter()
                 model, result, _ = retrain(base, splits, method, ann, seed, settings)
                 row = {
@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
         "query": QUERY,
         "oracle_overlap": ORACLE_OVERLAP,
         "feedback": feedback,
-        "lambda": {m: METHOD_LAMBDA.get(m, feedback["lambda"]) for m in methods},
+        "lambda": {m: METHOD_LAMBDA[m] for m in methods},
         "quick": args.quick,
     }
     out_dir = Path(args.out_dir)

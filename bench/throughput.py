@@ -1,4 +1,4 @@
-"""Baseline training throughput: xbl's `train` against a bare PyTorch loop, in the same run.
+"""Baseline training throughput: xbl's `training_loop` against a bare PyTorch loop, in the same run.
 
 Both train the same SmallCNN (same initial weights) on the same decoy-digits training split,
 same batch size, optimiser and number of epochs; the bare loop does nothing else, xbl's loop
@@ -28,7 +28,7 @@ from bench.common import (
     train_config,
     write_json,
 )
-from xbl.loop import training_loop
+from xbl.training_loop import training_loop
 
 
 def bare_loop(

@@ -24,11 +24,11 @@ def baseline_flow(project: str = ".", params_file: str = "params.yaml") -> dict:
     cfg = load_config(root / params_file)
     data = prepare_data(str(root), cfg.data.out)
     parent = open_parent_run(str(root), cfg.mlflow.experiment, "baseline", data.version)
-    outcome = train_baseline(data.path, cfg.train, str(run_dir(root) / "baseline.pt"))
-    evaluation = evaluate_checkpoint(outcome.checkpoint, data.path)
+    trained = train_baseline(data.path, cfg.train, str(run_dir(root) / "baseline.pt"))
+    evaluation = evaluate_checkpoint(trained.checkpoint, data.path)
     name = cfg.mlflow.model_name
     child = log_model_run(
-        str(root), parent, "baseline", as_params(cfg.train), outcome, evaluation, data.version, name
+        str(root), parent, "baseline", as_params(cfg.train), trained, evaluation, data.version, name
     )
     set_model_alias(str(root), name, "baseline", child["model_version"])
     close_run(str(root), parent)

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 from services import offline as _offline  # noqa: F401
-from xbl.config import load_config
+from xbl.errors import ConfigError
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
+# Commands import xbl (torch, Captum) only when they need it: `xbl labelstudio status` or the
+# webhook receiver should not pay seconds for a model they never load.
 
 
 def _table(rows: list[dict]) -> str:
@@ -36,10 +38,20 @@ def _mlflow_hint(project: Path) -> str:
     )
 
 
+def _checked_project(args) -> Path:
+    """The project folder, its settings checked before any server or flow starts (the flow
+    reads them again for its run: a bad key should cost a second, not a Prefect start-up)."""
+    from xbl.config import load_config
+
+    project = Path(args.project).resolve()
+    load_config(project / args.params)
+    return project
+
+
 def cmd_baseline(args) -> int:
     from flows.baseline import baseline_flow
 
-    project = Path(args.project).resolve()
+    project = _checked_project(args)
     result = baseline_flow(str(project), args.params)
     print("\n" + _table(result["table"]))
     m = result["baseline"]["metrics"]
@@ -57,10 +69,10 @@ def cmd_round(args) -> int:
     """One feedback round; `demo` first makes sure the local Label Studio is up."""
     from flows.loop import feedback_round_flow
 
+    project = _checked_project(args)
     local_server = args.command == "demo" and not os.environ.get("LABEL_STUDIO_URL")
     if local_server and subprocess.call(["bash", str(INFRA / "labelstudio.sh"), "start"]) != 0:
         return 1
-    project = Path(args.project).resolve()
     result = feedback_round_flow(str(project), args.params)
     if result["status"] == "waiting":
         print(
@@ -85,6 +97,7 @@ def cmd_annotate(args) -> int:
     person would; it needs the prepared dataset for the relevance masks."""
     from flows.loop import project_title
     from services import labelstudio as ls
+    from xbl.config import load_config
     from xbl.data import PreparedData
 
     project = Path(args.project).resolve()
@@ -127,6 +140,7 @@ def cmd_serve(args) -> int:
 
     from flows.baseline import baseline_flow
     from flows.loop import feedback_round_flow
+    from xbl.config import load_config
 
     if not os.environ.get("PREFECT_API_URL"):
         print(
@@ -195,13 +209,15 @@ def _webhook_secret() -> str:
 def receiver_target_fraction(project: Path, params_file: str) -> float:
     """XBL_WEBHOOK_TARGET_FRACTION, else the flow's own wait.target_fraction, so the receiver
     never starts a run the flow would find short."""
+    from xbl.config import load_config
+
     if os.environ.get("XBL_WEBHOOK_TARGET_FRACTION"):
         return float(os.environ["XBL_WEBHOOK_TARGET_FRACTION"])
     params = project / params_file
     return load_config(params).wait.target_fraction if params.is_file() else 1.0
 
 
-def _webhook_parser(project: Path, params_file: str) -> argparse.ArgumentParser:
+def _webhook_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xbl webhook",
         description="Receive Label Studio's annotation webhooks and start "
@@ -216,7 +232,7 @@ def _webhook_parser(project: Path, params_file: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--target-fraction",
         type=float,
-        default=receiver_target_fraction(project, params_file),
+        default=None,
         help="default: XBL_WEBHOOK_TARGET_FRACTION, else wait.target_fraction "
         "of params.yaml (the flow's own target)",
     )
@@ -259,7 +275,9 @@ def cmd_webhook(args) -> int:
         )
         print(f"webhook {hook_id}: {scope} -> {options.url}")
         return 0
-    options = _webhook_parser(project, args.params).parse_args(args.webhook_args)
+    options = _webhook_parser().parse_args(args.webhook_args)
+    if options.target_fraction is None:  # read only now: `--help` works with any params.yaml
+        options.target_fraction = receiver_target_fraction(project, args.params)
     receiver = webhook.WebhookReceiver(
         _webhook_secret(),
         webhook.DeliveryStore(options.state_dir),
@@ -325,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a bad setting is one line naming the key, not a traceback."""
+    try:
+        return _dispatch(argv)
+    except ConfigError as err:
+        print(f"xbl: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "webhook" in argv:  # everything after it is the receiver's own options, --help included
         cut = argv.index("webhook") + 1

@@ -179,14 +179,6 @@ def _use_model_version(client: LabelStudioClient, project_id: int, model_version
         log.debug("model_version %s not set yet: %s", model_version, err.body)
 
 
-def find_project(client: LabelStudioClient, title: str) -> int:
-    """The id of the existing project with this title; an error when there is none."""
-    project_id = _find_project(client, title)
-    if project_id is None:
-        raise LabelStudioError(f"no Label Studio project titled {title!r} at {client.url}")
-    return project_id
-
-
 def ensure_project(client: LabelStudioClient, title: str, model_version: str) -> int:
     """The project with this title (created with the xbl labeling config when missing)."""
     sdk = client.sdk

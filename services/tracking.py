@@ -155,11 +155,15 @@ def alias_version(client: MlflowClient, registered_name: str, alias: str):
 
 
 def run_exists(client: MlflowClient, run_id: str) -> bool:
-    """Whether this store holds the run (and has not deleted it)."""
+    """Whether this store holds the run (and has not deleted it). Only the store's own "no
+    such run" answers False: an outage raises, so a caller's retries wait it out instead of
+    taking a live round for a lost one."""
     try:
         return client.get_run(run_id).info.lifecycle_stage != "deleted"
-    except mlflow.exceptions.MlflowException:
-        return False
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
 
 
 ROUND_TAG = "xbl.round"
@@ -172,13 +176,20 @@ def round_runs(client: MlflowClient, exp_id: str, round_number: int) -> list:
 
 
 def completed_rounds(client: MlflowClient, exp_id: str) -> set[int]:
-    """Rounds whose feedback run finished all the way through promotion."""
+    """Rounds whose feedback run finished all the way through promotion, and the rounds such
+    a run learnt from (an orphaned round, once adopted, is done: its masks are on disk)."""
     runs = client.search_runs(
         [exp_id],
         f"attributes.status = 'FINISHED' and tags.`{PROMOTION_TAG}` != ''",
         max_results=5000,
     )
-    return {int(r.data.tags[ROUND_TAG]) for r in runs if ROUND_TAG in r.data.tags}
+    done = set()
+    for run in runs:
+        tags = run.data.tags
+        if ROUND_TAG in tags:
+            done.add(int(tags[ROUND_TAG]))
+        done |= {int(n) for n in tags.get(FEEDBACK_ROUNDS_TAG, "").split(",") if n}
+    return done
 
 
 def discard_incomplete_round(

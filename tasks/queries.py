@@ -12,9 +12,9 @@ from prefect import task
 from xbl.checkpoint import load_model
 from xbl.config import QueryConfig
 from xbl.data import PreparedData, to_tensor
-from xbl.loop import predict_proba
 from xbl.saliency import image_png, overlay_png, saliency_map, top_cells
 from xbl.sampling import predictive_entropy, select_queries
+from xbl.training_loop import predict_proba
 
 
 def query_records(

@@ -125,7 +125,8 @@ def restore_baseline(
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def queries_from_labelstudio(project_id: int, round_number: int, dataset: str, out_dir: str) -> str:
-    """Rebuild a resumed round's queries.json from its tasks (what annotators actually saw)."""
+    """Rebuild a resumed (or orphaned) round's queries.json from its tasks: what annotators
+    actually saw."""
     data = PreparedData.load(Path(dataset))
     index = {str(image_id): i for i, image_id in enumerate(data.ids)}
     tasks = ls.round_task_data(ls.connect(), project_id, round_number)

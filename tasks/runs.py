@@ -11,8 +11,8 @@ from prefect.artifacts import create_table_artifact
 from services import tracking
 from xbl.checkpoint import load_model
 from xbl.config import PromotionConfig
-from xbl.loop import TrainResult
 from xbl.promotion import promotion_decision
+from xbl.training_loop import TrainResult
 
 HEADLINE = (
     "val_accuracy",
@@ -39,7 +39,7 @@ def log_model_run(
     parent_id: str,
     name: str,
     params: dict,
-    outcome: TrainResult,
+    trained: TrainResult,
     evaluation: dict,
     data_version: str,
     registered_name: str,
@@ -56,24 +56,24 @@ def log_model_run(
         client, parent.info.experiment_id, parent_id, name, registered_name
     )
     run_id = tracking.start_run(client, parent.info.experiment_id, name, parent_id, tags)
-    tracking.log_params(client, run_id, {**params, "device": outcome.device})
-    tracking.log_history(client, run_id, outcome.history)
+    tracking.log_params(client, run_id, {**params, "device": trained.device})
+    tracking.log_history(client, run_id, trained.history)
     final = {
         **evaluation["metrics"],
-        "min_val_loss": outcome.min_val_loss,
-        "best_epoch": outcome.best_epoch,
+        "min_val_loss": trained.min_val_loss,
+        "best_epoch": trained.best_epoch,
     }
-    if outcome.effective_lambda is not None:
-        final["effective_lambda"] = outcome.effective_lambda
+    if trained.effective_lambda is not None:
+        final["effective_lambda"] = trained.effective_lambda
     tracking.log_metrics(client, run_id, final)
     tracking.log_confusion_matrix(
         client, run_id, np.array(evaluation["confusion_matrix"]), evaluation["classes"]
     )
-    tracking.log_file(client, run_id, Path(outcome.checkpoint), "checkpoint")
+    tracking.log_file(client, run_id, Path(trained.checkpoint), "checkpoint")
     for path in (root / "dvc.lock", *map(Path, extra_files)):
         if path.is_file():
             tracking.log_file(client, run_id, path)
-    model, meta = load_model(outcome.checkpoint)
+    model, meta = load_model(trained.checkpoint)
     example = np.zeros(
         (1, meta["in_channels"], meta["image_size"], meta["image_size"]), dtype=np.float32
     )

@@ -11,10 +11,10 @@ from xbl.config import FeedbackConfig, TrainConfig
 from xbl.data import PreparedData
 from xbl.evaluate import evaluate
 from xbl.feedback import build_feedback, read_feedback, retraining_schedule
-from xbl.loop import TrainResult
 from xbl.methods import METHODS
 from xbl.runtime import resolve_device
 from xbl.train import fit
+from xbl.training_loop import TrainResult
 
 
 def _log_epoch(row: dict) -> None:

@@ -1,4 +1,5 @@
-"""The `xbl` command line hands the webhook receiver its own options untouched."""
+"""The `xbl` command line: the webhook receiver gets its own options untouched, and a bad
+setting is one line before anything starts."""
 
 from __future__ import annotations
 
@@ -48,3 +49,20 @@ def test_webhook_target_defaults_to_the_projects_wait_target(tmp_path, monkeypat
     assert main(start) == 0
     assert served[-1].target_fraction == 0.9  # the environment wins
     served[-1].store.close()
+
+
+@pytest.mark.parametrize("command", ["baseline", "demo", "round"])
+def test_a_misspelt_setting_stops_before_anything_starts(tmp_path, capsys, command):
+    (tmp_path / "params.yaml").write_text("train:\n  epocs: 3\n")
+    assert main(["--project", str(tmp_path), command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0  # one line, no traceback
+    assert "train.epocs is not a setting" in err and "epochs" in err
+    assert not (tmp_path / ".labelstudio").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_webhook_help_works_whatever_the_settings(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("wait:\n  target_fraction: 7\n")
+    with pytest.raises(SystemExit) as done:
+        main(["--project", str(tmp_path), "webhook", "--help"])
+    assert done.value.code == 0

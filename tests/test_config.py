@@ -57,6 +57,10 @@ def test_left_out_sections_and_keys_take_the_defaults():
         ({"labelstudio": {"annotator": "robot"}}, ["labelstudio.annotator", "oracle", "human"]),
         ({"data": {"split": {"train": 0.9, "val": 0.2, "test": 0.2}}}, ["data.split", "sum to 1"]),
         ({"promotoin": {}}, ["promotoin", "promotion"]),
+        ({"train": {"device": "gpu"}}, ["train.device", "'gpu'", "cuda:N"]),
+        ({"feedback": {"lr": 0}}, ["feedback.lr", "above 0"]),
+        ({"wait": {"min_annotated": -1}}, ["wait.min_annotated", "0 or more"]),
+        ({"schedule": {"cron": None}}, ["schedule.cron", "schedule.interval_s"]),
     ],
 )
 def test_a_bad_setting_names_key_value_and_what_is_allowed(params, named):

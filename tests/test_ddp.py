@@ -16,10 +16,10 @@ from xbl.config import FeedbackConfig, TrainConfig
 from xbl.data import PreparedData, decoy_digits
 from xbl.distributed import launch
 from xbl.feedback import build_feedback
-from xbl.loop import FeedbackDiverged, training_loop
 from xbl.methods import METHODS
 from xbl.models import build_model
 from xbl.train import fit
+from xbl.training_loop import FeedbackDiverged, training_loop
 
 pytestmark = pytest.mark.timeout(120)
 

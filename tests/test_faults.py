@@ -45,7 +45,7 @@ def run_round(project: Path, env: dict, crash_after: str | None = None) -> tuple
 def end_state(project: Path, experiment: str) -> dict:
     client = MlflowClient(tracking.tracking_uri(project), tracking.tracking_uri(project))
     lsc = ls.connect()
-    project_id = ls.find_project(lsc, f"xbl-{experiment}")
+    project_id = ls.pushed_rounds(lsc, f"xbl-{experiment}").project_id
     tasks = list(lsc.sdk.tasks.list(project=project_id, fields="all"))
     versions = client.search_model_versions("name = 'xbl-classifier'")
     feedback = client.search_runs(

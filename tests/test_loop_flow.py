@@ -17,6 +17,7 @@ from services import labelstudio as ls
 from services import tracking
 from services.checkout import checkout_run_data
 from tasks.annotation import RoundIncomplete
+from tasks.rounds import read_round_state
 from tests.conftest import make_project
 from xbl.data import PreparedData
 from xbl.labelstudio import oracle_ignore_cells
@@ -122,7 +123,7 @@ def test_checkout_of_a_feedback_run_restores_its_masks(oracle_round):
 def test_tasks_carry_the_baseline_run_as_model_version(oracle_round, team_server):
     _, result = oracle_round
     client = ls.connect()
-    project_id = ls.find_project(client, "xbl-loop-oracle")
+    project_id = ls.pushed_rounds(client, "xbl-loop-oracle").project_id
     tasks = list(client.sdk.tasks.list(project=project_id, fields="all"))
     assert len(tasks) == 25
     versions = {
@@ -158,7 +159,9 @@ def test_unanswered_round_stops_clearly_and_a_rerun_picks_it_up(tmp_path, team_s
     manifest = (project / "data" / "feedback" / "round-1" / "manifest.csv").read_text()
     assert len(manifest.strip().splitlines()) == 1 + 6
     client = ls.connect()
-    tasks = list(client.sdk.tasks.list(project=ls.find_project(client, "xbl-loop-human")))
+    tasks = list(
+        client.sdk.tasks.list(project=ls.pushed_rounds(client, "xbl-loop-human").project_id)
+    )
     assert len(tasks) == 6  # the rerun pushed no duplicates
 
 
@@ -194,6 +197,11 @@ def test_a_wiped_tracking_store_opens_a_new_round_and_keeps_the_annotations(
         for n in (1, 2)
     ]
     assert len(asked[1]) == 5 and not asked[0] & asked[1]  # never asked twice
+    # round 1 is adopted: the next run finds nothing orphaned and learns from its masks on disk
+    state = read_round_state.fn(str(project), "loop-wiped", "xbl-loop-wiped")
+    assert (state.number, state.completed, state.orphaned) == (3, (1, 2), ())
     client = ls.connect()
-    tasks = list(client.sdk.tasks.list(project=ls.find_project(client, "xbl-loop-wiped")))
+    tasks = list(
+        client.sdk.tasks.list(project=ls.pushed_rounds(client, "xbl-loop-wiped").project_id)
+    )
     assert len(tasks) == 10  # round 1's tasks and answers stay in Label Studio

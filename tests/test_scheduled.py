@@ -146,7 +146,9 @@ def test_served_deployment_completes_a_round_across_two_runs(
         log.close()
     runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'feedback-round-1'")
     assert len(runs) == 1
-    tasks = list(ls.connect().sdk.tasks.list(project=ls.find_project(ls.connect(), title)))
+    tasks = list(
+        ls.connect().sdk.tasks.list(project=ls.pushed_rounds(ls.connect(), title).project_id)
+    )
     assert len(tasks) == 8  # no run pushed a duplicate
     log_text = (tmp_path / "serve.log").read_text()
     assert labelstudio.token not in log_text

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from xbl.config import TrainConfig, build_config
 from xbl.feedback import Feedback
-from xbl.loop import FeedbackDiverged, mean_loss, training_loop
 from xbl.losses import rrr_penalty
 from xbl.methods import METHODS, RRR, AnnotatedImages
 from xbl.models import SmallCNN
+from xbl.training_loop import FeedbackDiverged, mean_loss, training_loop
 
 N_CLASSES = 4
 

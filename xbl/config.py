@@ -11,6 +11,7 @@ its allowed values is an error that names the key, the value and what is allowed
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,14 +20,11 @@ from typing import Any, ClassVar
 
 import yaml
 
+from xbl.errors import ConfigError
 from xbl.methods import METHODS
 from xbl.models import MODELS
 from xbl.saliency import SALIENCY_METHODS
 from xbl.sampling import STRATEGIES
-
-
-class ConfigError(ValueError):
-    """A setting that cannot be used; the message names the key."""
 
 
 def _choices(*allowed: str) -> dict:
@@ -62,6 +60,7 @@ class DataConfig(_Section):
     out: str = "data/prepared"
 
     def check(self) -> None:
+        _positive("data.image_size", self.image_size)
         if sorted(self.split) != ["test", "train", "val"]:
             raise ConfigError(
                 f"data.split has keys {sorted(self.split)}; expected exactly train, val and test"
@@ -91,6 +90,8 @@ class TrainConfig(_Section):
         _positive("train.batch_size", self.batch_size)
         _positive("train.devices", self.devices)
         _positive("train.lr", self.lr)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device is {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,13 @@ class LabelStudioConfig(_Section):
     annotator: str = field(default="oracle", metadata=_choices("oracle", "human"))
     oracle_overlap: float = 0.1
 
+    def check(self) -> None:
+        if not 0 <= self.oracle_overlap <= 1:
+            raise ConfigError(
+                f"labelstudio.oracle_overlap is {self.oracle_overlap}; "
+                "allowed: a fraction in [0, 1]"
+            )
+
 
 @dataclass(frozen=True)
 class WaitConfig(_Section):
@@ -135,6 +143,10 @@ class WaitConfig(_Section):
     poll_s: float = 3.0
 
     def check(self) -> None:
+        _positive("wait.timeout_s", self.timeout_s)
+        _positive("wait.poll_s", self.poll_s)
+        if self.min_annotated < 0:
+            raise ConfigError(f"wait.min_annotated is {self.min_annotated}; allowed: 0 or more")
         if not 0 < self.target_fraction <= 1:
             raise ConfigError(
                 f"wait.target_fraction is {self.target_fraction}; allowed: a fraction in (0, 1]"
@@ -159,6 +171,8 @@ class FeedbackConfig(_Section):
         for name in self.lambda_:
             _allowed("feedback.lambda", name, tuple(METHODS))
         _positive("feedback.per_batch", self.per_batch)
+        _positive("feedback.epochs", self.epochs)
+        _positive("feedback.lr", self.lr)
 
     def lam(self, method: str) -> float:
         """λ for `method`: its value under feedback.lambda, else the method's own default."""
@@ -175,8 +189,14 @@ class PromotionConfig(_Section):
 @dataclass(frozen=True)
 class ScheduleConfig(_Section):
     name = "schedule"
-    cron: str = "0 * * * *"
-    interval_s: float | None = None
+    cron: str | None = "0 * * * *"
+    interval_s: float | None = None  # takes precedence over cron when set
+
+    def check(self) -> None:
+        if self.cron is None and self.interval_s is None:
+            raise ConfigError("schedule.cron and schedule.interval_s are both unset; set one")
+        if self.interval_s is not None:
+            _positive("schedule.interval_s", self.interval_s)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 `xbl.train.fit` calls `launch` when `train.devices` > 1: it writes a job file and runs
 `python -m torch.distributed.run --standalone --nproc_per_node=N -m xbl.distributed JOB`.
-Every process runs the ordinary `xbl.train.training_loop`: all draw the same seeded global
+Every process runs the ordinary `xbl.training_loop.training_loop`: all draw the same seeded global
 batches and the same annotated images, each trains on its own slice of both, and the
 gradients are averaged by DistributedDataParallel. SmallCNN has no dropout and no batchnorm,
 so this is the single-process training on the same global batch, up to float rounding.
@@ -43,9 +43,9 @@ from xbl.checkpoint import checkpoint_meta, initial_model, save_checkpoint, save
 from xbl.config import TrainConfig
 from xbl.data import PreparedData
 from xbl.feedback import Feedback
-from xbl.loop import FeedbackDiverged, TrainResult, training_loop
 from xbl.methods import AnnotatedImages
 from xbl.runtime import autocast, resolve_device
+from xbl.training_loop import FeedbackDiverged, TrainResult, training_loop
 
 
 # ---------------------------------------------------------------- one process's share of a step
@@ -55,7 +55,7 @@ def _part(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 class ShardedStep:
-    """The `step` hook of `xbl.train.train` for process `rank` of `world`.
+    """The `step` hook of `training_loop` for process `rank` of `world`.
 
     Each process takes its slice of the global batch and of the annotated images. Its losses
     are its shares of the global means, times `world`: DDP averages the gradients over the

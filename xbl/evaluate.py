@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from xbl.data import PreparedData, to_tensor
-from xbl.loop import mean_loss, predict_proba
 from xbl.losses import input_gradients
 from xbl.metrics import (
     activation_recall,
@@ -17,6 +16,7 @@ from xbl.metrics import (
 )
 from xbl.runtime import model_device
 from xbl.saliency import eval_mode, gradcam
+from xbl.training_loop import mean_loss, predict_proba
 
 
 def evaluate_split(model: nn.Module, data: PreparedData, split: str) -> tuple[dict, np.ndarray]:

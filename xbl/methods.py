@@ -180,8 +180,9 @@ class EXBL(FeedbackMethod):
     def prepare(
         self, images: AnnotatedImages, model: nn.Module | None, ratings: dict[int, str], seed: int
     ) -> AnnotatedImages:
-        """Fix the exemplars up front: rated explanations when annotators rated both kinds,
-        else those of maximal and minimal activation recall, from the judged model."""
+        """Fix this method's exemplars (it keeps them: `self.exemplars`) from the judged model:
+        rated explanations when annotators rated both kinds, else those of maximal and minimal
+        activation recall. The images stay as they are."""
         if model is None:
             raise ValueError("eXBL needs the model the annotators judged to fix its exemplars")
         device = next(model.parameters()).device

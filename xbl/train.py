@@ -10,8 +10,8 @@ from xbl.config import TrainConfig
 from xbl.data import PreparedData
 from xbl.distributed import launch
 from xbl.feedback import Feedback
-from xbl.loop import FeedbackDiverged, TrainResult, training_loop
 from xbl.runtime import resolve_device
+from xbl.training_loop import FeedbackDiverged, TrainResult, training_loop
 
 
 def fit(
@@ -39,5 +39,5 @@ def fit(
         )
     except FeedbackDiverged as diverged:
         raise diverged.kept_at(save_last_good(model, Path(out), meta)) from None
-    result.checkpoint, result.device = str(save_checkpoint(model, Path(out), meta)), str(device)
+    result.checkpoint = str(save_checkpoint(model, Path(out), meta))
     return result

@@ -63,7 +63,7 @@ class TrainResult:
     effective_lambda: float | None = None
     initial_ce: float | None = None  # CE and feedback term of the first batch (with
     initial_feedback: float | None = None  # normalisation: of the batch λ was scaled on)
-    device: str = "cpu"
+    device: str | None = None  # where it trained
     world_size: int = 1
 
 
@@ -225,6 +225,7 @@ class _EpochRunner:
             torch.Generator().manual_seed(cfg.seed),
             feedback.lam if feedback is not None else 0.0,
             fb is not None and fb.normalize_lambda,
+            TrainResult(device=str(device)),
         )
 
     def run(self, train_x: torch.Tensor, train_y: torch.Tensor, epoch: int) -> dict:
