@@ -253,15 +253,9 @@ def _register_parser() -> argparse.ArgumentParser:
 def cmd_webhook(args) -> int:
     """The Label Studio webhook receiver (`xbl webhook [--port N]`), or its registration
     (`xbl webhook register --url ...`)."""
-    import logging
-
     from services import labelstudio as ls
     from services import webhook
 
-    # force: importing Prefect already put a WARNING-level handler on the root logger
-    logging.basicConfig(
-        level=logging.INFO, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     project = Path(args.project).resolve()
     if args.webhook_args[:1] == ["register"]:
         options = _register_parser().parse_args(args.webhook_args[1:])

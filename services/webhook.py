@@ -417,7 +417,12 @@ def serve_in_thread(
 
 
 def run_receiver(receiver: WebhookReceiver, host: str, port: int, what: str) -> int:
-    """Serve in this thread until Ctrl-C or SIGTERM (docker stop), then shut down cleanly."""
+    """Serve in this thread until Ctrl-C or SIGTERM (docker stop), then shut down cleanly; the
+    process's log goes to stderr at INFO."""
+    # force: importing Prefect already put a WARNING-level handler on the root logger
+    logging.basicConfig(
+        level=logging.INFO, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     receiver.start_worker()
     server = WebhookServer(receiver, host, port)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
