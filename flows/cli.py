@@ -80,12 +80,13 @@ def cmd_round(args) -> int:
             "the next run carries on"
         )
         return 0
-    print(f"\nround {result['round']}: baseline vs feedback, read back from MLflow\n")
-    print(_table(result["table"]))
     print(
-        f"\npromotion: {'champion' if result['promotion']['promoted'] else 'kept'} "
-        f"({result['promotion']['reason']})"
+        f"\nround {result['round']}: queries chosen by {result['query_model']['name']}; "
+        "baseline, champion and candidate, read back from MLflow\n"
     )
+    print(_table(result["table"]))
+    verdict = "candidate promoted" if result["promotion"]["promoted"] else "champion kept"
+    print(f"\npromotion: {verdict} ({result['promotion']['reason']})")
     print(f"data version {result['data_version']}, feedback masks {result['feedback_version']}")
     print(f"Annotated tasks in Label Studio: {result['labelstudio_url']}")
     print(_mlflow_hint(project))

@@ -1,4 +1,9 @@
-"""A feedback round: prepare → baseline → select → push → wait → masks → retrain → compare.
+"""A feedback round: prepare → query model → select → push → wait → masks → retrain → judge.
+
+The baseline is trained once per data version; each round's queries are chosen, and their
+saliency drawn, by the current model (the champion by default), so annotators see what the
+model still gets wrong. Each retraining learns from every round's answers so far, and the
+candidate is judged against the champion.
 
 A round may span several runs (`wait.mode: resume`): a run that pushed queries ends, and a
 later run (scheduled or triggered) finds the open round in Label Studio, collects what is
@@ -29,17 +34,22 @@ from tasks.queries import select_round_queries
 from tasks.rounds import (
     RoundState,
     discard_unpushed,
+    model_of_run,
     queries_from_labelstudio,
+    query_model,
     read_round_state,
-    restore_baseline,
+    restore_checkpoint,
+    resume_round,
 )
 from tasks.runs import (
     close_run,
-    compare_children,
+    compare_models,
+    current_model,
     log_model_run,
     open_parent_run,
     promote,
     set_model_alias,
+    tag_run,
 )
 from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedback
 from xbl.config import Config, as_params, load_config
@@ -81,11 +91,12 @@ class _Round:
 
 @dataclass
 class _Opened:
-    """An open round: its queries, the baseline that chose them, where annotators work."""
+    """An open round: its queries, the model that chose them, where annotators work."""
 
     queries: str  # queries.json
-    checkpoint: str  # the baseline's weights
-    baseline: dict  # the baseline's MLflow record
+    checkpoint: str  # the query model's weights
+    query_model: dict  # its MLflow record
+    baseline: dict  # this data version's baseline, for the comparison
     parent: str  # the round's parent run
     project_id: int
     project_url: str
@@ -117,51 +128,73 @@ def feedback_round_flow(
 
 
 def _resume_round(rnd: _Round, state: RoundState) -> _Opened:
-    """The open round's baseline from MLflow and its queries from Label Studio."""
+    """The open round's query model from MLflow and its queries from Label Studio."""
     get_run_logger().info("round %d is open in Label Studio: resuming it", rnd.n)
-    checkpoint, baseline = restore_baseline(
-        str(rnd.root),
-        rnd.cfg.mlflow.experiment,
-        rnd.cfg.mlflow.model_name,
-        state.baseline_run_id,
-        rnd.n,
-        str(run_dir(rnd.root) / "baseline"),
+    root, cfg = str(rnd.root), rnd.cfg
+    parent = resume_round(
+        root, cfg.mlflow.experiment, cfg.mlflow.model_name, rnd.n, state.query_run_id
     )
+    chooser = model_of_run(root, state.query_run_id)
+    checkpoint = restore_checkpoint(
+        root, state.query_run_id, str(run_dir(rnd.root) / "query-model")
+    )
+    baseline = current_model(root, cfg.mlflow.model_name, "baseline", rnd.data.version) or chooser
     queries = queries_from_labelstudio(state.project_id, rnd.n, rnd.data.path, rnd.rounds_dir)
     return _Opened(
-        queries,
-        checkpoint,
-        baseline,
-        baseline["parent_run_id"],
-        state.project_id,
-        state.project_url,
+        queries, checkpoint, chooser, baseline, parent, state.project_id, state.project_url
     )
 
 
 def _open_round(rnd: _Round, state: RoundState) -> _Opened:
-    """Train and log a new baseline, select its queries and push them to Label Studio."""
+    """Select queries with the current model and push them to Label Studio."""
     root, data, cfg = str(rnd.root), rnd.data, rnd.cfg
     discard_unpushed(root, cfg.mlflow.experiment, cfg.mlflow.model_name, rnd.n)
     parent = open_parent_run(root, cfg.mlflow.experiment, f"round-{rnd.n}", data.version)
-    base = train_baseline(data.path, cfg.train, str(run_dir(rnd.root) / "baseline.pt"))
+    baseline, checkpoint = _baseline(rnd, parent)
+    chooser = query_model(
+        root, cfg.mlflow.experiment, cfg.mlflow.model_name, data.version, cfg.query.model
+    )
+    if chooser is None or chooser["run_id"] == baseline["run_id"]:
+        chooser = baseline
+    if chooser is not baseline or checkpoint is None:
+        checkpoint = restore_checkpoint(
+            root, chooser["run_id"], str(run_dir(rnd.root) / "query-model")
+        )
+    tag_run(root, parent, {tracking.QUERY_MODEL_TAG: chooser["run_id"]})
+    get_run_logger().info(
+        "round %d: queries chosen by %s (run %s)", rnd.n, chooser["name"], chooser["run_id"]
+    )
+    queries = select_round_queries(
+        checkpoint, data.path, cfg.query, rnd.n, list(state.queried), rnd.rounds_dir
+    )
+    pushed = push_queries(queries, rnd.title, chooser["run_id"])
+    crash_point("push")
+    return _Opened(
+        queries, checkpoint, chooser, baseline, parent, pushed["project_id"], pushed["url"]
+    )
+
+
+def _baseline(rnd: _Round, parent: str) -> tuple[dict, str | None]:
+    """This data version's baseline: the one logged before (no checkpoint path: it stays in
+    MLflow until needed), or a new one trained and logged under this round's parent."""
+    root, cfg = str(rnd.root), rnd.cfg
+    known = current_model(root, cfg.mlflow.model_name, "baseline", rnd.data.version)
+    if known is not None:
+        return known, None
+    base = train_baseline(rnd.data.path, cfg.train, str(run_dir(rnd.root) / "baseline.pt"))
     baseline = log_model_run(
         root,
         parent,
         "baseline",
         as_params(cfg.train),
         base,
-        evaluate_checkpoint(base.checkpoint, data.path),
-        data.version,
+        evaluate_checkpoint(base.checkpoint, rnd.data.path),
+        rnd.data.version,
         cfg.mlflow.model_name,
     )
     set_model_alias(root, cfg.mlflow.model_name, "baseline", baseline["model_version"])
     crash_point("baseline")
-    queries = select_round_queries(
-        base.checkpoint, data.path, cfg.query, rnd.n, list(state.queried), rnd.rounds_dir
-    )
-    pushed = push_queries(queries, rnd.title, baseline["run_id"])
-    crash_point("push")
-    return _Opened(queries, base.checkpoint, baseline, parent, pushed["project_id"], pushed["url"])
+    return baseline, base.checkpoint
 
 
 def _await_annotations(rnd: _Round, opened: _Opened) -> dict | None:
@@ -215,15 +248,25 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
         extra_files=(str(rnd.root / f"{FEEDBACK_ROOT}.dvc"),),
     )
     crash_point("retrain")
-    promotion = promote(root, cfg.mlflow.model_name, opened.baseline, feedback, cfg.promotion)
+    promotion = promote(
+        root, cfg.mlflow.model_name, rnd.data.version, opened.baseline, feedback, cfg.promotion
+    )
     close_run(root, opened.parent)
-    table = compare_children(root, opened.parent)
+    table = compare_models(
+        root,
+        {
+            "baseline": opened.baseline["run_id"],
+            "champion": promotion["champion"]["run_id"],
+            "candidate": feedback["run_id"],
+        },
+    )
     get_run_logger().info("round %d done; promotion: %s", n, promotion["reason"])
     return {
         "round": n,
         "status": "done",
         "parent_run_id": opened.parent,
         "baseline": opened.baseline,
+        "query_model": opened.query_model,
         "feedback": feedback,
         "promotion": promotion,
         "table": table,

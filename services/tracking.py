@@ -166,9 +166,64 @@ def run_exists(client: MlflowClient, run_id: str) -> bool:
         raise
 
 
+def model_record(client: MlflowClient, registered_name: str, alias: str, data_version: str):
+    """The model behind `alias` as a record (run id, version, metrics), or None when the alias
+    is unset, its run is gone or failed, or it was trained on another data version (its
+    figures are not comparable with this data's)."""
+    version = alias_version(client, registered_name, alias)
+    if version is None or not run_exists(client, version.run_id):
+        return None
+    run = client.get_run(version.run_id)
+    if run.info.status != "FINISHED" or run.data.tags.get(DATA_VERSION_TAG) != data_version:
+        return None
+    return run_record(run, str(version.version))
+
+
+def run_record(run, model_version: str | None) -> dict:
+    return {
+        "run_id": run.info.run_id,
+        "name": run.info.run_name,
+        "model_version": model_version,
+        "metrics": dict(run.data.metrics),
+    }
+
+
+def latest_feedback_record(client: MlflowClient, exp_id: str, data_version: str):
+    """The newest feedback model that finished its round on this data version, or None."""
+    runs = client.search_runs(
+        [exp_id],
+        f"attributes.status = 'FINISHED' and tags.`{PROMOTION_TAG}` != '' and "
+        f"tags.`{DATA_VERSION_TAG}` = '{data_version}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    versions = client.search_model_versions(f"run_id = '{runs[0].info.run_id}'")
+    return run_record(runs[0], str(versions[0].version) if versions else None)
+
+
+def round_parent(client: MlflowClient, exp_id: str, round_number: int, query_run: str) -> str:
+    """The parent run of an open round: the one named for it that carries its query model."""
+    runs = client.search_runs(
+        [exp_id],
+        f"attributes.run_name = 'round-{round_number}' and attributes.status != 'FAILED' and "
+        f"tags.`{QUERY_MODEL_TAG}` = '{query_run}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    if not runs:
+        raise LookupError(
+            f"round {round_number} is open in Label Studio, but the tracking store has no "
+            f"parent run 'round-{round_number}' tagged {QUERY_MODEL_TAG}={query_run}"
+        )
+    return runs[0].info.run_id
+
+
 ROUND_TAG = "xbl.round"
 PROMOTION_TAG = "xbl.promotion"
 FEEDBACK_ROUNDS_TAG = "xbl.feedback_rounds"  # the rounds whose masks a feedback run learnt from
+QUERY_MODEL_TAG = "xbl.query_model_run"  # on a round's parent: the model that chose its queries
+COMPARED_WITH_TAG = "xbl.compared_with"  # on a feedback run: the champion it was judged against
 
 
 def round_runs(client: MlflowClient, exp_id: str, round_number: int) -> list:

@@ -99,13 +99,17 @@ def wait_for_annotations(project_id: int, round_number: int, cfg: WaitConfig) ->
 def collect_feedback_masks(
     project_id: int, round_number: int, queries_json: str, out_dir: str
 ) -> str:
-    """Annotations → ignore masks W at image resolution, saved with a manifest; bad regions
-    are reported (naming the task) and skipped, the rest of the annotation kept."""
+    """Annotations → ignore masks W and keep masks (the evidence annotators affirmed) at image
+    resolution, saved with a manifest; bad regions are reported (naming the task) and skipped,
+    the rest of the annotation kept."""
     logger = get_run_logger()
     queries = {q["image_id"]: q for q in load_queries(queries_json)}
     first = next(iter(queries.values()))
     annotations = ls.collect_annotations(ls.connect(), project_id, round_number)
-    masks, ratings, problems = masks_from_annotations(annotations, first["height"], first["width"])
-    for problem in problems:
+    read = masks_from_annotations(annotations, first["height"], first["width"])
+    for problem in read.problems:
         logger.warning("annotation problem: %s", problem)
-    return str(write_feedback(Path(out_dir), queries, masks, ratings, problems))
+    manifest = write_feedback(
+        Path(out_dir), queries, read.ignore, read.ratings, read.problems, keep=read.keep
+    )
+    return str(manifest)

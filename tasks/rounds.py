@@ -19,7 +19,7 @@ from xbl.data import PreparedData
 class RoundState:
     number: int  # the round this run works on
     open: bool  # pushed earlier and not yet retrained: resume it
-    baseline_run_id: str | None  # the model whose explanations the round's tasks show
+    query_run_id: str | None  # the model that chose the round's queries and drew their maps
     completed: tuple[int, ...]
     queried: tuple[str, ...]  # image ids in any round: never asked twice
     project_id: int | None  # the experiment's Label Studio project, once pushed to
@@ -92,35 +92,51 @@ def discard_unpushed(project: str, experiment: str, registered_name: str, round_
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def restore_baseline(
-    project: str,
-    experiment: str,
-    registered_name: str,
-    run_id: str,
-    round_number: int,
-    out_dir: str,
-) -> tuple[str, dict]:
-    """The open round's baseline, from MLflow: its checkpoint's path and its record; any
-    half-done retraining of that round is discarded first."""
+def resume_round(
+    project: str, experiment: str, registered_name: str, n: int, query_run: str
+) -> str:
+    """The open round's parent run, once any half-done retraining of it is discarded."""
     client, exp_id = _experiment(project, experiment)
     _discard_logged(
         tracking.discard_incomplete_round,
         client,
         exp_id,
         registered_name,
-        round_number,
+        n,
         "unfinished retraining run(s)",
     )
-    run = client.get_run(run_id)
-    checkpoint = tracking.download_artifact(client, run_id, "checkpoint", Path(out_dir))
+    return tracking.round_parent(client, exp_id, n, query_run)
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def query_model(
+    project: str, experiment: str, registered_name: str, data_version: str, which: str
+) -> dict | None:
+    """The model that chooses this round's queries (`query.model`): the champion, or the
+    newest feedback model; None when there is none yet on this data version (the baseline
+    then chooses)."""
+    client, exp_id = _experiment(project, experiment)
+    if which == "latest":
+        return tracking.latest_feedback_record(client, exp_id, data_version)
+    return tracking.model_record(client, registered_name, "champion", data_version)
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def model_of_run(project: str, run_id: str) -> dict:
+    """A logged model's record (run id, version, metrics), by its run."""
+    client = tracking.client_for(Path(project))
     versions = client.search_model_versions(f"run_id = '{run_id}'")
-    record = {
-        "run_id": run_id,
-        "model_version": str(versions[0].version) if versions else None,
-        "metrics": dict(run.data.metrics),
-        "parent_run_id": run.data.tags.get("mlflow.parentRunId"),
-    }
-    return str(next(checkpoint.glob("*.pt"))), record
+    return tracking.run_record(
+        client.get_run(run_id), str(versions[0].version) if versions else None
+    )
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def restore_checkpoint(project: str, run_id: str, out_dir: str) -> str:
+    """A logged model's checkpoint, downloaded from its run."""
+    client = tracking.client_for(Path(project))
+    checkpoint = tracking.download_artifact(client, run_id, "checkpoint", Path(out_dir))
+    return str(next(checkpoint.glob("*.pt")))
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])

@@ -15,12 +15,14 @@ from xbl.promotion import promotion_decision
 from xbl.training_loop import TrainResult
 
 HEADLINE = (
+    "audit_accuracy",
     "val_accuracy",
     "test_accuracy",
     "val_macro_precision",
     "val_macro_recall",
     "min_val_loss",
-    "test_wrong_reason_share_inputgrad",
+    "val_explanation_score",
+    "test_wrong_reason_share_deeplift",
     "test_activation_recall_gradcam",
 )
 
@@ -79,7 +81,7 @@ def log_model_run(
     )
     version = tracking.log_model(run_id, model, example, registered_name)
     client.set_terminated(run_id)
-    return {"run_id": run_id, "model_version": version, "metrics": final}
+    return {"run_id": run_id, "name": name, "model_version": version, "metrics": final}
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
@@ -104,50 +106,75 @@ def publish_table(rows: dict[str, dict], key: str, description: str) -> list[dic
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def promote(
-    project: str, registered_name: str, baseline: dict, candidate: dict, rule: PromotionConfig
-) -> dict:
-    """Move alias `champion` to the candidate when the rule says it is better."""
+def current_model(project: str, registered_name: str, alias: str, data_version: str) -> dict | None:
+    """The model behind `alias` trained on this data version, or None."""
     client = tracking.client_for(Path(project))
-    promoted, reason = promotion_decision(baseline["metrics"], candidate["metrics"], rule)
+    return tracking.model_record(client, registered_name, alias, data_version)
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def tag_run(project: str, run_id: str, tags: dict[str, str]) -> None:
+    client = tracking.client_for(Path(project))
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def promote(
+    project: str,
+    registered_name: str,
+    data_version: str,
+    baseline: dict,
+    candidate: dict,
+    rule: PromotionConfig,
+) -> dict:
+    """Move alias `champion` to the candidate when it beats the current champion (the
+    baseline while there is none). A rejected candidate leaves the champion as it was: the
+    shortcut baseline is never made champion by default."""
+    client = tracking.client_for(Path(project))
+    champion = tracking.model_record(client, registered_name, "champion", data_version) or baseline
+    promoted, reason = promotion_decision(champion["metrics"], candidate["metrics"], rule)
     if promoted:
         tracking.set_alias(client, registered_name, "champion", candidate["model_version"])
-    elif tracking.alias_version(client, registered_name, "champion") is None:
-        # the first round leaves a champion either way: the better of what exists
-        tracking.set_alias(client, registered_name, "champion", baseline["model_version"])
+    client.set_tag(candidate["run_id"], tracking.COMPARED_WITH_TAG, champion["run_id"])
     # last: a round counts as done only once its run carries the promotion decision
     client.set_tag(candidate["run_id"], tracking.PROMOTION_TAG, reason)
-    return {"promoted": promoted, "reason": reason}
+    return {"promoted": promoted, "reason": reason, "champion": champion}
 
 
 COMPARED = (
+    "audit_accuracy",
     "val_accuracy",
     "test_accuracy",
+    "val_explanation_score",
+    "test_wrong_reason_share_deeplift",
+    "test_wrong_reason_share_gradcam",
     "test_wrong_reason_share_inputgrad",
-    "test_activation_recall_gradcam",
 )
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def compare_children(project: str, parent_id: str) -> list[dict]:
-    """The parent run's children, side by side, as MLflow has them."""
+def compare_models(project: str, runs: dict[str, str]) -> list[dict]:
+    """Models side by side as MLflow has them: `runs` maps a role (baseline, champion,
+    candidate) to a run id; a run in two roles is shown once, under both names."""
     client = tracking.client_for(Path(project))
-    parent = client.get_run(parent_id)
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent_id}'",
-        order_by=["attributes.start_time ASC"],
-    )
-    rows = [
-        {
-            "model": run.info.run_name,
-            **{m: round(run.data.metrics[m], 4) for m in COMPARED if m in run.data.metrics},
-        }
-        for run in children
-    ]
+    roles: dict[str, list[str]] = {}
+    for role, run_id in runs.items():
+        roles.setdefault(run_id, []).append(role)
+    rows = []
+    for run_id, names in roles.items():
+        run = client.get_run(run_id)
+        metrics = run.data.metrics
+        rows.append(
+            {
+                "role": " = ".join(names),
+                "model": run.info.run_name,
+                **{m: round(metrics[m], 4) for m in COMPARED if m in metrics},
+            }
+        )
     create_table_artifact(
         table=rows,
-        key="baseline-vs-feedback",
-        description="Read back from MLflow: baseline vs feedback",
+        key="baseline-champion-candidate",
+        description="Read back from MLflow: the baseline, the champion judged against, the candidate",
     )
     return rows

@@ -40,25 +40,27 @@ def evaluate_checkpoint(checkpoint: str, dataset: str) -> dict:
 @task
 def train_with_feedback(
     dataset: str,
-    baseline_checkpoint: str,
+    query_checkpoint: str,
     manifests: list[str],
     train: TrainConfig,
     feedback: FeedbackConfig,
     out: str,
 ) -> TrainResult:
-    """Retrain with CE + λ·L_expl on every round's annotated images, from a fresh start or the
-    baseline's weights (`feedback.init`). eXBL's exemplars are the baseline's explanations
-    either way: those are what annotators judged."""
+    """Retrain with CE + λ·L_expl on every round's annotated images, from a fresh start or
+    warm from the model that chose this round's queries (`feedback.init`). eXBL's exemplars
+    are that model's explanations either way: those are what annotators judged."""
     data = PreparedData.load(Path(dataset))
-    indices, W, ratings = read_feedback(manifests)
+    indices, W, keep, ratings = read_feedback(manifests)
     if len(indices) == 0:
         raise ValueError("no annotated images to learn from: every round's feedback is empty")
-    warm = feedback.init == "baseline"
-    baseline = None
+    warm = feedback.init == "warm"
+    judged = None
     if warm or METHODS[feedback.method].needs_model:
-        baseline = load_model(baseline_checkpoint, resolve_device(train.device))[0]
-    fb = build_feedback(feedback, data, indices, W, train.seed, model=baseline, ratings=ratings)
-    init = {k: v.cpu() for k, v in baseline.state_dict().items()} if warm else None
+        judged = load_model(query_checkpoint, resolve_device(train.device))[0]
+    fb = build_feedback(
+        feedback, data, indices, W, train.seed, model=judged, ratings=ratings, keep=keep
+    )
+    init = {k: v.cpu() for k, v in judged.state_dict().items()} if warm else None
     return fit(
         data,
         retraining_schedule(train, feedback),

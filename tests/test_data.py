@@ -25,11 +25,24 @@ def test_decoy_value_codes_the_label_in_train_and_val(digits):
         assert np.array_equal(patch_values(digits)[idx], 255 - 25 * digits.labels[idx])
 
 
-def test_decoy_value_is_random_in_test(digits):
-    idx = digits.indices("test")
+@pytest.mark.parametrize("split", ["test", "audit"])
+def test_decoy_value_is_random_in_test_and_audit(digits, split):
+    idx = digits.indices(split)
     coded = patch_values(digits)[idx] == 255 - 25 * digits.labels[idx]
     assert 0.02 < coded.mean() < 0.25  # ~1/10 agree by chance
     assert len(np.unique(patch_values(digits)[idx])) == 10
+
+
+def test_the_audit_split_is_the_validation_digits_with_their_decoys_redrawn(digits):
+    val, audit = digits.indices("val"), digits.indices("audit")
+    assert len(audit) == len(val)
+    assert list(digits.ids[audit]) == [f"{i}-audit" for i in digits.ids[val]]
+    assert np.array_equal(digits.labels[audit], digits.labels[val])
+    assert np.array_equal(digits.relevance[audit], digits.relevance[val])
+    digit_only = digits.images[:, 0] * ~digits.confounder  # the same digit under the decoy
+    assert np.array_equal(digit_only[audit] > 32, digit_only[val] > 32)
+    assert not np.array_equal(patch_values(digits)[audit], patch_values(digits)[val])
+    assert len(set(digits.ids)) == len(digits.ids)
 
 
 def test_masks_align_with_images(digits):
@@ -45,10 +58,12 @@ def test_masks_align_with_images(digits):
 def test_splits_are_stratified_and_deterministic(digits):
     again = decoy_digits(seed=0)
     assert np.array_equal(again.images, digits.images)
-    assert set(np.unique(digits.split)) == {"train", "val", "test"}
+    assert set(np.unique(digits.split)) == {"train", "val", "test", "audit"}
     for k in range(10):
         assert (digits.split[digits.labels == k] == "test").sum() > 10
-    assert not np.array_equal(decoy_digits(seed=1).images, digits.images)
+    other = decoy_digits(seed=1)
+    assert not np.array_equal(other.images, digits.images)
+    assert not np.array_equal(other.split, digits.split)  # the seed varies the data, not only init
 
 
 # ---------------------------------------------------------------- manifests

@@ -43,10 +43,16 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def _feedback(data: PreparedData, method: str = "rrr", lam: float = 1.0, model=None):
-    """The decoy patch of 24 training images marked as 'ignore', 8 mixed into every batch."""
+    """The decoy patch of 24 training images marked as 'ignore', 8 mixed into every batch; the
+    centre cells kept as evidence on all but every third image (which kept nothing, so HINT's
+    slices hold uneven numbers of images with an M)."""
     idx = data.indices("train")[:24]
+    keep = np.zeros((len(idx), 28, 28), bool)
+    keep[:, 8:20, 8:20] = True
+    keep[::3] = False
     cfg = FeedbackConfig(method=method, lambda_={method: lam}, per_batch=8, normalize_lambda=True)
-    return build_feedback(cfg, data, idx, data.confounder[idx], seed=0, model=model)
+    W = data.confounder[idx]
+    return build_feedback(cfg, data, idx, W, seed=0, model=model, keep=keep)
 
 
 def _train_one_process(

@@ -50,9 +50,10 @@ def test_wrong_reason_share_single_map_and_torch():
     assert wrong_reason_share(A, torch.tensor([[0, 1], [0, 0]])) == pytest.approx([0.5])
 
 
-def test_evaluation_of_data_without_confounder_masks_falls_back_to_activation_recall():
+def test_evaluation_of_data_without_confounder_masks_scores_attribution_off_the_evidence():
     """A user's manifest has relevance masks but no confounder masks: the evaluation used to
-    crash on the empty selection; it reports activation recall and no wrong-reason share."""
+    crash on the empty selection; it reports activation recall, the share of attribution off
+    the relevance masks, and no wrong-reason share; the score rests on DeepLIFT."""
     from xbl.data import decoy_digits
     from xbl.evaluate import evaluate
     from xbl.models import SmallCNN
@@ -65,6 +66,23 @@ def test_evaluation_of_data_without_confounder_masks_falls_back_to_activation_re
     torch.manual_seed(0)
     metrics, cm = evaluate(SmallCNN(), data)
     assert not [k for k in metrics if "wrong_reason_share" in k]
-    assert metrics["val_explanation_score"] == metrics["val_activation_recall_inputgrad"]
-    assert 0 <= metrics["val_explanation_score"] <= 1
+    assert metrics["val_explanation_score"] == 1 - metrics["val_outside_share_deeplift"]
+    assert 0 < metrics["val_explanation_score"] < 1
+    for explainer in ("deeplift", "gradcam", "inputgrad"):
+        assert 0 <= metrics[f"val_activation_recall_{explainer}"] <= 1
+    assert "audit_accuracy" not in metrics  # no audit rows: none reported
     assert cm.sum() == len(data.indices("test"))
+
+
+def test_outside_share_counts_attribution_off_the_evidence_and_skips_uninformative_masks():
+    from xbl.metrics import outside_share
+
+    M = np.array([[[1, 0], [0, 0]]] * 4, dtype=bool)
+    M[2] = True  # a mask over the whole image says nothing: NaN
+    M[3] = False  # no mask at all: NaN
+    A = np.array(
+        [[[3.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]], [[1, 1], [1, 1]], [[1, 0], [0, 0]]]
+    )
+    share = outside_share(A, M)
+    assert share[:2] == pytest.approx([0.25, 0.0])
+    assert np.isnan(share[2:]).all()

@@ -102,6 +102,8 @@ def test_labeling_config_parses_and_has_what_the_annotator_needs():
     rect = root.find(".//RectangleLabels")
     assert rect.get("toName") == "image"
     assert {label.get("value") for label in rect.iter("Label")} == {"ignore", "model attention"}
+    brush = root.find(".//BrushLabels")  # paint what to ignore, or paint the evidence
+    assert {label.get("value") for label in brush.iter("Label")} == {"ignore", "model attention"}
     rating = root.find(".//Choices[@name='explanation_rating']")
     assert {choice.get("value") for choice in rating.iter("Choice")} == {"good", "bad"}
     assert root.find(".//TextArea") is not None
@@ -116,6 +118,11 @@ def test_label_studio_accepts_the_predictions_for_this_config():
     interface = LabelInterface(ls.labeling_config())
     prediction = ls.cell_predictions(QUERY["cells"], 4, 28, 28, "model-3")
     assert interface.validate_prediction(prediction, return_errors=True) == []
+    evidence = np.zeros((28, 28), bool)
+    evidence[5:9, 5:9] = True
+    painted = brush_region(evidence, encode_rle(rgba_of(evidence).tolist()), ls.ATTENTION_LABEL)
+    painted = {**prediction, "result": [painted]}  # the evidence, painted by the annotator
+    assert interface.validate_prediction(painted, return_errors=True) == []
 
 
 def test_task_payload_carries_ids_labels_entropy_and_urls():
@@ -137,10 +144,13 @@ def test_predicted_cells_round_trip_to_exactly_the_cell_mask(size, cell):
     for region in prediction["result"]:
         assert region["value"]["rectanglelabels"] == ["model attention"]
         assert (region["original_width"], region["original_height"]) == (size, size)
-    left, _, problems = ls.annotation_to_mask(prediction["result"], size, size)
-    assert not left.any() and problems == []  # "model attention" = the annotator left it
-    mask, _, problems = ls.annotation_to_mask(relabel(prediction["result"], "ignore"), size, size)
-    assert problems == []
+    left, kept, _, problems = ls.annotation_to_mask(prediction["result"], size, size)
+    assert not left.any() and problems == []  # "model attention" = the annotator left it ...
+    np.testing.assert_array_equal(kept, cells_to_mask(cells, cell, size, size))  # ... as evidence
+    mask, kept, _, problems = ls.annotation_to_mask(
+        relabel(prediction["result"], "ignore"), size, size
+    )
+    assert problems == [] and not kept.any()
     np.testing.assert_array_equal(mask, cells_to_mask(cells, cell, size, size))
     assert ls.cells_from_prediction(prediction["result"], cell, size, size) == cells
 
@@ -154,7 +164,7 @@ def test_percent_coordinates_do_not_depend_on_the_shown_size():
         "original_height": 224,
         "value": {**region["value"], "rectanglelabels": ["ignore"]},
     }
-    mask, _, _ = ls.annotation_to_mask([region], 28, 28)
+    mask = ls.annotation_to_mask([region], 28, 28).ignore
     np.testing.assert_array_equal(mask, cells_to_mask([(2, 3)], 4, 28, 28))
 
 
@@ -174,7 +184,7 @@ def test_rotated_rectangle_turns_clockwise_about_its_top_left_corner():
         "to_name": "image",
         "value": value,
     }
-    mask, _, problems = ls.annotation_to_mask([region], 8, 8)
+    mask, _, _, problems = ls.annotation_to_mask([region], 8, 8)
     expected = np.zeros((8, 8), bool)
     expected[2:4, 3:4] = True  # width 2 px now runs down from (x=4, y=2); height 1 px to the left
     assert problems == []
@@ -190,7 +200,9 @@ def test_rle_from_label_studios_own_encoder_decodes_exactly():
     mask[rng.random((28, 28)) < 0.05] = True  # single pixels give runs of length 1
     rgba = rgba_of(mask)
     np.testing.assert_array_equal(ls.decode_rle(ls_encode_rle(rgba)), rgba)
-    painted, _, problems = ls.annotation_to_mask([brush_region(mask, ls_encode_rle(rgba))], 28, 28)
+    painted, _, _, problems = ls.annotation_to_mask(
+        [brush_region(mask, ls_encode_rle(rgba))], 28, 28
+    )
     assert problems == []
     np.testing.assert_array_equal(painted, mask)
 
@@ -205,16 +217,63 @@ def test_brush_painted_on_the_upscaled_image_is_resized_to_the_model_input():
     small = np.zeros((28, 28), bool)
     small[4:12, 16:28] = True
     big = np.kron(small, np.ones((4, 4), bool))  # what the annotator painted on the 112 px image
-    mask, _, problems = ls.annotation_to_mask(
+    mask, _, _, problems = ls.annotation_to_mask(
         [brush_region(big, encode_rle(rgba_of(big).tolist()))], 28, 28
     )
     assert problems == []
     np.testing.assert_array_equal(mask, small)
 
 
-def test_empty_result_means_nothing_to_ignore():
-    mask, rating, problems = ls.annotation_to_mask([], 28, 28)
-    assert mask.shape == (28, 28) and not mask.any()
+def test_evidence_painted_or_drawn_as_model_attention_is_kept():
+    painted = np.zeros((28, 28), bool)
+    painted[6:22, 10:16] = True
+    drawn = ls.cell_predictions([(1, 5)], 4, 28, 28, "m")["result"][0]  # a box the annotator added
+    brush = brush_region(painted, encode_rle(rgba_of(painted).tolist()), ls.ATTENTION_LABEL)
+    mask, kept, _, problems = ls.annotation_to_mask([brush, drawn], 28, 28)
+    assert problems == [] and not mask.any()
+    np.testing.assert_array_equal(kept, painted | cells_to_mask([(1, 5)], 4, 28, 28))
+
+
+def test_ignore_wins_over_keep_where_they_overlap():
+    """A kept cell partly painted "ignore", and a painted evidence stroke with an "ignore" box
+    drawn over it: W is what was struck, exactly as without the keep, and keep is the rest."""
+    cell = ls.cell_predictions([(3, 3)], 4, 28, 28, "m")["result"]  # left as "model attention"
+    painted = np.zeros((28, 28), bool)
+    painted[13:15, 0:28] = True  # crosses cell (3, 3) and cell (3, 5)
+    strike = brush_region(painted, encode_rle(rgba_of(painted).tolist()))
+    evidence = np.zeros((28, 28), bool)
+    evidence[20:24, 0:12] = True
+    stroke = {
+        **brush_region(evidence, encode_rle(rgba_of(evidence).tolist()), ls.ATTENTION_LABEL),
+        "id": "evidence",
+    }
+    box = relabel(ls.cell_predictions([(5, 1)], 4, 28, 28, "m")["result"], "ignore")
+    ignored = painted | cells_to_mask([(5, 1)], 4, 28, 28)
+    for result in (cell + [strike, stroke] + box, box + [stroke, strike] + cell):  # any order
+        mask, kept, _, problems = ls.annotation_to_mask(result, 28, 28)
+        assert problems == []
+        np.testing.assert_array_equal(mask, ignored)
+        expected = (cells_to_mask([(3, 3)], 4, 28, 28) | evidence) & ~ignored
+        np.testing.assert_array_equal(kept, expected)
+        assert kept[12, 12] and not kept[13, 12] and not kept[20, 4] and kept[20, 0]
+
+
+def test_masks_from_annotations_give_each_image_its_keep_mask():
+    shown = ls.cell_predictions([(2, 2), (4, 4)], 4, 28, 28, "m")["result"]
+    annotations = [
+        {"image_id": "a", "task_id": 1, "annotation_id": 1, "result": shown},
+        {"image_id": "b", "task_id": 2, "annotation_id": 2, "result": relabel(shown, "ignore")},
+    ]
+    masks, keep, _, problems = ls.masks_from_annotations(annotations, 28, 28)
+    assert problems == []
+    np.testing.assert_array_equal(keep["a"], cells_to_mask([(2, 2), (4, 4)], 4, 28, 28))
+    assert not masks["a"].any() and not keep["b"].any()
+    np.testing.assert_array_equal(masks["b"], cells_to_mask([(2, 2), (4, 4)], 4, 28, 28))
+
+
+def test_empty_result_means_nothing_to_ignore_and_nothing_kept():
+    mask, kept, rating, problems = ls.annotation_to_mask([], 28, 28)
+    assert mask.shape == kept.shape == (28, 28) and not mask.any() and not kept.any()
     assert rating is None and problems == []
 
 
@@ -248,9 +307,10 @@ def test_malformed_regions_are_reported_by_name_and_the_rest_is_kept():
         "to_name": "image",
         "value": {"choices": ["bad"]},
     }
-    mask, got_rating, problems = ls.annotation_to_mask(
+    mask, kept, got_rating, problems = ls.annotation_to_mask(
         good + [outside, unknown, truncated, rating], 28, 28
     )
+    assert not kept.any()  # the unreadable regions add no evidence either
     np.testing.assert_array_equal(mask, cells_to_mask([(1, 1)], 4, 28, 28))
     assert got_rating == "bad"
     assert len(problems) == 3
@@ -271,8 +331,8 @@ def test_masks_from_annotations_name_the_task_of_each_problem():
         {"image_id": "a", "task_id": 11, "annotation_id": 5, "result": [bad]},
         {"image_id": "b", "task_id": 12, "annotation_id": 6, "result": []},
     ]
-    masks, ratings, problems = ls.masks_from_annotations(annotations, 28, 28)
-    assert set(masks) == {"a", "b"} and ratings == {"a": None, "b": None}
+    masks, keep, ratings, problems = ls.masks_from_annotations(annotations, 28, 28)
+    assert set(masks) == set(keep) == {"a", "b"} and ratings == {"a": None, "b": None}
     assert problems == [
         "task 11 (image a, annotation 5): region r9: unknown label 'dog' "
         "(expected 'ignore' or 'model attention')"
@@ -297,14 +357,16 @@ def test_oracle_ignores_the_shown_cells_off_the_relevance_mask():
         "cell-6-6": ["ignore"],
         "cell-1-2": ["model attention"],
     }
-    mask, rating, problems = ls.annotation_to_mask(result, 28, 28)
+    mask, kept, rating, problems = ls.annotation_to_mask(result, 28, 28)
     np.testing.assert_array_equal(mask, cells_to_mask([(0, 0), (6, 6)], 4, 28, 28))
+    np.testing.assert_array_equal(kept, cells_to_mask([(3, 3), (1, 2)], 4, 28, 28))  # on the digit
     assert rating == "bad" and problems == []
 
 
 def test_oracle_rates_an_explanation_on_the_evidence_good():
     relevance = np.ones((28, 28), bool)
-    mask, rating, _ = ls.annotation_to_mask(
+    mask, kept, rating, _ = ls.annotation_to_mask(
         ls.oracle_annotation([(2, 2)], 4, 28, 28, relevance, 0.1), 28, 28
     )
     assert not mask.any() and rating == "good"
+    np.testing.assert_array_equal(kept, cells_to_mask([(2, 2)], 4, 28, 28))

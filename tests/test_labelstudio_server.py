@@ -65,7 +65,9 @@ def client(labelstudio):
     return client_api.connect(labelstudio.url, labelstudio.token)
 
 
-def test_push_oracle_collect_gives_exactly_the_ignored_cells(client, labelstudio, tmp_path):
+def test_push_oracle_collect_gives_exactly_the_ignored_and_kept_cells(
+    client, labelstudio, tmp_path
+):
     project = client_api.ensure_project(client, "xbl-test-roundtrip", "model-1")
     queries = make_queries(tmp_path, ["img-a", "img-b", "img-c"])
     assert client_api.push_round(client, project, queries, "model-1") == {
@@ -94,11 +96,13 @@ def test_push_oracle_collect_gives_exactly_the_ignored_cells(client, labelstudio
     assert client_api.round_progress(client, project, 1) == (3, 3)
 
     annotations = client_api.collect_annotations(client, project, 1)
-    masks, ratings, problems = mapping.masks_from_annotations(annotations, SIZE, SIZE)
-    assert problems == [] and set(masks) == {"img-a", "img-b", "img-c"}
+    masks, keep, ratings, problems = mapping.masks_from_annotations(annotations, SIZE, SIZE)
+    assert problems == [] and set(masks) == set(keep) == {"img-a", "img-b", "img-c"}
     expected = cells_to_mask(IGNORED, CELL, SIZE, SIZE)
-    for mask in masks.values():
+    on_digit = cells_to_mask([c for c in SHOWN if c not in IGNORED], CELL, SIZE, SIZE)
+    for image_id, mask in masks.items():
         np.testing.assert_array_equal(mask, expected)
+        np.testing.assert_array_equal(keep[image_id], on_digit)  # the shown cell left as evidence
     assert set(ratings.values()) == {"bad"}
 
 
@@ -193,7 +197,7 @@ def test_malformed_annotation_is_reported_by_task_and_the_rest_is_kept(client, t
     )
     assert client_api.oracle_annotate(client, project, 1, {"img-b": relevance_mask()}, 0.1) == 1
 
-    masks, _, problems = mapping.masks_from_annotations(
+    masks, _, _, problems = mapping.masks_from_annotations(
         client_api.collect_annotations(client, project, 1), SIZE, SIZE
     )
     assert len(problems) == 2

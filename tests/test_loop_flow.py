@@ -91,21 +91,27 @@ def test_round_is_tracked_and_versioned(oracle_round):
 
 def test_comparison_table_is_read_back_from_mlflow(oracle_round):
     _, result = oracle_round
-    rows = {row["model"]: row for row in result["table"]}
-    assert set(rows) == {"baseline", "feedback-round-1"}
-    assert rows["feedback-round-1"]["test_accuracy"] == round(
-        result["feedback"]["metrics"]["test_accuracy"], 4
+    rows = {row["role"]: row for row in result["table"]}
+    # round 1: no champion yet, so the baseline stands in for it
+    assert set(rows) == {"baseline = champion", "candidate"}
+    assert rows["candidate"]["model"] == "feedback-round-1"
+    assert rows["candidate"]["audit_accuracy"] == round(
+        result["feedback"]["metrics"]["audit_accuracy"], 4
     )
 
 
-def test_feedback_beats_the_baseline_on_the_decoy_randomized_split(oracle_round):
+def test_feedback_beats_the_baseline_on_shortcut_free_evidence_and_is_promoted(oracle_round):
     _, result = oracle_round
-    rows = {row["model"]: row for row in result["table"]}
-    assert rows["feedback-round-1"]["test_accuracy"] > rows["baseline"]["test_accuracy"]
-    assert (
-        rows["feedback-round-1"]["test_wrong_reason_share_inputgrad"]
-        < rows["baseline"]["test_wrong_reason_share_inputgrad"]
-    )
+    rows = {row["role"]: row for row in result["table"]}
+    before, after = rows["baseline = champion"], rows["candidate"]
+    assert after["audit_accuracy"] > before["audit_accuracy"]
+    assert after["test_accuracy"] > before["test_accuracy"]
+    # by every explainer, including those no feedback term optimises
+    for explainer in ("deeplift", "gradcam", "inputgrad"):
+        key = f"test_wrong_reason_share_{explainer}"
+        assert after[key] < before[key], key
+    assert result["promotion"]["promoted"], result["promotion"]["reason"]
+    assert result["promotion"]["reason"].startswith("audit accuracy")
 
 
 def test_checkout_of_a_feedback_run_restores_its_masks(oracle_round):
@@ -120,7 +126,7 @@ def test_checkout_of_a_feedback_run_restores_its_masks(oracle_round):
         checkout_run_data(project, result["parent_run_id"])
 
 
-def test_tasks_carry_the_baseline_run_as_model_version(oracle_round, team_server):
+def test_tasks_carry_the_query_model_run_as_model_version(oracle_round, team_server):
     _, result = oracle_round
     client = ls.connect()
     project_id = ls.pushed_rounds(client, "xbl-loop-oracle").project_id
@@ -131,7 +137,54 @@ def test_tasks_carry_the_baseline_run_as_model_version(oracle_round, team_server
         for t in tasks
         for p in (t.predictions or [])
     }
-    assert versions == {result["baseline"]["run_id"]}
+    assert versions == {result["query_model"]["run_id"]} == {result["baseline"]["run_id"]}
+
+
+@pytest.fixture(scope="module")
+def second_round(oracle_round, labelstudio):
+    project, first = oracle_round
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LABEL_STUDIO_URL", labelstudio.url)
+    mp.setenv("LABEL_STUDIO_API_KEY", labelstudio.token)
+    try:
+        yield project, first, feedback_round_flow(str(project))
+    finally:
+        mp.undo()
+
+
+def test_round_two_queries_with_the_champion_and_keeps_the_baseline(second_round):
+    project, first, second = second_round
+    client = MlflowClient(tracking.tracking_uri(project), tracking.tracking_uri(project))
+    parent = client.get_run(second["parent_run_id"])
+    champion = first["feedback"]["run_id"]  # promoted in round 1 (the test above)
+    assert parent.data.tags[tracking.QUERY_MODEL_TAG] == champion
+    assert second["query_model"]["run_id"] == champion
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert [r.info.run_name for r in children] == ["feedback-round-2"]  # no second baseline
+    assert second["baseline"]["run_id"] == first["baseline"]["run_id"]
+    run = client.get_run(second["feedback"]["run_id"])
+    assert run.data.tags[tracking.FEEDBACK_ROUNDS_TAG] == "1,2"
+    assert run.data.tags[tracking.COMPARED_WITH_TAG] == champion
+    roles = {row["role"]: row["model"] for row in second["table"]}
+    assert roles == {
+        "baseline": "baseline",
+        "champion": "feedback-round-1",
+        "candidate": "feedback-round-2",
+    }
+
+
+def test_the_champion_is_the_best_audit_model_so_far(second_round):
+    project, first, second = second_round
+    client = MlflowClient(tracking.tracking_uri(project), tracking.tracking_uri(project))
+    champion = client.get_model_version_by_alias("xbl-classifier", "champion").run_id
+    audit = {
+        r["run_id"]: r["metrics"]["audit_accuracy"]
+        for r in (first["baseline"], first["feedback"], second["feedback"])
+    }
+    assert audit[champion] == max(audit.values())
+    assert second["promotion"]["promoted"] == (champion == second["feedback"]["run_id"])
 
 
 def test_unanswered_round_stops_clearly_and_a_rerun_picks_it_up(tmp_path, team_server):

@@ -104,6 +104,7 @@ class MlflowConfig(_Section):
 @dataclass(frozen=True)
 class QueryConfig(_Section):
     name = "query"
+    model: str = field(default="champion", metadata=_choices("champion", "latest"))
     strategy: str = field(default="entropy", metadata=_choices(*STRATEGIES))
     k: int = 25
     saliency: str = field(default="deeplift", metadata=_choices(*SALIENCY_METHODS))
@@ -159,7 +160,7 @@ class FeedbackConfig(_Section):
     method: str = "rrr_output"
     lambda_: dict[str, float] = field(default_factory=dict, metadata={"key": "lambda"})
     normalize_lambda: bool = False
-    init: str = field(default="scratch", metadata=_choices("scratch", "baseline"))
+    init: str = field(default="scratch", metadata=_choices("scratch", "warm"))
     epochs: int = 20
     lr: float = 0.001
     per_batch: int = 16
@@ -182,8 +183,15 @@ class FeedbackConfig(_Section):
 @dataclass(frozen=True)
 class PromotionConfig(_Section):
     name = "promotion"
-    max_val_acc_drop: float = 0.02
-    require_better_explanation: bool = True
+    min_audit_gain: float = 0.0  # with an audit split: beat the champion's audit accuracy by more
+    max_val_acc_drop: float = 0.02  # without one: explanation score up, val accuracy drop at most
+
+    def check(self) -> None:
+        if not 0 <= self.max_val_acc_drop <= 1 or not -1 < self.min_audit_gain < 1:
+            raise ConfigError(
+                f"promotion: max_val_acc_drop is {self.max_val_acc_drop} and min_audit_gain "
+                f"{self.min_audit_gain}; allowed: a drop in [0, 1] and a gain in (-1, 1)"
+            )
 
 
 @dataclass(frozen=True)

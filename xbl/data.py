@@ -1,7 +1,7 @@
 """Datasets: the built-in decoy-digits, user manifests, and the prepared-array format.
 
 Every prepared dataset is one `dataset.npz` with:
-  images (N,C,H,W) uint8, labels (N,) int64, split (N,) str in {train,val,test},
+  images (N,C,H,W) uint8, labels (N,) int64, split (N,) str in {train,val,test,audit},
   relevance (N,H,W) bool   where the evidence is (the digit; a user's mask),
   confounder (N,H,W) bool  the known shortcut (the decoy patch; empty for user data),
   ids (N,) str, classes (K,) str.
@@ -20,6 +20,9 @@ from PIL import Image, UnidentifiedImageError
 from xbl.config import DataConfig
 
 SPLITS = ("train", "val", "test")
+# Optional held-out images free of the shortcut (decoy-digits: the validation digits with their
+# decoys re-drawn at random). Promotion is judged there; training and early stopping never see it.
+AUDIT = "audit"
 
 
 @dataclass
@@ -103,37 +106,45 @@ def decoy_digits(
     """scikit-learn's bundled digits drawn large in a frame, with the Decoy-MNIST confounder.
 
     The patch value encodes the label in train and val (so a validation-based early stop
-    cannot see the shortcut, as a real user's would not), and a random class in test.
+    cannot see the shortcut, as a real user's would not), and a random class in test and in
+    the audit split: a copy of the validation digits whose decoys are re-drawn at random, the
+    shortcut-free evidence promotion is judged on. The seed fixes the split, the decoys'
+    corners and the random codes.
     """
-    from sklearn.datasets import load_digits
-
     split = split or {"train": 0.6, "val": 0.2, "test": 0.2}
     if image_size - digit_size < 2 * decoy_size:
         raise ValueError("image_size must leave room for the decoy patch in each corner")
     rng = np.random.default_rng(seed)
-    digits = load_digits()
-    labels = digits.target.astype(np.int64)
+    images, labels = _framed_digits(image_size, digit_size)
+    splits = _stratified_split(labels, split, rng)
+    ids = np.array([f"digit-{i:04d}" for i in range(len(labels))])
+    val = np.flatnonzero(splits == "val")
+    images = np.concatenate([images, images[val]])
+    labels = np.concatenate([labels, labels[val]])
+    splits = np.concatenate([splits, np.full(len(val), AUDIT)])
+    ids = np.concatenate([ids, np.char.add(ids[val], "-audit")])
+    relevance = images[:, 0] > 32
     n = len(labels)
+    code = np.where(np.isin(splits, ("test", AUDIT)), rng.integers(0, 10, n), labels)
+    confounder = add_decoys(images, code, decoy_size, rng) if decoys else np.zeros_like(relevance)
+    return PreparedData(
+        images, labels, splits, relevance, confounder, ids, np.array([str(k) for k in range(10)])
+    )
+
+
+def _framed_digits(image_size: int, digit_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 8x8 digits resized to `digit_size`, centred in an `image_size` frame."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
     off = (image_size - digit_size) // 2
-    images = np.zeros((n, 1, image_size, image_size), dtype=np.uint8)
+    images = np.zeros((len(digits.target), 1, image_size, image_size), dtype=np.uint8)
     for i, small in enumerate(digits.images):
         big = Image.fromarray((small * (255 / 16)).astype(np.uint8)).resize(
             (digit_size, digit_size), Image.BILINEAR
         )
         images[i, 0, off : off + digit_size, off : off + digit_size] = np.asarray(big)
-    relevance = images[:, 0] > 32
-    splits = _stratified_split(labels, split, rng)
-    code = np.where(splits == "test", rng.integers(0, 10, n), labels)
-    confounder = add_decoys(images, code, decoy_size, rng) if decoys else np.zeros_like(relevance)
-    return PreparedData(
-        images,
-        labels,
-        splits,
-        relevance,
-        confounder,
-        np.array([f"digit-{i:04d}" for i in range(n)]),
-        np.array([str(k) for k in range(10)]),
-    )
+    return images, digits.target.astype(np.int64)
 
 
 # ---------------------------------------------------------------- user manifests
@@ -184,7 +195,8 @@ def _load_row(row: dict, root: Path, image_size: int) -> tuple[np.ndarray, np.nd
 
 
 def read_manifest(path: str | Path, image_size: int) -> PreparedData:
-    """Load a CSV manifest (image, label, split[, mask]; paths relative to the manifest).
+    """Load a CSV manifest (image, label, split[, mask]; paths relative to the manifest; split
+    is train, val, test or audit: held-out images without the shortcut, judged for promotion).
 
     Every row is checked before anything trains; all problems are reported at once.
     """
@@ -206,8 +218,8 @@ def read_manifest(path: str | Path, image_size: int) -> PreparedData:
         if not label:
             problems.append(f"{where}: empty class label")
             continue
-        if split not in SPLITS:
-            problems.append(f"{where}: unknown split {split!r} (use train, val or test)")
+        if split not in (*SPLITS, AUDIT):
+            problems.append(f"{where}: unknown split {split!r} (use train, val, test or audit)")
             continue
         try:
             image, mask = _load_row(row, path.parent, image_size)

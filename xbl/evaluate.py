@@ -6,16 +6,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from xbl.data import PreparedData, to_tensor
+from xbl.data import AUDIT, PreparedData, to_tensor
 from xbl.losses import input_gradients
 from xbl.metrics import (
     activation_recall,
     classification_metrics,
     confusion_matrix,
+    outside_share,
     wrong_reason_share,
 )
 from xbl.runtime import model_device
-from xbl.saliency import eval_mode, gradcam
+from xbl.saliency import deeplift_blurred, eval_mode, gradcam
 from xbl.training_loop import mean_loss, predict_proba
 
 
@@ -33,64 +34,79 @@ def evaluate_split(model: nn.Module, data: PreparedData, split: str) -> tuple[di
     return metrics, confusion_matrix(y.numpy(), pred, k)
 
 
+EXPLAINERS = ("deeplift", "gradcam", "inputgrad")
+SCORED_BY = "deeplift"  # no feedback term optimises it, so the loss cannot game the score
+
+
 def evaluate(model: nn.Module, data: PreparedData) -> tuple[dict, np.ndarray]:
-    """Validation (confounded, what a user sees) and test (decoy-randomized: the shortcut),
-    with the explanation metrics on both."""
+    """Validation (confounded, what a user sees), test (decoy-randomized for the built-ins)
+    and, where the dataset has one, the audit split (shortcut-free evidence for promotion),
+    with the explanation metrics on each."""
     metrics, _ = evaluate_split(model, data, "val")
     test_metrics, test_cm = evaluate_split(model, data, "test")
     metrics.update(test_metrics)
-    for split in ("val", "test"):
+    metrics.update(evaluate_split(model, data, AUDIT)[0])
+    for split in ("val", "test", AUDIT):
         metrics.update(explanation_metrics(model, data, split))
-    metrics["val_explanation_score"] = explanation_score(metrics, "val")
+    score, _ = explanation_score(metrics, "val")
+    if score is not None:
+        metrics["val_explanation_score"] = score
     return metrics, test_cm
 
 
 def _attribution_maps(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per-image maps of the deployed model: GradCAM of the predicted class (the one the
-    losses train through), and |∂ Σ_k log p_k / ∂x| scaled to [0,1]."""
+    """Per-image maps of the deployed model for its predicted class: DeepLIFT against a
+    blurred baseline (what annotators see by default), GradCAM (what HINT and eXBL train
+    through) and |∂ Σ_k log p_k / ∂x| (what rrr trains), each scaled to [0,1]."""
     x = x.to(model_device(model))
     with eval_mode(model):
         grads = input_gradients(model, x, create_graph=False).detach().abs()
         cam = gradcam(model, x)
     grads = grads / grads.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
-    return {"gradcam": cam.cpu().numpy(), "inputgrad": grads.cpu().numpy()}
+    lift = deeplift_blurred(model, x).abs()
+    return {
+        "deeplift": lift.cpu().numpy(),
+        "gradcam": cam.cpu().numpy(),
+        "inputgrad": grads.cpu().numpy(),
+    }
 
 
 def explanation_metrics(
     model: nn.Module, data: PreparedData, split: str, batch_size: int = 256
 ) -> dict[str, float]:
-    """Mean AR (relevance masks) and wrong-reason share (confounder masks) per explainer.
-
-    Images without a mask of that kind are left out of its mean (docs/methods.md, "Metrics").
-    """
+    """Per explainer: activation recall and the share of attribution outside the relevance
+    masks, and the wrong-reason share on confounder masks; each mean is over the images that
+    have a mask of that kind (docs/methods.md, "Metrics")."""
     idx = data.indices(split)
-    per_map: dict[str, dict[str, list]] = {}
+    scores: dict[str, list] = {}
     for start in range(0, len(idx), batch_size):
         part = idx[start : start + batch_size]
-        maps = _attribution_maps(model, to_tensor(data.images[part]))
-        for name, A in maps.items():
-            scores = per_map.setdefault(name, {"ar": [], "wrs": []})
-            scores["ar"].append(activation_recall(A, data.relevance[part]))
-            has_confounder = data.confounder[part].any(axis=(1, 2))
-            if has_confounder.any():  # user data may have no confounder mask at all
-                scores["wrs"].append(
-                    wrong_reason_share(A[has_confounder], data.confounder[part][has_confounder])
-                )
+        relevance, confounder = data.relevance[part], data.confounder[part]
+        has_confounder = confounder.any(axis=(1, 2))
+        for name, A in _attribution_maps(model, to_tensor(data.images[part])).items():
+            scores.setdefault(f"activation_recall_{name}", []).append(
+                activation_recall(A, relevance)
+            )
+            scores.setdefault(f"outside_share_{name}", []).append(outside_share(A, relevance))
+            scores.setdefault(f"wrong_reason_share_{name}", []).append(
+                wrong_reason_share(A[has_confounder], confounder[has_confounder])
+            )
     out = {}
-    for name, scores in per_map.items():
-        ar = np.concatenate(scores["ar"])
-        wrs = np.concatenate(scores["wrs"]) if scores["wrs"] else np.zeros(0)
-        if np.isfinite(ar).any():
-            out[f"{split}_activation_recall_{name}"] = float(np.nanmean(ar))
-        if len(wrs):
-            out[f"{split}_wrong_reason_share_{name}"] = float(wrs.mean())
+    for name, parts in scores.items():
+        values = np.concatenate(parts)
+        if np.isfinite(values).any():
+            out[f"{split}_{name}"] = float(np.nanmean(values))
     return out
 
 
-def explanation_score(metrics: dict, split: str = "val") -> float | None:
-    """One number, higher = righter reasons: 1 − wrong-reason share where a confounder is
-    known, else the activation recall of the relevance masks (input gradients)."""
-    wrs = metrics.get(f"{split}_wrong_reason_share_inputgrad")
+def explanation_score(metrics: dict, split: str = "val") -> tuple[float | None, str]:
+    """One number, higher = righter reasons, by an explainer no feedback term optimises, and
+    what it rests on: 1 − wrong-reason share where confounder masks exist, else 1 − the share
+    of attribution outside the relevance masks, else nothing (None)."""
+    wrs = metrics.get(f"{split}_wrong_reason_share_{SCORED_BY}")
     if wrs is not None:
-        return 1.0 - wrs
-    return metrics.get(f"{split}_activation_recall_inputgrad")
+        return 1.0 - wrs, f"1 − wrong-reason share ({SCORED_BY}, confounder masks)"
+    outside = metrics.get(f"{split}_outside_share_{SCORED_BY}")
+    if outside is not None:
+        return 1.0 - outside, f"1 − attribution outside the relevance masks ({SCORED_BY})"
+    return None, "no masks: no explanation score"

@@ -82,18 +82,25 @@ def build_feedback(
     seed: int,
     model: nn.Module | None = None,
     ratings: dict[int, str] | None = None,
+    keep: np.ndarray | None = None,
 ) -> Feedback:
-    """Feedback on the annotated training images `indices` with their ignore masks W (n,H,W).
+    """Feedback on the annotated training images `indices` with their ignore masks W (n,H,W)
+    and keep masks (n,H,W: what annotators affirmed as evidence; None = nothing kept).
 
-    The evidence mask M is the image's relevance mask minus what annotators said to ignore.
-    `model` is the one annotators judged; only methods with `needs_model` use it.
+    The evidence mask M is what annotators kept minus what they said to ignore. It never comes
+    from `data.relevance`: real users have no relevance masks, and a perfect mask for every
+    queried image would credit HINT and eXBL with evidence nobody gave (the metrics still use
+    it). `model` is the one annotators judged; only methods with `needs_model` use it.
     """
     indices, W = np.asarray(indices), np.asarray(W, dtype=bool)
+    keep = np.zeros_like(W) if keep is None else np.asarray(keep, dtype=bool)
+    if keep.shape != W.shape:
+        raise ValueError(f"keep masks {keep.shape} do not match the ignore masks W {W.shape}")
     images = AnnotatedImages(
         to_tensor(data.images[indices]),
         torch.from_numpy(data.labels[indices]),
         torch.from_numpy(W).float(),
-        torch.from_numpy(data.relevance[indices] & ~W).float(),
+        torch.from_numpy(keep & ~W).float(),
     )
     method = method_for(cfg)
     images = method.prepare(images, model, ratings or {}, seed)
@@ -107,15 +114,35 @@ def retraining_schedule(train: TrainConfig, feedback: FeedbackConfig) -> TrainCo
 
 
 # ---------------------------------------------------------------- manifests, one per round
-MANIFEST_FIELDS = ["image_id", "index", "round", "mask", "ignored_pixels", "rating"]
+MANIFEST_FIELDS = [
+    "image_id",
+    "index",
+    "round",
+    "mask",
+    "ignored_pixels",
+    "keep",
+    "kept_pixels",
+    "rating",
+]
+
+
+def _save_mask(mask: np.ndarray, path: Path) -> None:
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+
+
+def _load_mask(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image) > 0
 
 
 def write_feedback(
-    out: Path, queries: dict, masks: dict, ratings: dict, problems: list[str]
+    out: Path, queries: dict, masks: dict, ratings: dict, problems: list[str], keep: dict
 ) -> Path:
-    """masks/<image_id>.png (255 = ignore), manifest.csv and problems.txt in `out`; masks of
-    images that are not among the round's `queries` are skipped."""
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    """masks/<image_id>.png (W, 255 = ignore), keep/<image_id>.png (255 = kept as evidence),
+    manifest.csv and problems.txt in `out`; images that are not among the round's `queries`
+    are skipped. An image missing from `keep` kept nothing."""
+    for folder in ("masks", "keep"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, MANIFEST_FIELDS)
@@ -123,7 +150,9 @@ def write_feedback(
         for image_id, mask in sorted(masks.items()):
             if image_id not in queries:
                 continue
-            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{image_id}.png")
+            kept = keep[image_id] if image_id in keep else np.zeros_like(mask, dtype=bool)
+            _save_mask(mask, out / "masks" / f"{image_id}.png")
+            _save_mask(kept, out / "keep" / f"{image_id}.png")
             writer.writerow(
                 {
                     "image_id": image_id,
@@ -131,6 +160,8 @@ def write_feedback(
                     "round": queries[image_id]["round"],
                     "mask": f"masks/{image_id}.png",
                     "ignored_pixels": int(mask.sum()),
+                    "keep": f"keep/{image_id}.png",
+                    "kept_pixels": int(kept.sum()),
                     "rating": ratings.get(image_id) or "",
                 }
             )
@@ -138,9 +169,13 @@ def write_feedback(
     return manifest
 
 
-def read_feedback(manifests: list[str]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """All rounds' feedback: dataset indices, ignore masks W, and ratings by position."""
-    indices, masks, ratings = [], [], {}
+def read_feedback(
+    manifests: list[str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+    """All rounds' feedback: dataset indices, ignore masks W, keep masks, and ratings by
+    position. A manifest written before keep masks were collected (no `keep` column) reads
+    with empty keep masks: those images affirmed no evidence, so HINT gets no term from them."""
+    indices, masks, kept, ratings = [], [], [], {}
     for manifest in manifests:
         root = Path(manifest).parent
         with open(manifest, newline="") as fh:
@@ -148,11 +183,13 @@ def read_feedback(manifests: list[str]) -> tuple[np.ndarray, np.ndarray, dict[in
                 if row["rating"]:
                     ratings[len(indices)] = row["rating"]
                 indices.append(int(row["index"]))
-                with Image.open(root / row["mask"]) as mask:
-                    masks.append(np.asarray(mask) > 0)
+                masks.append(_load_mask(root / row["mask"]))
+                keep_png = row.get("keep")
+                kept.append(_load_mask(root / keep_png) if keep_png else np.zeros_like(masks[-1]))
     if not indices:
-        return np.zeros(0, dtype=int), np.zeros((0, 0, 0), dtype=bool), {}
-    return np.array(indices), np.stack(masks), ratings
+        empty = np.zeros((0, 0, 0), dtype=bool)
+        return np.zeros(0, dtype=int), empty, empty.copy(), {}
+    return np.array(indices), np.stack(masks), np.stack(kept), ratings
 
 
 def finished_rounds(project: Path) -> list[Path]:

@@ -1,6 +1,7 @@
 """Label Studio's side of the feedback loop, as pure data: the labeling interface, task payloads,
-the pre-drawn grid cells, and annotations back to feedback masks W (1 = the model must not use
-this pixel). No network here; services/labelstudio.py talks to the server.
+the pre-drawn grid cells, and annotations back to feedback masks: W (1 = the model must not use
+this pixel) and the keep mask (1 = the annotator affirmed this pixel as evidence). No network
+here; services/labelstudio.py talks to the server.
 
 A round waits for `annotation_target` of its tasks (`wait.target_fraction`).
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,14 +35,16 @@ def annotation_target(total: int, target_fraction: float) -> int:
 
 def labeling_config(labels: Sequence[str] = (IGNORE_LABEL, ATTENTION_LABEL)) -> str:
     """The annotator's interface: image and explanation side by side, the model's top cells
-    pre-drawn as `labels[1]` rectangles on the image; relabel (or paint) what to ignore as `labels[0]`."""
+    pre-drawn as `labels[1]` rectangles on the image; relabel (or paint) what to ignore as
+    `labels[0]`; cells left as `labels[1]`, and regions drawn or painted as `labels[1]`, are
+    the evidence the model should look at."""
     ignore, attention = labels
     return f"""<View>
   <Header value="Which outlined cells should the model ignore?"/>
   <Text name="summary" value="$summary"/>
   <View style="display: flex; gap: 1em; align-items: flex-start;">
     <View style="flex: 1;">
-      <Header value="Image: relabel the cells the model must ignore" size="6"/>
+      <Header value="Image: relabel the cells the model must ignore; leave (or paint) '{attention}' on the evidence" size="6"/>
       <Image name="{IMAGE_NAME}" value="$image" zoom="true" zoomControl="true"/>
     </View>
     <View style="flex: 1;">
@@ -54,6 +58,7 @@ def labeling_config(labels: Sequence[str] = (IGNORE_LABEL, ATTENTION_LABEL)) -> 
   </RectangleLabels>
   <BrushLabels name="{BRUSH_NAME}" toName="{IMAGE_NAME}">
     <Label value="{ignore}" background="#d62728"/>
+    <Label value="{attention}" background="#ffbf00"/>
   </BrushLabels>
   <Header value="Is the model right for the right reasons?" size="6"/>
   <Choices name="{RATING_NAME}" toName="{IMAGE_NAME}" choice="single" showInline="true">
@@ -231,21 +236,35 @@ def _region_mask(region: dict, height: int, width: int) -> np.ndarray:
     return _brush_mask(region, height, width)
 
 
+class AnnotationMasks(NamedTuple):
+    """One annotation read back: W, the keep mask, the explanation rating, and what could not
+    be read."""
+
+    ignore: np.ndarray  # W, bool HxW: 1 = the model must not use this pixel
+    keep: np.ndarray  # bool HxW: 1 = the annotator affirmed this pixel as evidence
+    rating: str | None
+    problems: list[str]
+
+
 def annotation_to_mask(
     result: list[dict],
     height: int,
     width: int,
     labels: Sequence[str] = (IGNORE_LABEL, ATTENTION_LABEL),
-) -> tuple[np.ndarray, str | None, list[str]]:
-    """An annotation's result -> (W: bool HxW, explanation rating or None, problems).
+) -> AnnotationMasks:
+    """An annotation's result -> (W, keep, explanation rating or None, problems).
 
-    Regions labelled `labels[0]` ("ignore") join W; `labels[1]` ("model attention") regions
-    are cells the annotator left as they were. An empty result means nothing to ignore.
-    A region that cannot be read (unknown label or type, outside the image, bad RLE) is
-    skipped and described in `problems`; the other regions still count.
+    Regions labelled `labels[0]` ("ignore") join W. Regions labelled `labels[1]` ("model
+    attention"), pre-drawn cells the annotator left as they were and rectangles or brush strokes
+    they added, join the keep mask, minus W: where the annotator said both, "ignore" wins, since
+    keeping a pixel the annotator struck would train the model towards it. An empty result means
+    nothing to ignore and nothing kept. A region that cannot be read (unknown label or type,
+    outside the image, bad RLE) is skipped and described in `problems`; the other regions still
+    count.
     """
     ignore, attention = labels
     mask = np.zeros((height, width), dtype=bool)
+    kept = np.zeros((height, width), dtype=bool)
     rating: str | None = None
     problems: list[str] = []
     for region in result or []:
@@ -281,26 +300,34 @@ def annotation_to_mask(
             continue
         if ignore in region_labels:
             mask |= region_mask
-    return mask, rating, problems
+        else:
+            kept |= region_mask
+    return AnnotationMasks(mask, kept & ~mask, rating, problems)
 
 
-def masks_from_annotations(
-    annotations: list[dict],
-    height: int,
-    width: int,
-) -> tuple[dict[str, np.ndarray], dict[str, str | None], list[str]]:
-    """Collected annotations ({image_id, task_id, annotation_id, result}) -> W per image id,
-    rating per image id, and problems, each naming its task and image."""
-    masks, ratings, problems = {}, {}, []
+class RoundMasks(NamedTuple):
+    """A round's annotations read back, by image id."""
+
+    ignore: dict[str, np.ndarray]
+    keep: dict[str, np.ndarray]
+    ratings: dict[str, str | None]
+    problems: list[str]  # each naming its task and image
+
+
+def masks_from_annotations(annotations: list[dict], height: int, width: int) -> RoundMasks:
+    """Collected annotations ({image_id, task_id, annotation_id, result}) -> W, keep mask and
+    rating per image id, and the problems."""
+    out = RoundMasks({}, {}, {}, [])
     for ann in annotations:
-        mask, rating, found = annotation_to_mask(ann["result"], height, width)
-        masks[ann["image_id"]], ratings[ann["image_id"]] = mask, rating
+        image_id = ann["image_id"]
+        read = annotation_to_mask(ann["result"], height, width)
+        out.ignore[image_id], out.keep[image_id] = read.ignore, read.keep
+        out.ratings[image_id] = read.rating
         where = (
-            f"task {ann.get('task_id')} (image {ann['image_id']}, "
-            f"annotation {ann.get('annotation_id')})"
+            f"task {ann.get('task_id')} (image {image_id}, annotation {ann.get('annotation_id')})"
         )
-        problems += [f"{where}: {problem}" for problem in found]
-    return masks, ratings, problems
+        out.problems.extend(f"{where}: {problem}" for problem in read.problems)
+    return out
 
 
 def validate_labeling_config(config: str) -> list[str]:
@@ -351,7 +378,8 @@ def oracle_annotation(
     max_overlap: float,
 ) -> list[dict]:
     """The result a person would submit: each shown cell relabelled "ignore" or kept as
-    "model attention", and the explanation rated "good" only when nothing is to be ignored."""
+    "model attention" (so the kept cells are the shown ones on the evidence, and become the
+    keep mask), and the explanation rated "good" only when nothing is to be ignored."""
     cells = [(int(r), int(c)) for r, c in cells]
     ignored = set(oracle_ignore_cells(cells, cell, relevance_mask, max_overlap))
     result = [

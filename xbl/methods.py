@@ -28,7 +28,8 @@ from xbl.losses import (
 @dataclass(frozen=True)
 class AnnotatedImages:
     """Annotated images and what annotators said: W (N,H,W) 1 where the model must not look,
-    M (N,H,W) 1 where the evidence is (empty where unknown)."""
+    M (N,H,W) 1 where the evidence is: what the annotator kept as "model attention" minus W
+    (`build_feedback`); empty for an image where the annotator kept nothing."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -142,7 +143,8 @@ class RRRG(FeedbackMethod):
 
 @register
 class HINT(FeedbackMethod):
-    """HINT-style: MSE of the true-class GradCAM against M, over the images with an M."""
+    """HINT-style: MSE of the true-class GradCAM against M, the evidence the annotator kept,
+    over the images with a nonempty M: an image where nothing was kept adds no term."""
 
     name, default_lambda = "hint", 10.0
 
@@ -163,7 +165,9 @@ class HINT(FeedbackMethod):
 
 @register
 class EXBL(FeedbackMethod):
-    """eXBL triplet on e(x) = x·GradCAM(x) against a good and a bad exemplar explanation."""
+    """eXBL triplet on e(x) = x·GradCAM(x) against a good and a bad exemplar explanation: the
+    annotators' "good" and "bad" ratings, else activation recall against M, the evidence they
+    kept."""
 
     name, default_lambda = "exbl", 1.0
     needs_model = True
@@ -189,6 +193,11 @@ class EXBL(FeedbackMethod):
         x, y = images.x.to(device), images.y.to(device)
         good = [i for i, r in ratings.items() if r == "good"]
         bad = [i for i, r in ratings.items() if r == "bad"]
+        if not (good and bad) and not images.M.any():
+            raise ValueError(
+                "eXBL cannot fix its exemplars: the ratings lack a 'good' or a 'bad' "
+                "explanation, and no annotator kept any evidence ('model attention') to rank by"
+            )
         pair = (
             (good[0], bad[0])
             if good and bad

@@ -37,7 +37,7 @@ def _per_image(a) -> np.ndarray:
     a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
     a = a.astype(np.float64)
     a = a[None] if a.ndim == 2 else a
-    return a.reshape(a.shape[0], -1)
+    return a.reshape(a.shape[0], int(np.prod(a.shape[1:])))  # -1 fails on an empty batch
 
 
 def activation_recall(G, M) -> np.ndarray:
@@ -58,3 +58,15 @@ def wrong_reason_share(A, W_true) -> np.ndarray:
     A, W_true = np.abs(_per_image(A)), _per_image(W_true)
     total = A.sum(axis=1)
     return np.divide((W_true * A).sum(axis=1), total, out=np.zeros(len(A)), where=total > 0)
+
+
+def outside_share(A, M) -> np.ndarray:
+    """sum(~M * |A|) / sum(|A|) per image: the share of attribution off the marked evidence.
+
+    NaN where M is empty or covers the whole image (no mask says nothing about where the
+    evidence is not), and 0 where A is all zero.
+    """
+    A, M = np.abs(_per_image(A)), _per_image(M) > 0
+    total, covered = A.sum(axis=1), M.mean(axis=1)
+    share = np.divide((~M * A).sum(axis=1), total, out=np.zeros(len(A)), where=total > 0)
+    return np.where((covered > 0) & (covered < 1), share, np.nan)

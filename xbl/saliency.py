@@ -73,6 +73,9 @@ def deeplift_blurred(
             target = predicted_class(model, x)
         with warnings.catch_warnings():  # Captum's notice that it hooks the ReLUs, on every call
             warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
+            # max-unpooling (Captum's rule for max-pool) has no deterministic CPU kernel: the
+            # attribution is still exact, only summation order may vary
+            warnings.filterwarnings("ignore", message="max_unpooling2d_forward_out")
             attr = DeepLift(model).attribute(x, baselines=baseline, target=target)
     return _scale_per_image(attr.detach().sum(dim=1))
 
