@@ -7,15 +7,22 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from services import tracking
 from tasks.data import prepare_data
 from tasks.runs import close_run, log_model_run, open_parent_run, publish_table, set_model_alias
 from tasks.training import evaluate_checkpoint, train_baseline
-from xbl.config import as_params, load_config
+from xbl.config import TrainConfig, as_params, fingerprint, load_config
 
 
 def run_dir(project: Path) -> Path:
     """Checkpoints of this flow run, under the project (git-ignored)."""
     return project / "runs" / (flow_run.get_name() or "local")
+
+
+def baseline_fingerprint(train: TrainConfig) -> str:
+    """What a baseline is reused by, beside the data version: the train settings that would
+    retrain it (where it runs does not change what it learns)."""
+    return fingerprint(train, ignore=("device", "devices"))
 
 
 @flow(name="xbl-baseline", log_prints=True)
@@ -28,7 +35,15 @@ def baseline_flow(project: str = ".", params_file: str = "params.yaml") -> dict:
     evaluation = evaluate_checkpoint(trained.checkpoint, data.path)
     name = cfg.mlflow.model_name
     child = log_model_run(
-        str(root), parent, "baseline", as_params(cfg.train), trained, evaluation, data.version, name
+        str(root),
+        parent,
+        "baseline",
+        as_params(cfg.train),
+        trained,
+        evaluation,
+        data.version,
+        name,
+        extra_tags={tracking.TRAIN_SETTINGS_TAG: baseline_fingerprint(cfg.train)},
     )
     set_model_alias(str(root), name, "baseline", child["model_version"])
     close_run(str(root), parent)

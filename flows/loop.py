@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.baseline import run_dir
+from flows.baseline import baseline_fingerprint, run_dir
 from services import tracking
 from tasks.annotation import (
     collect_feedback_masks,
@@ -178,7 +178,8 @@ def _baseline(rnd: _Round, parent: str) -> tuple[dict, str | None]:
     """This data version's baseline: the one logged before (no checkpoint path: it stays in
     MLflow until needed), or a new one trained and logged under this round's parent."""
     root, cfg = str(rnd.root), rnd.cfg
-    known = current_model(root, cfg.mlflow.model_name, "baseline", rnd.data.version)
+    settings = {tracking.TRAIN_SETTINGS_TAG: baseline_fingerprint(cfg.train)}
+    known = current_model(root, cfg.mlflow.model_name, "baseline", rnd.data.version, settings)
     if known is not None:
         return known, None
     base = train_baseline(rnd.data.path, cfg.train, str(run_dir(rnd.root) / "baseline.pt"))
@@ -191,6 +192,7 @@ def _baseline(rnd: _Round, parent: str) -> tuple[dict, str | None]:
         evaluate_checkpoint(base.checkpoint, rnd.data.path),
         rnd.data.version,
         cfg.mlflow.model_name,
+        extra_tags=settings,
     )
     set_model_alias(root, cfg.mlflow.model_name, "baseline", baseline["model_version"])
     crash_point("baseline")

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from services import offline as _offline  # noqa: F401
 
 DATA_VERSION_TAG = "xbl.data_version"
+TRAIN_SETTINGS_TAG = "xbl.train_settings"  # fingerprint of params' train section (a baseline's)
 FEEDBACK_VERSION_TAG = "xbl.feedback_version"
 # Spelled out so log_model does not spend seconds inferring them (and never asks the network).
 MODEL_REQUIREMENTS = ["torch", "numpy"]
@@ -166,15 +167,22 @@ def run_exists(client: MlflowClient, run_id: str) -> bool:
         raise
 
 
-def model_record(client: MlflowClient, registered_name: str, alias: str, data_version: str):
+def model_record(
+    client: MlflowClient,
+    registered_name: str,
+    alias: str,
+    data_version: str,
+    tags: dict[str, str] | None = None,
+):
     """The model behind `alias` as a record (run id, version, metrics), or None when the alias
-    is unset, its run is gone or failed, or it was trained on another data version (its
-    figures are not comparable with this data's)."""
+    is unset, its run is gone or failed, it was trained on another data version (its figures
+    are not comparable with this data's) or its run lacks one of `tags`."""
     version = alias_version(client, registered_name, alias)
     if version is None or not run_exists(client, version.run_id):
         return None
     run = client.get_run(version.run_id)
-    if run.info.status != "FINISHED" or run.data.tags.get(DATA_VERSION_TAG) != data_version:
+    wanted = {DATA_VERSION_TAG: data_version, **(tags or {})}
+    if run.info.status != "FINISHED" or any(run.data.tags.get(k) != v for k, v in wanted.items()):
         return None
     return run_record(run, str(version.version))
 

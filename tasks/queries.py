@@ -12,6 +12,7 @@ from prefect import task
 from xbl.checkpoint import load_model
 from xbl.config import QueryConfig
 from xbl.data import PreparedData, to_tensor
+from xbl.labelstudio import upload_stem
 from xbl.saliency import image_png, overlay_png, saliency_map, top_cells
 from xbl.sampling import predictive_entropy, select_queries
 from xbl.training_loop import predict_proba
@@ -32,17 +33,17 @@ def query_records(
     _, _, h, w = data.images.shape
     for j, i in enumerate(idx):
         image_id = str(data.ids[i])
-        image = data.images[i]
+        image, stem = data.images[i], upload_stem(image_id)
         shown = [tuple(map(int, rc)) for rc in cells[j].tolist()]
         records.append(
             {
                 "image_id": image_id,
                 "index": int(i),
                 "round": round_number,
-                "image_path": str(image_png(image, out / f"{image_id}.png")),
+                "image_path": str(image_png(image, out / f"{stem}.png")),
                 "overlay_path": str(
                     overlay_png(
-                        image, attr[j].cpu().numpy(), shown, cell, out / f"{image_id}_overlay.png"
+                        image, attr[j].cpu().numpy(), shown, cell, out / f"{stem}_overlay.png"
                     )
                 ),
                 "true_label": str(data.classes[data.labels[i]]),

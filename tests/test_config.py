@@ -36,6 +36,19 @@ def test_every_setting_in_the_code_appears_in_params_yaml():
         assert names == set(shipped[section.name]), section.name
 
 
+def test_new_model_and_data_settings_default_to_what_xbl_did_before():
+    """SmallCNN from the seed, nothing frozen, channels decided by the images."""
+    train, data = Config().train, Config().data
+    assert (train.model, train.pretrained, train.freeze) == ("small_cnn", None, "none")
+    assert data.channels == "auto"
+    cfg = build_config({"data": {"channels": 3}, "train": {"model": "resnet34", "freeze": "early"}})
+    assert (cfg.data.channels, cfg.train.model, cfg.train.freeze) == (3, "resnet34", "early")
+    assert build_config({"data": {"channels": "auto"}}).data.channels == "auto"
+    assert build_config({"data": {"channels": 1}}).data.channels == 1
+    with pytest.raises(ConfigError, match="data.channels is 'rgb'; allowed: auto, 1 or 3"):
+        build_config({"data": {"channels": "rgb"}})
+
+
 def test_left_out_sections_and_keys_take_the_defaults():
     cfg = build_config({"train": {"epochs": 3}})
     assert cfg.train == dataclasses.replace(TrainConfig(), epochs=3)
@@ -48,7 +61,12 @@ def test_left_out_sections_and_keys_take_the_defaults():
         ({"feedback": {"method": "rrrr"}}, ["feedback.method", "'rrrr'", "rrr_output"]),
         ({"train": {"epochs": "ten"}}, ["train.epochs", "'ten'", "int"]),
         ({"train": {"amp": 1}}, ["train.amp", "1", "bool"]),
-        ({"train": {"model": "vgg"}}, ["train.model", "'vgg'", "small_cnn"]),
+        ({"train": {"model": "vgg"}}, ["train.model", "'vgg'", "small_cnn", "resnet18"]),
+        ({"train": {"freeze": "layer4"}}, ["train.freeze", "'layer4'", "stem", "all_but_head"]),
+        ({"train": {"pretrained": ""}}, ["train.pretrained", "''", "null"]),
+        ({"train": {"pretrained": 5}}, ["train.pretrained", "5", "str"]),
+        ({"data": {"channels": 2}}, ["data.channels", "2", "auto, 1 or 3"]),
+        ({"data": {"channels": 2.5}}, ["data.channels", "2.5", "int"]),
         ({"query": {"strategy": "bald"}}, ["query.strategy", "'bald'", "entropy"]),
         ({"wait": {"target_fraction": 1.5}}, ["wait.target_fraction", "1.5", "(0, 1]"]),
         ({"wait": {"min_anotated": 5}}, ["wait.min_anotated", "min_annotated"]),

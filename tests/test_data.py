@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xbl.data import ManifestError, decoy_digits, radiography_manifest, read_manifest
+from xbl.config import DataConfig
+from xbl.data import (
+    ManifestError,
+    build_dataset,
+    decoy_digits,
+    radiography_manifest,
+    read_manifest,
+)
+from xbl.feedback import read_feedback, write_feedback
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +76,10 @@ def test_splits_are_stratified_and_deterministic(digits):
 
 # ---------------------------------------------------------------- manifests
 def write_png(path, size=(16, 16), value=128):
+    """A flat PNG: greyscale for an int value, colour for an (r, g, b) value."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full(size[::-1], value, dtype=np.uint8)).save(path)
+    shape = size[::-1] + ((3,) if isinstance(value, tuple) else ())
+    Image.fromarray(np.full(shape, value, dtype=np.uint8)).save(path)
 
 
 def write_manifest(root, rows, header="image,label,split,mask"):
@@ -156,3 +166,126 @@ def test_radiography_folder_becomes_a_manifest(tmp_path):
     for k in range(2):
         assert (data.split[data.labels == k] == "train").sum() == 6
     assert data.relevance[:, 4:12, 4:12].all() and not data.relevance[:, :4].any()
+
+
+# ---------------------------------------------------------------- IDs, paths, channels, masks
+def test_ids_are_paths_so_the_same_file_name_in_two_classes_is_two_images(tmp_path):
+    write_png(tmp_path / "cat" / "001.png", value=10)
+    write_png(tmp_path / "dog" / "001.png", value=200)
+    rows = [["cat/001.png", "cat", "train", ""], ["./dog/001.png", "dog", "train", ""]]
+    data = read_manifest(write_manifest(tmp_path, rows), image_size=8)
+    assert data.ids.tolist() == ["cat/001.png", "dog/001.png"]
+    assert data.images[0].max() == 10 and data.images[1].min() == 200
+
+
+def test_the_same_image_listed_twice_names_both_rows(tmp_path, good_rows):
+    good_rows.append(["img/../img/a.png", "cat", "test", ""])
+    with pytest.raises(ManifestError, match=r"line 6 .*the same image as line 2 \(ID img/a.png\)"):
+        read_manifest(write_manifest(tmp_path, good_rows), image_size=8)
+
+
+def test_paths_outside_the_dataset_folder_are_refused(tmp_path):
+    root = tmp_path / "dataset"
+    write_png(root / "img" / "a.png")
+    write_png(tmp_path / "outside.png")
+    (root / "img" / "link.png").symlink_to(tmp_path / "outside.png")
+    rows = [
+        ["img/a.png", "cat", "train", ""],
+        [str(root / "img" / "a.png"), "cat", "val", ""],
+        ["../outside.png", "cat", "test", ""],
+        ["img/link.png", "cat", "test", ""],
+        ["img/a.png", "cat", "test", "../outside.png"],
+    ]
+    with pytest.raises(ManifestError) as err:
+        read_manifest(write_manifest(root, rows), image_size=8)
+    message = str(err.value)
+    assert "5 problem(s)" not in message and "4 problem(s)" in message
+    assert "line 3" in message and "is an absolute path" in message
+    for line in (4, 5, 6):
+        assert f"line {line}" in message
+    assert message.count("leaves the dataset folder") == 3
+
+
+def test_auto_channels_is_rgb_when_any_image_is_colour(tmp_path, good_rows):
+    write_png(tmp_path / "img" / "b.png", value=(200, 10, 10))
+    manifest = write_manifest(tmp_path, good_rows)
+    data = read_manifest(manifest, image_size=8)  # channels None: auto
+    assert data.images.shape == (4, 3, 8, 8)
+    assert data.images[1, :, 0, 0].tolist() == [200, 10, 10]
+    grey = data.images[0]
+    assert (grey == grey[0]).all() and grey[0, 0, 0] == 128  # repeated on R, G and B
+    assert read_manifest(manifest, image_size=8, channels=1).images.shape == (4, 1, 8, 8)
+    write_png(tmp_path / "img" / "b.png", value=(90, 90, 90))  # RGB file, grey content
+    assert read_manifest(manifest, image_size=8).images.shape == (4, 1, 8, 8)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path, good_rows):
+    Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16)).save(tmp_path / "img" / "a.png")
+    Image.fromarray(np.full((16, 16), 257 * 100, dtype=np.uint16)).save(tmp_path / "img" / "b.png")
+    data = read_manifest(write_manifest(tmp_path, good_rows), image_size=8)
+    assert data.images[0].min() == 255 and data.images[1].max() == 100
+
+
+def test_a_confounder_mask_column_fills_the_confounder(tmp_path, good_rows):
+    patch = np.zeros((16, 16), dtype=np.uint8)
+    patch[:4, :4] = 255
+    Image.fromarray(patch).save(tmp_path / "mask" / "patch.png")
+    for row in good_rows:
+        row.append("")
+    good_rows[1][4] = "mask/patch.png"
+    header = "image,label,split,mask,confounder_mask"
+    data = read_manifest(write_manifest(tmp_path, good_rows, header), image_size=8)
+    assert data.confounder[1, :2, :2].all() and data.confounder[1].sum() == 4
+    assert not data.confounder[[0, 2, 3]].any()
+    assert data.relevance.all()
+
+
+def test_a_confounder_mask_of_another_size_names_the_row(tmp_path, good_rows):
+    write_png(tmp_path / "mask" / "patch.png", size=(16, 12), value=255)
+    for row in good_rows:
+        row.append("mask/patch.png" if row[0] == "img/c.png" else "")
+    header = "image,label,split,mask,confounder_mask"
+    with pytest.raises(
+        ManifestError, match=r"line 4 .*confounder_mask .* is 16x12, image is 16x16"
+    ):
+        read_manifest(write_manifest(tmp_path, good_rows, header), image_size=8)
+
+
+def test_a_plain_class_folder_loads_with_path_ids(tmp_path):
+    for cls, colour in (("cat", (200, 30, 30)), ("dog", 90)):
+        for i in range(5):
+            write_png(tmp_path / "pets" / cls / f"{i:03d}.png", size=(20, 12), value=colour)
+    Image.new("RGB", (9, 9), (1, 2, 3)).save(tmp_path / "pets" / "dog" / "005.JPG")
+    cfg = DataConfig(dataset="pets", image_size=8, split={"train": 0.6, "val": 0.2, "test": 0.2})
+    data = build_dataset(cfg, tmp_path)
+    assert data.classes.tolist() == ["cat", "dog"] and len(data) == 11
+    assert data.images.shape == (11, 3, 8, 8)
+    assert "cat/000.png" in data.ids and "dog/005.JPG" in data.ids
+    assert set(data.split[data.labels == 0]) == {"train", "val", "test"}
+    assert data.relevance.all() and not data.confounder.any()
+
+
+def test_a_folder_in_no_known_layout_is_refused(tmp_path):
+    (tmp_path / "stuff" / "cat").mkdir(parents=True)
+    (tmp_path / "stuff" / "cat" / "notes.txt").write_text("no images")
+    with pytest.raises(ManifestError, match="matches no dataset layout"):
+        build_dataset(DataConfig(dataset="stuff"), tmp_path)
+
+
+def test_path_ids_give_flat_unique_feedback_file_names(tmp_path):
+    """IDs with `/` reach the feedback masks of a round: one flat file per image."""
+    masks = {"cat/001.png": np.eye(4, dtype=bool), "dog/001.png": ~np.eye(4, dtype=bool)}
+    queries = {image_id: {"index": i, "round": 1} for i, image_id in enumerate(masks)}
+    manifest = write_feedback(tmp_path / "round-1", queries, masks, {}, [], {})
+    files = sorted(p.name for p in (tmp_path / "round-1" / "masks").iterdir())
+    assert files == ["cat%2F001.png.png", "dog%2F001.png.png"]
+    indices, W, _, _ = read_feedback([str(manifest)])
+    assert indices.tolist() == [0, 1]
+    assert np.array_equal(W[0], masks["cat/001.png"]) and np.array_equal(
+        W[1], ~np.eye(4, dtype=bool)
+    )
+
+
+def test_decoy_digits_can_be_drawn_on_three_channels():
+    data = build_dataset(DataConfig(channels=3))
+    assert data.images.shape[1] == 3 and (data.images == data.images[:, :1]).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -370,3 +371,13 @@ def test_oracle_rates_an_explanation_on_the_evidence_good():
     )
     assert not mask.any() and rating == "good"
     np.testing.assert_array_equal(kept, cells_to_mask([(2, 2)], 4, 28, 28))
+
+
+def test_upload_stems_are_safe_to_serve_and_stay_unique():
+    from xbl.labelstudio import upload_stem
+
+    assert upload_stem("digit-0042") == "digit-0042"  # safe ids are kept
+    cat, dog = upload_stem("cat/001.png"), upload_stem("dog/001.png")
+    assert cat != dog
+    for stem in (cat, dog, upload_stem("a b/%41.png"), upload_stem("../x")):
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", stem), stem

@@ -127,3 +127,35 @@ def test_gradcam_keeps_its_graph_for_the_losses():
     cam = gradcam(model, torch.rand(2, 1, 28, 28), upsample=False, create_graph=True)
     (grad,) = torch.autograd.grad(cam.sum(), model.features[0].weight)
     assert grad.abs().sum() > 0  # the first layer's weights shape the map
+
+
+def test_the_term_every_nth_step_runs_that_often_weighted_lambda_times_n(toy_method, tmp_path):
+    """feedback.every = N: the term on steps 1, N+1, ... only, weighted λ·N, so that one step
+    with (λ, N) moves the weights as one step with (λ·N, 1) does."""
+    data = _small_digits()
+    annotated = data.indices("train")[:10]
+
+    def train(lam: float, every: int, epochs: int, batch: int) -> tuple[dict, list[dict]]:
+        cfg = build_config(
+            {
+                "train": {"epochs": epochs, "patience": 0, "batch_size": batch},
+                "feedback": {
+                    "method": toy_method.name,
+                    "every": every,
+                    "lambda": {toy_method.name: lam},
+                },
+            }
+        )
+        fb = build_feedback(cfg.feedback, data, annotated, data.confounder[annotated], seed=0)
+        result = fit(data, cfg.train, tmp_path / "toy.pt", feedback=fb)
+        return torch.load(tmp_path / "toy.pt", weights_only=False)["state_dict"], result.history
+
+    ResponseToForbidden.calls = 0
+    train(0.5, every=2, epochs=3, batch=64)  # 3 steps per epoch: 9 steps, the term on 5
+    assert ResponseToForbidden.calls == 5
+    one_sparse, _ = train(0.5, every=3, epochs=1, batch=192)  # a single step
+    one_dense, _ = train(1.5, every=1, epochs=1, batch=192)
+    for name, weight in one_dense.items():
+        assert torch.allclose(one_sparse[name], weight, atol=1e-6), name
+    plain, _ = train(0.5, every=1, epochs=1, batch=192)
+    assert not torch.allclose(plain["head.3.weight"], one_dense["head.3.weight"])

@@ -1,4 +1,8 @@
-"""Checkpoints: a model's weights with what rebuilds it (its name and the data's shape)."""
+"""Checkpoints: a model's weights with what rebuilds it (its name and the data's shape).
+
+The weights include the input normalisation (`normalize.mean`, `normalize.std`), so a reloaded
+model takes [0,1] images as it was trained on them.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import torch
 from torch import nn
 
 from xbl.data import PreparedData
-from xbl.models import build_model
+from xbl.models import build_model, freeze_stages, load_pretrained, load_weights
 from xbl.runtime import seed_everything
 
 
@@ -19,15 +23,25 @@ def checkpoint_meta(name: str, data: PreparedData) -> dict:
 
 
 def initial_model(
-    name: str, data: PreparedData, seed: int, init: str | Path | dict | None = None
+    name: str,
+    data: PreparedData,
+    seed: int,
+    init: str | Path | dict | None = None,
+    pretrained: str | Path | None = None,
+    freeze: str = "none",
 ) -> nn.Module:
-    """The model a run starts from: weights fixed by the seed, or `init` (a checkpoint's path
-    or a state dict)."""
+    """The model a run starts from: weights fixed by the seed, or `pretrained` (train.pretrained:
+    a local state dict, adapted by `load_pretrained`), or `init` (a checkpoint's path or a state
+    dict: all of a model's weights, so it overrides `pretrained`); then `freeze` (train.freeze)
+    stops training its early stages."""
     seed_everything(seed)
     meta = checkpoint_meta(name, data)
     model = build_model(name, meta["in_channels"], meta["n_classes"], meta["image_size"])
     if init is not None:
-        model.load_state_dict(init if isinstance(init, dict) else load_checkpoint(Path(init))[0])
+        load_weights(model, init if isinstance(init, dict) else load_checkpoint(Path(init))[0])
+    elif pretrained is not None:
+        load_pretrained(model, pretrained)
+    freeze_stages(model, freeze)
     return model
 
 
@@ -55,5 +69,5 @@ def load_model(
     """The checkpoint's model on `device`, and its meta."""
     state, meta = load_checkpoint(Path(checkpoint))
     model = build_model(meta["model"], meta["in_channels"], meta["n_classes"], meta["image_size"])
-    model.load_state_dict(state)
+    load_weights(model, state)
     return model.to(device), meta

@@ -11,6 +11,8 @@ its allowed values is an error that names the key, the value and what is allowed
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 import types
 import typing
@@ -22,7 +24,7 @@ import yaml
 
 from xbl.errors import ConfigError
 from xbl.methods import METHODS
-from xbl.models import MODELS
+from xbl.models import FREEZE, MODELS
 from xbl.saliency import SALIENCY_METHODS
 from xbl.sampling import STRATEGIES
 
@@ -51,8 +53,9 @@ class _Section:
 @dataclass(frozen=True)
 class DataConfig(_Section):
     name = "data"
-    dataset: str = "decoy-digits"  # built-in; or a manifest CSV path; or a radiography folder
+    dataset: str = "decoy-digits"  # built-in; or a manifest CSV path; or a dataset folder
     image_size: int = 28
+    channels: str | int = "auto"  # auto: 3 if any image is in colour, else 1
     digit_size: int = 20
     decoy_size: int = 4
     split: dict[str, float] = field(default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2})
@@ -61,6 +64,8 @@ class DataConfig(_Section):
 
     def check(self) -> None:
         _positive("data.image_size", self.image_size)
+        if self.channels not in ("auto", 1, 3):
+            raise ConfigError(f"data.channels is {self.channels!r}; allowed: auto, 1 or 3")
         if sorted(self.split) != ["test", "train", "val"]:
             raise ConfigError(
                 f"data.split has keys {sorted(self.split)}; expected exactly train, val and test"
@@ -75,6 +80,8 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     name = "train"
     model: str = "small_cnn"
+    pretrained: str | None = None  # a local state dict to start from (e.g. ImageNet weights)
+    freeze: str = field(default="none", metadata=_choices(*FREEZE))
     lr: float = 0.001
     epochs: int = 20
     batch_size: int = 64
@@ -86,6 +93,8 @@ class TrainConfig(_Section):
 
     def check(self) -> None:
         _allowed("train.model", self.model, tuple(MODELS))
+        if self.pretrained is not None and not self.pretrained.strip():
+            raise ConfigError("train.pretrained is ''; allowed: a state dict's path, or null")
         _positive("train.epochs", self.epochs)
         _positive("train.batch_size", self.batch_size)
         _positive("train.devices", self.devices)
@@ -164,6 +173,7 @@ class FeedbackConfig(_Section):
     epochs: int = 20
     lr: float = 0.001
     per_batch: int = 16
+    every: int = 1  # the term on every N-th step, weighted λ·N: its cost goes as 1/N
     exbl_margin: float = 1.0
     counterexample_copies: int = 3
 
@@ -172,6 +182,7 @@ class FeedbackConfig(_Section):
         for name in self.lambda_:
             _allowed("feedback.lambda", name, tuple(METHODS))
         _positive("feedback.per_batch", self.per_batch)
+        _positive("feedback.every", self.every)
         _positive("feedback.epochs", self.epochs)
         _positive("feedback.lr", self.lr)
 
@@ -241,7 +252,13 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _coerce(key, value, next(a for a in args if a is not type(None)))
+        kinds = [a for a in args if a is not type(None)]
+        for kind in kinds[:-1]:  # e.g. `auto | 1 | 3`: the first type that fits
+            try:
+                return _coerce(key, value, kind)
+            except ConfigError:
+                pass
+        return _coerce(key, value, kinds[-1])
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} is {value!r}; allowed: a mapping")
@@ -298,6 +315,13 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         return build_config(params)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def fingerprint(section: Any, ignore: tuple[str, ...] = ()) -> str:
+    """A short hash of a section's settings (except `ignore`): runs made with the same
+    settings share it, so a stored model can be matched to the settings that would remake it."""
+    values = {k: v for k, v in as_params(section).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def as_params(section: Any) -> dict:

@@ -2,16 +2,20 @@
 
 Every prepared dataset is one `dataset.npz` with:
   images (N,C,H,W) uint8, labels (N,) int64, split (N,) str in {train,val,test,audit},
-  relevance (N,H,W) bool   where the evidence is (the digit; a user's mask),
-  confounder (N,H,W) bool  the known shortcut (the decoy patch; empty for user data),
-  ids (N,) str, classes (K,) str.
+  relevance (N,H,W) bool   where the evidence is (the digit; a user's mask, else all ones),
+  confounder (N,H,W) bool  the known shortcut (the decoy patch; a user's confounder_mask, else
+                           empty),
+  ids (N,) str             unique; for user data the image's path in the dataset folder,
+  classes (K,) str.
+C is 1 (greyscale) or 3 (RGB).
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import torch
@@ -152,51 +156,129 @@ class ManifestError(ValueError):
     """A manifest with bad rows; the message names every row and its problem."""
 
 
-def _read_gray(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        im.load()
-        return np.asarray(im.convert("L"))
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_GREY_MODES = ("1", "L", "LA", "I", "F") + tuple(m for m in Image.MODES if m.startswith("I;16"))
+
+
+def _open_rgb_or_grey(path: Path, kind: str) -> Image.Image:
+    """The file as an 8-bit PIL image, mode L (greyscale) or RGB (colour; alpha dropped).
+
+    16-bit greyscale (common for radiographs) is scaled to 8 bits, not clipped as PIL's
+    convert("L") would. An RGB file whose three channels are equal everywhere is greyscale.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit PNGs open as I;16 or I
+                wide = np.asarray(im, dtype=np.float64).clip(0, 65535)
+                return Image.fromarray((wide / 257).round().astype(np.uint8))
+            if im.mode in _GREY_MODES:
+                return im.convert("L")
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"unreadable {kind} {path}: {exc}") from None
+    arr = np.asarray(rgb)
+    grey = (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+    return Image.fromarray(arr[..., 0]) if grey else rgb
 
 
 def _resize(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
-    if array.shape == (size, size):
+    if array.shape[:2] == (size, size):
         return array
     return np.asarray(
         Image.fromarray(array).resize((size, size), Image.NEAREST if nearest else Image.BILINEAR)
     )
 
 
-def _load_row(row: dict, root: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One manifest row to (image, relevance mask); raises ValueError saying what is wrong."""
-    image_path = root / (row.get("image") or "").strip()
-    if not row.get("image") or not image_path.is_file():
+def _inside(root: Path, name: str, column: str) -> tuple[Path, str]:
+    """`name` from a manifest column as a file under `root` and its ID: the POSIX path relative to
+    `root`. Absolute paths, and paths that leave `root` (through `..` or a symlink), are refused:
+    an ID must name one image of this dataset and nothing else."""
+    if Path(name).is_absolute() or PureWindowsPath(name).is_absolute():
+        raise ValueError(f"{column} {name!r} is an absolute path; give it relative to {root}")
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{column} {name!r} leaves the dataset folder {root}")
+    return path, Path(os.path.normpath(name)).as_posix()
+
+
+def _read_mask(root: Path, name: str, column: str, shape: tuple[int, int]) -> np.ndarray:
+    """A mask PNG as bool (nonzero = marked), checked against its image's (h, w)."""
+    path, _ = _inside(root, name, column)
+    if not path.is_file():
+        raise ValueError(f"{column} not found: {path}")
+    mask = np.asarray(_open_rgb_or_grey(path, column))
+    mask = mask.any(axis=-1) if mask.ndim == 3 else mask > 0
+    if mask.shape != shape:
+        raise ValueError(
+            f"{column} {path} is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}"
+        )
+    return mask
+
+
+@dataclass
+class _Row:
+    image: Image.Image
+    relevance: np.ndarray
+    confounder: np.ndarray
+    image_id: str
+
+
+def _load_row(row: dict, root: Path, image_size: int) -> _Row:
+    """One manifest row, resized; raises ValueError saying what is wrong with it."""
+    name = (row.get("image") or "").strip()
+    if not name:
+        raise ValueError("empty image path")
+    image_path, image_id = _inside(root, name, "image")
+    if not image_path.is_file():
         raise ValueError(f"image not found: {image_path}")
-    try:
-        image = _read_gray(image_path)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"unreadable image {image_path}: {exc}") from None
-    mask_name = (row.get("mask") or "").strip()
-    if not mask_name:
-        mask = np.ones_like(image, dtype=bool)  # no mask: the whole image may be evidence
-    else:
-        mask_path = root / mask_name
-        if not mask_path.is_file():
-            raise ValueError(f"mask not found: {mask_path}")
-        try:
-            mask = _read_gray(mask_path) > 0
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"unreadable mask {mask_path}: {exc}") from None
-        if mask.shape != image.shape:
-            raise ValueError(
-                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, "
-                f"image is {image.shape[1]}x{image.shape[0]}"
+    image = _open_rgb_or_grey(image_path, "image")
+    shape = (image.height, image.width)
+    masks, problems = {}, []
+    for column in ("mask", "confounder_mask"):
+        mask_name = (row.get(column) or "").strip()
+        try:  # no relevance mask: the whole image may be evidence; no confounder mask: none known
+            masks[column] = (
+                _read_mask(root, mask_name, column, shape)
+                if mask_name
+                else np.full(shape, column == "mask")
             )
-    return _resize(image, image_size, False), _resize(mask.astype(np.uint8), image_size, True) > 0
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ValueError("; ".join(problems))
+    image = (
+        image.resize((image_size, image_size), Image.BILINEAR)
+        if shape != (image_size,) * 2
+        else image
+    )
+    relevance, confounder = (
+        _resize(masks[c].astype(np.uint8), image_size, True) > 0
+        for c in ("mask", "confounder_mask")
+    )
+    return _Row(image, relevance, confounder, image_id)
 
 
-def read_manifest(path: str | Path, image_size: int) -> PreparedData:
-    """Load a CSV manifest (image, label, split[, mask]; paths relative to the manifest; split
-    is train, val, test or audit: held-out images without the shortcut, judged for promotion).
+def _stack_channels(images: list[Image.Image], channels: int | None) -> np.ndarray:
+    """(N,C,H,W) uint8. channels None (auto): 3 if any image is colour, else 1; a greyscale image
+    among colour ones is repeated on three channels, a colour one forced to 1 becomes luma."""
+    if channels is None:
+        channels = 3 if any(im.mode == "RGB" for im in images) else 1
+    mode = "RGB" if channels == 3 else "L"
+    arrays = [np.asarray(im if im.mode == mode else im.convert(mode)) for im in images]
+    stacked = np.stack(arrays)
+    return stacked[:, None] if channels == 1 else np.moveaxis(stacked, -1, 1).copy()
+
+
+def read_manifest(path: str | Path, image_size: int, channels: int | None = None) -> PreparedData:
+    """Load a CSV manifest: image, label, split[, mask][, confounder_mask].
+
+    Paths are relative to the manifest's folder and must stay inside it; an image's ID is that
+    path, normalised (POSIX), so `cat/001.png` and `dog/001.png` are two images and the same
+    image listed twice is an error. split is train, val, test or audit (held-out images without
+    the shortcut, judged for promotion). `mask` marks the evidence (relevance; all of the image
+    without one), `confounder_mask` the known shortcut (none without one). `channels` is 1, 3,
+    or None: 3 if any image is in colour, else 1.
 
     Every row is checked before anything trains; all problems are reported at once.
     """
@@ -211,7 +293,7 @@ def read_manifest(path: str | Path, image_size: int) -> PreparedData:
         rows = list(reader)
     if not rows:
         raise ManifestError(f"{path}: no rows")
-    images, masks, problems = [], [], []
+    loaded, problems, first_line = [], [], {}
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{path.name} line {line} ({row.get('image')})"
         label, split = (row.get("label") or "").strip(), (row.get("split") or "").strip()
@@ -222,12 +304,17 @@ def read_manifest(path: str | Path, image_size: int) -> PreparedData:
             problems.append(f"{where}: unknown split {split!r} (use train, val, test or audit)")
             continue
         try:
-            image, mask = _load_row(row, path.parent, image_size)
+            one = _load_row(row, path.parent, image_size)
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
             continue
-        images.append(image)
-        masks.append(mask)
+        if one.image_id in first_line:
+            problems.append(
+                f"{where}: the same image as line {first_line[one.image_id]} (ID {one.image_id})"
+            )
+            continue
+        first_line[one.image_id] = line
+        loaded.append(one)
     label_names = [(r.get("label") or "").strip() for r in rows]
     split_names = [(r.get("split") or "").strip() for r in rows]
     train_classes = {lab for lab, s in zip(label_names, split_names) if s == "train" and lab}
@@ -237,36 +324,27 @@ def read_manifest(path: str | Path, image_size: int) -> PreparedData:
         raise ManifestError(f"{len(problems)} problem(s) in {path}:\n  " + "\n  ".join(problems))
     classes = np.array(sorted(set(label_names)))
     return PreparedData(
-        images=np.stack(images)[:, None],
+        images=_stack_channels([r.image for r in loaded], channels),
         labels=np.searchsorted(classes, label_names).astype(np.int64),
         split=np.array(split_names),
-        relevance=np.stack(masks),
-        confounder=np.zeros((len(rows), image_size, image_size), dtype=bool),
-        ids=np.array([Path(r["image"]).stem for r in rows]),
+        relevance=np.stack([r.relevance for r in loaded]),
+        confounder=np.stack([r.confounder for r in loaded]),
+        ids=np.array([r.image_id for r in loaded]),
         classes=classes,
     )
 
 
-def radiography_manifest(folder: str | Path, out: str | Path, split: dict, seed: int = 0) -> Path:
-    """Write a manifest for the COVID-19 Radiography Database layout.
+# ---------------------------------------------------------------- folder layouts
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
-    `<class>/images/*.png` with the same file names under `<class>/masks/`; the split is
-    stratified by class and fixed by the seed.
-    """
-    folder, out = Path(folder), Path(out)
-    rows = []
-    for class_dir in sorted(p for p in folder.iterdir() if (p / "images").is_dir()):
-        for image in sorted((class_dir / "images").glob("*.png")):
-            mask = class_dir / "masks" / image.name
-            rows.append(
-                {
-                    "image": image.relative_to(folder).as_posix(),
-                    "label": class_dir.name,
-                    "mask": mask.relative_to(folder).as_posix() if mask.exists() else "",
-                }
-            )
-    if not rows:
-        raise ManifestError(f"{folder}: no <class>/images/*.png found")
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _write_split_manifest(rows: list[dict], out: Path, split: dict, seed: int) -> Path:
+    """Rows (image, label, mask) with a split stratified by class and fixed by the seed."""
     labels = np.array([r["label"] for r in rows])
     splits = _stratified_split(labels, split, np.random.default_rng(seed))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -278,12 +356,77 @@ def radiography_manifest(folder: str | Path, out: str | Path, split: dict, seed:
     return out
 
 
+def radiography_manifest(folder: str | Path, out: str | Path, split: dict, seed: int = 0) -> Path:
+    """Write a manifest for the COVID-19 Radiography Database layout.
+
+    `<class>/images/*.png` with the same file names under `<class>/masks/`; the split is
+    stratified by class and fixed by the seed.
+    """
+    folder, out = Path(folder), Path(out)
+    rows = []
+    for class_dir in (p for p in _class_dirs(folder) if (p / "images").is_dir()):
+        for image in _image_files(class_dir / "images"):
+            mask = class_dir / "masks" / image.name
+            rows.append(
+                {
+                    "image": image.relative_to(folder).as_posix(),
+                    "label": class_dir.name,
+                    "mask": mask.relative_to(folder).as_posix() if mask.exists() else "",
+                }
+            )
+    if not rows:
+        raise ManifestError(f"{folder}: no <class>/images/*.png found")
+    return _write_split_manifest(rows, out, split, seed)
+
+
+def class_folder_manifest(folder: str | Path, out: str | Path, split: dict, seed: int = 0) -> Path:
+    """Write a manifest for the plain layout `<class>/*.png|jpg|jpeg` (no masks)."""
+    folder, out = Path(folder), Path(out)
+    rows = [
+        {"image": image.relative_to(folder).as_posix(), "label": class_dir.name, "mask": ""}
+        for class_dir in _class_dirs(folder)
+        for image in _image_files(class_dir)
+    ]
+    if not rows:
+        raise ManifestError(f"{folder}: no <class>/*.png|jpg|jpeg found")
+    return _write_split_manifest(rows, out, split, seed)
+
+
+def folder_manifest(folder: Path, split: dict, seed: int) -> Path:
+    """The manifest.csv written into a dataset folder, whichever of the two layouts it has."""
+    classes = _class_dirs(folder)
+    radiography = [p.name for p in classes if (p / "images").is_dir()]
+    plain = [p.name for p in classes if _image_files(p)]
+    out = folder / "manifest.csv"
+    if radiography and plain:
+        raise ManifestError(
+            f"{folder} mixes two layouts: <class>/images/ in {radiography}, images directly "
+            f"in {plain}; use one"
+        )
+    if radiography:
+        return radiography_manifest(folder, out, split, seed)
+    if plain:
+        return class_folder_manifest(folder, out, split, seed)
+    raise ManifestError(
+        f"{folder} matches no dataset layout: expected <class>/*.png|jpg|jpeg, or "
+        "<class>/images/*.png with <class>/masks/ (COVID-19 Radiography); or give a manifest CSV"
+    )
+
+
 def build_dataset(cfg: DataConfig, root: Path = Path(".")) -> PreparedData:
     """The dataset named in params' `data` section."""
     if cfg.dataset == "decoy-digits":
-        return decoy_digits(cfg.image_size, cfg.digit_size, cfg.decoy_size, cfg.split, cfg.seed)
+        data = decoy_digits(cfg.image_size, cfg.digit_size, cfg.decoy_size, cfg.split, cfg.seed)
+        if cfg.channels == 3:  # greyscale digits on R, G and B, e.g. for RGB-pretrained weights
+            data.images = np.repeat(data.images, 3, axis=1)
+        return data
     source = root / cfg.dataset
     if source.is_dir():
-        manifest = radiography_manifest(source, source / "manifest.csv", cfg.split, cfg.seed)
-        return read_manifest(manifest, cfg.image_size)
-    return read_manifest(source, cfg.image_size)
+        return read_manifest(
+            folder_manifest(source, cfg.split, cfg.seed), cfg.image_size, _channels(cfg)
+        )
+    return read_manifest(source, cfg.image_size, _channels(cfg))
+
+
+def _channels(cfg: DataConfig) -> int | None:
+    return None if cfg.channels == "auto" else int(cfg.channels)

@@ -118,7 +118,9 @@ def _train_here(job: dict, rank: int, world: int, device: torch.device) -> None:
     """One process's training; process 0 saves the checkpoint and the result."""
     data = PreparedData.load(Path(job["dataset"]))
     cfg = TrainConfig(**job["train"])
-    model = initial_model(cfg.model, data, cfg.seed, job["init"]).to(device)  # as fit does
+    # as fit does
+    model = initial_model(cfg.model, data, cfg.seed, job["init"], cfg.pretrained, cfg.freeze)
+    model = model.to(device)
     ddp = DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )

@@ -8,6 +8,7 @@ import copy
 import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -25,11 +26,13 @@ FEEDBACK_ROOT = "data/feedback"  # every round's masks, one DVC-tracked folder
 class Feedback:
     """The annotated images and the method that learns from them.
 
-    Every batch gets `per_batch` of these mixed in, so a handful of annotations act throughout
-    training. `normalize_lambda` rescales λ at the first batch with a nonzero term, so that the
-    term starts at λ times the cross-entropy; it is meant for fine-tuning a trained model (from
-    a fresh start the term is near zero at first and the rescaled λ would be huge). The RRR
-    terms sum over the `per_batch` images: their λ goes with 1/per_batch.
+    Every `every`-th step gets `per_batch` of these mixed in, with the term weighted λ·every,
+    so a handful of annotations act throughout training and the expected gradient does not
+    depend on `every`; the term's cost does, as 1/every (docs/methods.md, "Feedback cost").
+    `normalize_lambda` rescales λ at the first batch with a nonzero term, so that the term
+    starts at λ times the cross-entropy; it is meant for fine-tuning a trained model (from a
+    fresh start the term is near zero at first and the rescaled λ would be huge). The RRR terms
+    sum over the `per_batch` images: their λ goes with 1/per_batch.
     """
 
     method: FeedbackMethod
@@ -37,6 +40,7 @@ class Feedback:
     lam: float
     normalize_lambda: bool = False
     per_batch: int = 16
+    every: int = 1
 
     def to(self, device: torch.device) -> Feedback:
         """A copy with the images on `device` (annotations are few: they move once)."""
@@ -60,6 +64,7 @@ class Feedback:
             "lam": self.lam,
             "normalize_lambda": self.normalize_lambda,
             "per_batch": self.per_batch,
+            "every": self.every,
         }
 
     @classmethod
@@ -71,6 +76,7 @@ class Feedback:
             job["lam"],
             job["normalize_lambda"],
             job["per_batch"],
+            job["every"],
         )
 
 
@@ -104,7 +110,9 @@ def build_feedback(
     )
     method = method_for(cfg)
     images = method.prepare(images, model, ratings or {}, seed)
-    return Feedback(method, images, cfg.lam(cfg.method), cfg.normalize_lambda, cfg.per_batch)
+    return Feedback(
+        method, images, cfg.lam(cfg.method), cfg.normalize_lambda, cfg.per_batch, cfg.every
+    )
 
 
 def retraining_schedule(train: TrainConfig, feedback: FeedbackConfig) -> TrainConfig:
@@ -126,6 +134,12 @@ MANIFEST_FIELDS = [
 ]
 
 
+def mask_file_name(image_id: str) -> str:
+    """A flat, unique file name for an image's mask: the ID percent-encoded (a user's IDs are
+    paths such as `cat/001.png`; decoy-digits' `digit-0001` stays as it is), then `.png`."""
+    return f"{quote(image_id, safe='')}.png"
+
+
 def _save_mask(mask: np.ndarray, path: Path) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)
 
@@ -138,9 +152,9 @@ def _load_mask(path: Path) -> np.ndarray:
 def write_feedback(
     out: Path, queries: dict, masks: dict, ratings: dict, problems: list[str], keep: dict
 ) -> Path:
-    """masks/<image_id>.png (W, 255 = ignore), keep/<image_id>.png (255 = kept as evidence),
-    manifest.csv and problems.txt in `out`; images that are not among the round's `queries`
-    are skipped. An image missing from `keep` kept nothing."""
+    """masks/<name> (W, 255 = ignore) and keep/<name> (255 = kept as evidence), named by
+    `mask_file_name`, manifest.csv and problems.txt in `out`; images that are not among the
+    round's `queries` are skipped. An image missing from `keep` kept nothing."""
     for folder in ("masks", "keep"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.csv"
@@ -151,16 +165,17 @@ def write_feedback(
             if image_id not in queries:
                 continue
             kept = keep[image_id] if image_id in keep else np.zeros_like(mask, dtype=bool)
-            _save_mask(mask, out / "masks" / f"{image_id}.png")
-            _save_mask(kept, out / "keep" / f"{image_id}.png")
+            name = mask_file_name(image_id)
+            _save_mask(mask, out / "masks" / name)
+            _save_mask(kept, out / "keep" / name)
             writer.writerow(
                 {
                     "image_id": image_id,
                     "index": queries[image_id]["index"],
                     "round": queries[image_id]["round"],
-                    "mask": f"masks/{image_id}.png",
+                    "mask": f"masks/{name}",
                     "ignored_pixels": int(mask.sum()),
-                    "keep": f"keep/{image_id}.png",
+                    "keep": f"keep/{name}",
                     "kept_pixels": int(kept.sum()),
                     "rating": ratings.get(image_id) or "",
                 }

@@ -11,6 +11,8 @@ an upscaled copy of the model's input; `height`, `width` and `cell` are in model
 
 from __future__ import annotations
 
+import hashlib
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -68,6 +70,16 @@ def labeling_config(labels: Sequence[str] = (IGNORE_LABEL, ATTENTION_LABEL)) -> 
   <TextArea name="comment" toName="{IMAGE_NAME}" placeholder="Comment (optional)" rows="2"
             maxSubmissions="1"/>
 </View>"""
+
+
+def upload_stem(image_id: str) -> str:
+    """A file stem safe to upload and serve: a user's image IDs are paths (`cat/001.png`), and
+    a `/` or `%` in an uploaded name breaks the URL Label Studio serves it under. IDs that are
+    already safe (decoy-digits') stay as they are; others get a hash, so stems stay unique."""
+    if re.fullmatch(r"[A-Za-z0-9._-]+", image_id):
+        return image_id
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("_")[:60]
+    return f"{slug}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
 
 
 def task_payload(query: dict) -> dict:

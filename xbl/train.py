@@ -31,7 +31,7 @@ def fit(
     if cfg.devices > 1:  # one process per device under torchrun (gloo on CPU, nccl on GPUs)
         return launch(cfg.devices, data, cfg, Path(out), init, feedback, on_epoch)
     device = resolve_device(cfg.device)
-    model = initial_model(cfg.model, data, cfg.seed, init).to(device)
+    model = initial_model(cfg.model, data, cfg.seed, init, cfg.pretrained, cfg.freeze).to(device)
     meta = checkpoint_meta(cfg.model, data)
     try:
         result = training_loop(

@@ -206,6 +206,7 @@ class _EpochRunner:
     lam: float
     pending: bool  # λ still to be normalised
     result: TrainResult = field(default_factory=TrainResult)
+    steps: int = 0  # optimiser steps so far, across epochs
 
     @classmethod
     def start(
@@ -231,11 +232,12 @@ class _EpochRunner:
     def run(self, train_x: torch.Tensor, train_y: torch.Tensor, epoch: int) -> dict:
         self.model.train()
         ce_sum = fb_sum = 0.0
+        fb_steps = 0
         order = torch.randperm(len(train_y), generator=self.gen)
         starts = range(0, len(order), self.cfg.batch_size)
         for start in starts:
             idx = order[start : start + self.cfg.batch_size]
-            fbatch = self.fb.draw(self.gen) if self.fb is not None else None
+            fbatch = self._feedback_batch()
             ce, expl, ce_value, expl_value = self.step(
                 self.model,
                 train_x[idx],
@@ -246,10 +248,22 @@ class _EpochRunner:
                 bool(self.cfg.amp),
             )
             self._observe(ce_value, expl_value)
-            _check_finite(ce_value + self.lam * expl_value, epoch, "training loss")
-            self._update(ce + self.lam * expl)
-            ce_sum, fb_sum = ce_sum + ce_value, fb_sum + expl_value
-        return {"train_ce": ce_sum / len(starts), "train_feedback": fb_sum / len(starts)}
+            weight = self.lam * (self.fb.every if fbatch is not None else 0.0)
+            _check_finite(ce_value + weight * expl_value, epoch, "training loss")
+            self._update(ce + weight * expl)
+            ce_sum, fb_sum, fb_steps = (
+                ce_sum + ce_value,
+                fb_sum + expl_value,
+                fb_steps + (fbatch is not None),
+            )
+        return {"train_ce": ce_sum / len(starts), "train_feedback": fb_sum / max(fb_steps, 1)}
+
+    def _feedback_batch(self) -> AnnotatedImages | None:
+        """The annotated images of this step: a draw on every `every`-th step, else None."""
+        self.steps += 1
+        if self.fb is None or (self.steps - 1) % self.fb.every:
+            return None
+        return self.fb.draw(self.gen)
 
     def _observe(self, ce_value: float, expl_value: float) -> None:
         """Record the first batch's losses; with normalisation, rescale λ so the term starts at
