@@ -106,10 +106,16 @@ def publish_table(rows: dict[str, dict], key: str, description: str) -> list[dic
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def current_model(project: str, registered_name: str, alias: str, data_version: str) -> dict | None:
-    """The model behind `alias` trained on this data version, or None."""
+def current_model(
+    project: str,
+    registered_name: str,
+    alias: str,
+    data_version: str,
+    tags: dict[str, str] | None = None,
+) -> dict | None:
+    """The model behind `alias` trained on this data version (and carrying `tags`), or None."""
     client = tracking.client_for(Path(project))
-    return tracking.model_record(client, registered_name, alias, data_version)
+    return tracking.model_record(client, registered_name, alias, data_version, tags)
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])

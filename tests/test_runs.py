@@ -52,3 +52,37 @@ def test_a_retried_model_run_leaves_one_run_and_one_registered_version(store):
         [exp], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'FINISHED'"
     )
     assert [r.info.run_id for r in children] == [result["run_id"]]
+
+
+def test_a_stored_baseline_is_reused_only_for_the_same_data_and_train_settings(store):
+    """The loop trains a baseline once per data version and train settings: a changed model,
+    learning rate or dataset must not silently reuse the old one (device does not count)."""
+    from dataclasses import replace
+
+    from flows.baseline import baseline_fingerprint
+    from xbl.config import TrainConfig
+
+    project, client, exp, parent = store
+    train = TrainConfig()
+    run = tracking.start_run(
+        client,
+        exp,
+        "baseline",
+        parent,
+        {tracking.DATA_VERSION_TAG: "v1", tracking.TRAIN_SETTINGS_TAG: baseline_fingerprint(train)},
+    )
+    version = tracking.log_model(run, SmallCNN(), np.zeros((1, 1, 28, 28), np.float32), "m")
+    client.set_terminated(run)
+    tracking.set_alias(client, "m", "baseline", version)
+
+    def found(data_version: str, settings: TrainConfig):
+        tags = {tracking.TRAIN_SETTINGS_TAG: baseline_fingerprint(settings)}
+        return tracking.model_record(client, "m", "baseline", data_version, tags)
+
+    assert found("v1", train)["run_id"] == run
+    assert found("v1", replace(train, device="cpu", devices=2))["run_id"] == run
+    assert found("v2", train) is None
+    assert found("v1", replace(train, lr=0.01)) is None
+    assert found("v1", replace(train, model="resnet18")) is None
+    client.set_terminated(run, status="FAILED")
+    assert found("v1", train) is None  # a failed run is no baseline
