@@ -13,7 +13,7 @@ from xbl.checkpoint import load_model
 from xbl.config import QueryConfig
 from xbl.data import PreparedData, to_tensor
 from xbl.labelstudio import upload_stem
-from xbl.saliency import image_png, overlay_png, saliency_map, top_cells
+from xbl.saliency import display_scale, image_png, overlay_png, saliency_map, top_cells
 from xbl.sampling import predictive_entropy, select_queries
 from xbl.training_loop import predict_proba
 
@@ -31,6 +31,7 @@ def query_records(
     """Render each query's image and overlay PNG and describe it for Label Studio."""
     records = []
     _, _, h, w = data.images.shape
+    scale = display_scale(h, w)
     for j, i in enumerate(idx):
         image_id = str(data.ids[i])
         image, stem = data.images[i], upload_stem(image_id)
@@ -40,10 +41,15 @@ def query_records(
                 "image_id": image_id,
                 "index": int(i),
                 "round": round_number,
-                "image_path": str(image_png(image, out / f"{stem}.png")),
+                "image_path": str(image_png(image, out / f"{stem}.png", scale)),
                 "overlay_path": str(
                     overlay_png(
-                        image, attr[j].cpu().numpy(), shown, cell, out / f"{stem}_overlay.png"
+                        image,
+                        attr[j].cpu().numpy(),
+                        shown,
+                        cell,
+                        out / f"{stem}_overlay.png",
+                        scale,
                     )
                 ),
                 "true_label": str(data.classes[data.labels[i]]),

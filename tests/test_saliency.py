@@ -280,3 +280,21 @@ def test_overlay_png_accepts_uint8_like_float(tmp_path):
     a = np.asarray(Image.open(overlay_png(image, attr, [(1, 1)], 4, tmp_path / "a.png")))
     b = np.asarray(Image.open(overlay_png(image / 255.0, attr, [(1, 1)], 4, tmp_path / "b.png")))
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("side", [28, 64, 224, 1024])
+def test_what_the_annotator_sees_fits_the_screen_whole(tmp_path, side):
+    """Small images are upscaled to be seen, large ones shrunk to show whole (image and
+    overlay side by side in a 1600×1000 window)."""
+    from xbl.saliency import MAX_SIDE, display_scale
+
+    rgb = np.random.default_rng(0).integers(0, 255, (3, side, side), dtype=np.uint8)
+    scale = display_scale(side, side)
+    shown = Image.open(image_png(rgb, tmp_path / "i.png", scale)).size
+    overlay = Image.open(
+        overlay_png(rgb, np.ones((side, side)), [(0, 0)], 4, tmp_path / "o.png", scale)
+    ).size
+    assert shown == overlay
+    assert 400 <= shown[0] <= MAX_SIDE  # visible, and never wider than half the window
+    pixels = np.asarray(Image.open(tmp_path / "i.png"))
+    assert not np.array_equal(pixels[..., 0], pixels[..., 1])  # colour stays colour

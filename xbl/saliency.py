@@ -187,6 +187,16 @@ def _gray(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
+# What an annotator's screen holds: image and overlay side by side in a 1600×1000 window.
+DISPLAY_SIDE = 560  # small images are upscaled (nearest) to about this long side
+MAX_SIDE = 700  # larger ones are shrunk to this, so they show whole without scrolling
+
+
+def display_scale(height: int, width: int) -> int:
+    """The whole-number upscaling that brings a small image near DISPLAY_SIDE (1 for large)."""
+    return max(1, DISPLAY_SIDE // max(height, width))
+
+
 def _upscale(rgb: np.ndarray, scale: int) -> np.ndarray:
     return np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
 
@@ -245,5 +255,10 @@ def _save_rgb(rgb: np.ndarray, path: str | Path) -> Path:
 def _save(canvas: Image.Image, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if max(canvas.size) > MAX_SIDE:  # answers come back in percent: shrinking costs nothing
+        ratio = MAX_SIDE / max(canvas.size)
+        canvas = canvas.resize(
+            (round(canvas.width * ratio), round(canvas.height * ratio)), Image.LANCZOS
+        )
     canvas.convert("RGB").save(path, format="PNG")
     return path
