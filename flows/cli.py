@@ -134,6 +134,15 @@ def cmd_data_checkout(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from flows.report import report_flow
+
+    project = _checked_project(args)
+    page = report_flow(args.run_id, str(project), args.params)
+    print(f"round report: {page} (also logged to run {args.run_id} under report/)")
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Serve prefect.yaml's deployments from this machine against a real Prefect server: the
     feedback round on the schedule in params.yaml, the baseline on demand."""
@@ -315,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     checkout = data.add_parser("checkout", help="restore the exact data an MLflow run used")
     checkout.add_argument("run_id")
     checkout.set_defaults(func=cmd_data_checkout)
+    report = sub.add_parser("report", help="draw a finished round's report again")
+    report.add_argument("run_id", help="the round's feedback run")
+    report.set_defaults(func=cmd_report)
     sub.add_parser(
         "serve",
         help="serve the feedback round (on the schedule in params.yaml) and "

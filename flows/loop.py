@@ -31,6 +31,7 @@ from tasks.annotation import (
 )
 from tasks.data import DataRef, prepare_data, version_feedback
 from tasks.queries import select_round_queries
+from tasks.report import round_report
 from tasks.rounds import (
     RoundState,
     discard_unpushed,
@@ -55,6 +56,7 @@ from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedb
 from xbl.config import Config, as_params, load_config
 from xbl.feedback import FEEDBACK_ROOT, finished_rounds
 from xbl.labelstudio import annotation_target
+from xbl.report import report_columns
 
 
 def crash_point(step: str) -> None:
@@ -263,6 +265,7 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
         },
     )
     get_run_logger().info("round %d done; promotion: %s", n, promotion["reason"])
+    report = _report(rnd, opened, manifests, table, promotion, feedback, tuned.checkpoint)
     return {
         "round": n,
         "status": "done",
@@ -272,10 +275,58 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
         "feedback": feedback,
         "promotion": promotion,
         "table": table,
+        "report": report,
         "labelstudio_url": opened.project_url,
         "data_version": rnd.data.version,
         "feedback_version": feedback_version,
     }
+
+
+def _report(
+    rnd: _Round,
+    opened: _Opened,
+    manifests: list[str],
+    table: list[dict],
+    promotion: dict,
+    feedback: dict,
+    candidate_checkpoint: str,
+) -> str | None:
+    """The round's report page. The round is done and recorded before it is drawn, so a
+    failure here is logged, not raised: `xbl report RUN_ID` draws it again."""
+    roles = {
+        "baseline": opened.baseline["run_id"],
+        "champion": promotion["champion"]["run_id"],
+        "candidate": feedback["run_id"],
+    }
+    try:
+        checkpoints = {}
+        for title, run_id in report_columns(roles).items():
+            checkpoints[title] = (
+                candidate_checkpoint
+                if run_id == feedback["run_id"]
+                else restore_checkpoint(str(rnd.root), run_id, str(run_dir(rnd.root) / run_id))
+            )
+        return round_report(
+            str(rnd.root),
+            rnd.data.path,
+            rnd.n,
+            checkpoints,
+            roles,
+            opened.queries,
+            manifests,
+            table,
+            promotion,
+            feedback["run_id"],
+            rnd.rounds_dir,
+        )
+    except Exception as err:  # noqa: BLE001 - the round itself is complete
+        get_run_logger().warning(
+            "round %d: the report could not be drawn (%s); rebuild it with `xbl report %s`",
+            rnd.n,
+            err,
+            feedback["run_id"],
+        )
+        return None
 
 
 def _orphan_feedback(rnd: _Round, project_id: int, k: int) -> str:

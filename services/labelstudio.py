@@ -392,6 +392,8 @@ def collect_annotations(client: LabelStudioClient, project_id: int, round_: int)
                 "task_id": task.id,
                 "annotation_id": _field(latest, "id"),
                 "result": _field(latest, "result") or [],
+                # seconds the annotator spent on the task, as Label Studio timed it
+                "lead_time": float(_field(latest, "lead_time") or 0.0),
             }
         )
     return out

@@ -232,6 +232,7 @@ PROMOTION_TAG = "xbl.promotion"
 FEEDBACK_ROUNDS_TAG = "xbl.feedback_rounds"  # the rounds whose masks a feedback run learnt from
 QUERY_MODEL_TAG = "xbl.query_model_run"  # on a round's parent: the model that chose its queries
 COMPARED_WITH_TAG = "xbl.compared_with"  # on a feedback run: the champion it was judged against
+PROMOTED_TAG = "xbl.promoted"  # on a feedback run: true when it became champion
 
 
 def round_runs(client: MlflowClient, exp_id: str, round_number: int) -> list:

@@ -110,6 +110,6 @@ def collect_feedback_masks(
     for problem in read.problems:
         logger.warning("annotation problem: %s", problem)
     manifest = write_feedback(
-        Path(out_dir), queries, read.ignore, read.ratings, read.problems, keep=read.keep
+        Path(out_dir), queries, read.ignore, read.ratings, read.problems, read.keep, read.seconds
     )
     return str(manifest)

@@ -143,9 +143,30 @@ def promote(
     if promoted:
         tracking.set_alias(client, registered_name, "champion", candidate["model_version"])
     client.set_tag(candidate["run_id"], tracking.COMPARED_WITH_TAG, champion["run_id"])
+    client.set_tag(candidate["run_id"], tracking.PROMOTED_TAG, str(promoted).lower())
     # last: a round counts as done only once its run carries the promotion decision
     client.set_tag(candidate["run_id"], tracking.PROMOTION_TAG, reason)
     return {"promoted": promoted, "reason": reason, "champion": champion}
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def feedback_run_facts(project: str, run_id: str) -> dict:
+    """What a finished feedback run recorded about its round: number, data version, the
+    rounds it learnt from, the champion it was judged against and the decision."""
+    run = tracking.client_for(Path(project)).get_run(run_id)
+    tags = run.data.tags
+    if tracking.PROMOTION_TAG not in tags:
+        raise ValueError(f"run {run_id} is not a finished feedback run (it has no promotion tag)")
+    return {
+        "round": int(tags[tracking.ROUND_TAG]),
+        "data_version": tags[tracking.DATA_VERSION_TAG],
+        "rounds": [int(k) for k in tags.get(tracking.FEEDBACK_ROUNDS_TAG, "").split(",") if k],
+        "compared_with": tags.get(tracking.COMPARED_WITH_TAG),
+        "promotion": {
+            "promoted": tags.get(tracking.PROMOTED_TAG) == "true",
+            "reason": tags[tracking.PROMOTION_TAG],
+        },
+    }
 
 
 COMPARED = (

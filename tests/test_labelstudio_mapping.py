@@ -265,7 +265,7 @@ def test_masks_from_annotations_give_each_image_its_keep_mask():
         {"image_id": "a", "task_id": 1, "annotation_id": 1, "result": shown},
         {"image_id": "b", "task_id": 2, "annotation_id": 2, "result": relabel(shown, "ignore")},
     ]
-    masks, keep, _, problems = ls.masks_from_annotations(annotations, 28, 28)
+    masks, keep, _, problems, _ = ls.masks_from_annotations(annotations, 28, 28)
     assert problems == []
     np.testing.assert_array_equal(keep["a"], cells_to_mask([(2, 2), (4, 4)], 4, 28, 28))
     assert not masks["a"].any() and not keep["b"].any()
@@ -332,7 +332,7 @@ def test_masks_from_annotations_name_the_task_of_each_problem():
         {"image_id": "a", "task_id": 11, "annotation_id": 5, "result": [bad]},
         {"image_id": "b", "task_id": 12, "annotation_id": 6, "result": []},
     ]
-    masks, keep, ratings, problems = ls.masks_from_annotations(annotations, 28, 28)
+    masks, keep, ratings, problems, _ = ls.masks_from_annotations(annotations, 28, 28)
     assert set(masks) == set(keep) == {"a", "b"} and ratings == {"a": None, "b": None}
     assert problems == [
         "task 11 (image a, annotation 5): region r9: unknown label 'dog' "
@@ -381,3 +381,22 @@ def test_upload_stems_are_safe_to_serve_and_stay_unique():
     assert cat != dog
     for stem in (cat, dog, upload_stem("a b/%41.png"), upload_stem("../x")):
         assert re.fullmatch(r"[A-Za-z0-9._-]+", stem), stem
+
+
+def test_annotator_seconds_come_from_label_studios_lead_time():
+    read = ls.masks_from_annotations(
+        [
+            {"image_id": "a", "result": [], "lead_time": 7.25},
+            {"image_id": "b", "result": []},  # a simulated answer carries none
+        ],
+        28,
+        28,
+    )
+    assert read.seconds == {"a": 7.25, "b": 0.0}
+
+
+def test_report_columns_give_a_model_in_two_roles_one_column():
+    from xbl.report import report_columns
+
+    roles = {"baseline": "r1", "champion": "r1", "candidate": "r2"}
+    assert report_columns(roles) == {"baseline = champion": "r1", "candidate": "r2"}

@@ -96,7 +96,7 @@ def test_push_oracle_collect_gives_exactly_the_ignored_and_kept_cells(
     assert client_api.round_progress(client, project, 1) == (3, 3)
 
     annotations = client_api.collect_annotations(client, project, 1)
-    masks, keep, ratings, problems = mapping.masks_from_annotations(annotations, SIZE, SIZE)
+    masks, keep, ratings, problems, _ = mapping.masks_from_annotations(annotations, SIZE, SIZE)
     assert problems == [] and set(masks) == set(keep) == {"img-a", "img-b", "img-c"}
     expected = cells_to_mask(IGNORED, CELL, SIZE, SIZE)
     on_digit = cells_to_mask([c for c in SHOWN if c not in IGNORED], CELL, SIZE, SIZE)
@@ -197,7 +197,7 @@ def test_malformed_annotation_is_reported_by_task_and_the_rest_is_kept(client, t
     )
     assert client_api.oracle_annotate(client, project, 1, {"img-b": relevance_mask()}, 0.1) == 1
 
-    masks, _, _, problems = mapping.masks_from_annotations(
+    masks, _, _, problems, _ = mapping.masks_from_annotations(
         client_api.collect_annotations(client, project, 1), SIZE, SIZE
     )
     assert len(problems) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import subprocess
@@ -138,6 +139,28 @@ def test_tasks_carry_the_query_model_run_as_model_version(oracle_round, team_ser
         for p in (t.predictions or [])
     }
     assert versions == {result["query_model"]["run_id"]} == {result["baseline"]["run_id"]}
+
+
+def test_the_round_report_shows_the_models_side_by_side_and_can_be_drawn_again(oracle_round):
+    from flows.report import report_flow
+
+    project, result = oracle_round
+    page = project / "data" / "rounds" / "round-1" / "report.html"
+    assert result["report"] == str(page)
+    text = page.read_text()
+    assert html.escape(result["promotion"]["reason"]) in text
+    assert "25 answers" in text  # the budget so far
+    for grid in ("queries.png", "probes.png"):
+        assert f"src='{grid}'" in text
+        with Image.open(page.parent / grid) as png:
+            assert png.size[0] > 300  # image, baseline = champion, candidate: three columns
+    client = MlflowClient(tracking.tracking_uri(project), tracking.tracking_uri(project))
+    logged = {a.path for a in client.list_artifacts(result["feedback"]["run_id"], "report")}
+    assert logged == {"report/report.html", "report/queries.png", "report/probes.png"}
+
+    page.unlink()
+    again = report_flow(result["feedback"]["run_id"], str(project))
+    assert again == str(page) and html.escape(result["promotion"]["reason"]) in page.read_text()
 
 
 @pytest.fixture(scope="module")

@@ -324,17 +324,19 @@ class RoundMasks(NamedTuple):
     keep: dict[str, np.ndarray]
     ratings: dict[str, str | None]
     problems: list[str]  # each naming its task and image
+    seconds: dict[str, float]  # the annotator's time on each task (Label Studio's lead time)
 
 
 def masks_from_annotations(annotations: list[dict], height: int, width: int) -> RoundMasks:
-    """Collected annotations ({image_id, task_id, annotation_id, result}) -> W, keep mask and
-    rating per image id, and the problems."""
-    out = RoundMasks({}, {}, {}, [])
+    """Collected annotations ({image_id, task_id, annotation_id, result[, lead_time]}) -> W,
+    keep mask, rating and annotator seconds per image id, and the problems."""
+    out = RoundMasks({}, {}, {}, [], {})
     for ann in annotations:
         image_id = ann["image_id"]
         read = annotation_to_mask(ann["result"], height, width)
         out.ignore[image_id], out.keep[image_id] = read.ignore, read.keep
         out.ratings[image_id] = read.rating
+        out.seconds[image_id] = float(ann.get("lead_time") or 0.0)
         where = (
             f"task {ann.get('task_id')} (image {image_id}, annotation {ann.get('annotation_id')})"
         )
