@@ -53,7 +53,7 @@ class _Section:
 @dataclass(frozen=True)
 class DataConfig(_Section):
     name = "data"
-    dataset: str = "decoy-digits"  # built-in; or a manifest CSV path; or a dataset folder
+    dataset: str = "decoy-digits"  # built-in (or decoy-lesions); a manifest CSV; a dataset folder
     image_size: int = 28
     channels: str | int = "auto"  # auto: 3 if any image is in colour, else 1
     digit_size: int = 20
@@ -64,6 +64,10 @@ class DataConfig(_Section):
 
     def check(self) -> None:
         _positive("data.image_size", self.image_size)
+        if self.dataset == "decoy-lesions" and self.image_size < 32:
+            raise ConfigError(
+                f"data.image_size is {self.image_size}; decoy-lesions needs at least 32 (try 64)"
+            )
         if self.channels not in ("auto", 1, 3):
             raise ConfigError(f"data.channels is {self.channels!r}; allowed: auto, 1 or 3")
         if sorted(self.split) != ["test", "train", "val"]:

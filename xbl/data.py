@@ -1,4 +1,5 @@
-"""Datasets: the built-in decoy-digits, user manifests, and the prepared-array format.
+"""Datasets: the built-in decoy-digits (and decoy-lesions, in xbl/lesions.py), user manifests,
+and the prepared-array format.
 
 Every prepared dataset is one `dataset.npz` with:
   images (N,C,H,W) uint8, labels (N,) int64, split (N,) str in {train,val,test,audit},
@@ -419,6 +420,14 @@ def build_dataset(cfg: DataConfig, root: Path = Path(".")) -> PreparedData:
         data = decoy_digits(cfg.image_size, cfg.digit_size, cfg.decoy_size, cfg.split, cfg.seed)
         if cfg.channels == 3:  # greyscale digits on R, G and B, e.g. for RGB-pretrained weights
             data.images = np.repeat(data.images, 3, axis=1)
+        return data
+    if cfg.dataset == "decoy-lesions":
+        from xbl.lesions import decoy_lesions  # xbl.lesions imports this module
+
+        data = decoy_lesions(cfg.image_size, split=cfg.split, seed=cfg.seed)
+        if cfg.channels == 1:  # PIL's luma, as for a user's colour images
+            luma = np.tensordot([0.299, 0.587, 0.114], data.images.astype(float), axes=(0, 1))
+            data.images = luma.round().astype(np.uint8)[:, None]
         return data
     source = root / cfg.dataset
     if source.is_dir():
