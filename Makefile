@@ -50,7 +50,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The benchmarks write bench/results/*.{json,md,png}; efficacy takes ~12 min on 2 CPU cores.
+# The benchmarks write bench/results/*.{json,md,png}; efficacy takes ~40 min and cost ~30 min
+# on 2 CPU cores.
 bench: setup
 	$(PY) -m bench.throughput
 	$(PY) -m bench.cost

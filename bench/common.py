@@ -3,7 +3,12 @@ answers to a round of queries, retraining with feedback, and where and how resul
 
 The annotator is simulated exactly as in the pipeline: the model's saliency map is cut into
 grid cells, the top cells are shown, and `oracle_ignore_cells` marks "ignore" on the shown cells
-that lie (almost) off the digit. The true decoy mask is never handed to the learner.
+that lie (almost) off the digit. The true decoy mask is never handed to the learner. An
+imperfect annotator is the same answers perturbed on purpose (`imperfect`): evidence cells
+marked "ignore" (wrong) or ignore marks left out (incomplete).
+
+The seed varies the data as well as the initial weights: `decoy_splits(seed=...)` draws the
+split, the decoys' corners and the test and audit decoys from it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from xbl.labelstudio import oracle_ignore_cells
 from xbl.methods import METHODS
 from xbl.saliency import cells_to_mask, saliency_map, top_cells
 from xbl.sampling import select_queries
-from xbl.training_loop import TrainResult, predict_proba, training_loop
+from xbl.training_loop import FeedbackDiverged, TrainResult, predict_proba, training_loop
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,8 +72,8 @@ class Splits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    val_rand_x: torch.Tensor  # the val images with the decoy's value re-drawn at random:
-    # the selection signal for settings (the test split stays unseen)
+    audit_x: torch.Tensor  # the val digits with their decoys re-drawn at random: every
+    audit_y: torch.Tensor  # choice is made on these; the test split is looked at once
 
     @property
     def pool(self) -> np.ndarray:
@@ -87,12 +92,22 @@ def decoy_randomized(data: PreparedData, split: str, seed: int = 0) -> np.ndarra
 
 
 def decoy_splits(decoys: bool = True, seed: int = 0) -> Splits:
+    """Decoy-digits drawn with `seed` (split, decoy corners, test and audit decoys).
+
+    The audit split is the dataset's own (`decoy_digits` adds it); for data without one it is
+    built here from val, as the pipeline does."""
     data = decoy_digits(seed=seed, decoys=decoys)
     parts = []
     for split in ("train", "val", "test"):
         idx = data.indices(split)
         parts += [to_tensor(data.images[idx]), torch.from_numpy(data.labels[idx])]
-    return Splits(data, *parts, to_tensor(decoy_randomized(data, "val", seed)))
+    audit = data.indices("audit")
+    if len(audit):
+        audit_x, audit_y = to_tensor(data.images[audit]), torch.from_numpy(data.labels[audit])
+    else:
+        audit_x = to_tensor(decoy_randomized(data, "val", seed))
+        audit_y = torch.from_numpy(data.labels[data.indices("val")])
+    return Splits(data, *parts, audit_x, audit_y)
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -127,13 +142,111 @@ def query_round(
 
 
 @dataclass
+class Clicks:
+    """The simulated annotator's answers: per queried image, the cells shown (best first) and
+    which of them it marked "ignore"."""
+
+    indices: np.ndarray  # (n,) dataset indices
+    cells: np.ndarray  # (n,k,2) (row, col) of the shown cells
+    ignored: np.ndarray  # (n,k) bool
+    cell: int  # grid cell size in pixels
+
+    def subset(self, indices: np.ndarray) -> Clicks:
+        """The answers on `indices` (a subset of these images)."""
+        pos = np.searchsorted(self.indices, indices)
+        if not np.array_equal(self.indices[pos], indices):
+            raise ValueError("indices are not all among the answered images")
+        return Clicks(self.indices[pos], self.cells[pos], self.ignored[pos], self.cell)
+
+
+def pool_saliency(
+    model: torch.nn.Module,
+    data: PreparedData,
+    indices: np.ndarray,
+    query: dict | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """The saliency maps (n,H,W) the annotator is shown for the images `indices`."""
+    q = {**QUERY, **(query or {})}
+    return torch.cat(
+        [
+            saliency_map(
+                model,
+                to_tensor(data.images[indices[s : s + batch_size]]),
+                q["saliency"],
+                float(q["blur_sigma"]),
+            )
+            for s in range(0, len(indices), batch_size)
+        ]
+    )
+
+
+def oracle_clicks(
+    attr: torch.Tensor,
+    data: PreparedData,
+    indices: np.ndarray,
+    query: dict | None = None,
+    overlap: float = ORACLE_OVERLAP,
+) -> Clicks:
+    """Show the top cells of each map; the oracle marks "ignore" on the off-digit ones."""
+    q = {**QUERY, **(query or {})}
+    cell = int(q["grid_cell"])
+    cells = top_cells(attr, cell, int(q["top_cells"]), signed=bool(q.get("signed", False)))
+    cells = cells.numpy()
+    ignored = np.zeros(cells.shape[:2], dtype=bool)
+    for n, i in enumerate(indices):
+        marked = set(oracle_ignore_cells(cells[n].tolist(), cell, data.relevance[i], overlap))
+        ignored[n] = [(int(r), int(c)) in marked for r, c in cells[n]]
+    return Clicks(np.asarray(indices), cells, ignored, cell)
+
+
+IMPERFECTIONS = ("wrong", "incomplete")
+
+
+def imperfect(clicks: Clicks, kind: str, rate: float, seed: int) -> Clicks:
+    """The oracle's answers with a share `rate` of them spoilt, as a careless person might.
+
+    `wrong`: each shown cell the oracle kept as evidence is marked "ignore" with probability
+    `rate`. `incomplete`: each cell it marked "ignore" (the decoy's among them) is left
+    unmarked with probability `rate`. One uniform draw per shown cell, from (seed, kind): a
+    higher rate spoils a superset of the answers a lower one spoils.
+    """
+    if kind not in IMPERFECTIONS:
+        raise ValueError(f"unknown imperfection {kind!r}; choose one of {IMPERFECTIONS}")
+    draw = np.random.default_rng([seed, IMPERFECTIONS.index(kind)]).random(clicks.ignored.shape)
+    hit = draw < rate
+    ignored = clicks.ignored | hit if kind == "wrong" else clicks.ignored & ~hit
+    return replace(clicks, ignored=ignored)
+
+
+@dataclass
 class Annotations:
     indices: np.ndarray  # dataset indices of the annotated images
     W: np.ndarray  # (n,H,W) bool: the cells the simulated annotator marked "ignore"
+    keep: np.ndarray  # (n,H,W) bool: the shown cells it did not mark: affirmed evidence
     decoy_shown: float  # share of images whose decoy cell was among the shown cells
     decoy_marked: float  # share of images whose W covers (part of) the decoy
-    shown: np.ndarray | None = None  # per image: was the decoy among the shown cells
-    marked: np.ndarray | None = None  # per image: does W cover the decoy
+    evidence_marked: float  # share of the marked pixels that lie on the digit
+
+
+def annotations(clicks: Clicks, data: PreparedData) -> Annotations:
+    """The pixel masks of the answers: W (ignore) and keep (shown and not ignored)."""
+    _, _, h, w = data.images.shape
+    W = np.zeros((len(clicks.indices), h, w), dtype=bool)
+    shown = np.zeros_like(W)
+    for n, (cells, ignored) in enumerate(zip(clicks.cells, clicks.ignored)):
+        W[n] = cells_to_mask(cells[ignored], clicks.cell, h, w)
+        shown[n] = cells_to_mask(cells, clicks.cell, h, w)
+    decoy = data.confounder[clicks.indices]
+    on_digit = (W & data.relevance[clicks.indices]).sum()
+    return Annotations(
+        clicks.indices,
+        W,
+        shown & ~W,
+        float((shown & decoy).any(axis=(1, 2)).mean()) if len(W) else 0.0,
+        float((W & decoy).any(axis=(1, 2)).mean()) if len(W) else 0.0,
+        float(on_digit / W.sum()) if W.any() else 0.0,
+    )
 
 
 def simulated_annotations(
@@ -142,34 +255,10 @@ def simulated_annotations(
     indices: np.ndarray,
     query: dict | None = None,
     overlap: float = ORACLE_OVERLAP,
-    batch_size: int = 256,
 ) -> Annotations:
-    """Show the top saliency cells of each queried image; the oracle marks the off-digit ones."""
-    q = {**QUERY, **(query or {})}
-    cell = int(q["grid_cell"])
-    _, _, h, w = data.images.shape
-    masks, shown_hit = [], []
-    for start in range(0, len(indices), batch_size):
-        part = indices[start : start + batch_size]
-        attr = saliency_map(
-            model, to_tensor(data.images[part]), q["saliency"], float(q["blur_sigma"])
-        )
-        cells = top_cells(attr, cell, int(q["top_cells"]), signed=bool(q.get("signed", False)))
-        for i, shown in zip(part, cells.tolist()):
-            ignored = oracle_ignore_cells(shown, cell, data.relevance[i], overlap)
-            masks.append(cells_to_mask(ignored, cell, h, w))
-            shown_hit.append(bool((cells_to_mask(shown, cell, h, w) & data.confounder[i]).any()))
-    W = np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool)
-    marked = (W & data.confounder[indices]).any(axis=(1, 2))
-    shown = np.array(shown_hit, dtype=bool)
-    return Annotations(
-        np.asarray(indices),
-        W,
-        float(shown.mean()) if len(shown) else 0.0,
-        float(marked.mean()) if len(marked) else 0.0,
-        shown,
-        marked,
-    )
+    """The perfect oracle's answers on `indices`, from `model`'s saliency maps."""
+    attr = pool_saliency(model, data, np.asarray(indices), query)
+    return annotations(oracle_clicks(attr, data, np.asarray(indices), query, overlap), data)
 
 
 def retrain(
@@ -179,17 +268,31 @@ def retrain(
     ann: Annotations,
     seed: int,
     settings: dict | None = None,
-) -> tuple[torch.nn.Module, TrainResult, Feedback]:
+) -> tuple[torch.nn.Module, TrainResult | None, Feedback]:
     """Train with feedback on the annotated images as the pipeline does (`retraining_schedule`,
-    `feedback.init`). eXBL's exemplars are the baseline's explanations either way: those are
-    what annotators judged."""
+    `feedback.init`). HINT and eXBL learn from what the annotator affirmed (`keep`); eXBL's
+    exemplars are the baseline's explanations either way: those are what annotators judged.
+
+    A diverged training (the pipeline would stop with `FeedbackDiverged`) returns the model
+    with its last good weights and no result."""
     fb_cfg = feedback_config({**FEEDBACK, **(settings or {})}, method)
-    feedback = build_feedback(fb_cfg, splits.data, ann.indices, ann.W, seed, model=base)
+    feedback = build_feedback(
+        fb_cfg, splits.data, ann.indices, ann.W, seed, model=base, keep=ann.keep
+    )
     model = new_model(splits, seed) if fb_cfg.init == "scratch" else copy.deepcopy(base)
     cfg = retraining_schedule(train_config({**BASELINE, "seed": seed}), fb_cfg)
-    result = training_loop(
-        model, splits.train_x, splits.train_y, splits.val_x, splits.val_y, cfg, feedback=feedback
-    )
+    try:
+        result = training_loop(
+            model,
+            splits.train_x,
+            splits.train_y,
+            splits.val_x,
+            splits.val_y,
+            cfg,
+            feedback=feedback,
+        )
+    except FeedbackDiverged:
+        return model, None, feedback
     return model, result, feedback
 
 

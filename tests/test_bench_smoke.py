@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from bench import cost, efficacy, throughput
+from bench.common import Clicks, imperfect
 
 
 @pytest.fixture
@@ -37,29 +39,30 @@ def test_quick_efficacy_writes_json_markdown_plot_and_mlflow_runs(tmp_path, trac
     result = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     settings = result["settings"]
     assert settings["quick"] and settings["seeds"] == [0]
-    assert settings["methods"] == ["rrr", "counterexamples"]
-    assert settings["budgets"] == ["25", "all"]
-    # per method: 25 by entropy, 25 at random, and all (one run: no choice to make)
-    keys = {(r["method"], r["strategy"], r["budget"]) for r in result["summary"]["rows"]}
-    assert keys == {
-        (m, s, b)
-        for m in ("rrr", "counterexamples")
-        for s, b in (("entropy", "25"), ("random", "25"), ("all", "all"))
-    }
+    assert settings["methods"] == ["rrr", "hint"]
     seed = result["per_seed"][0]
-    vanilla, clean = seed["vanilla"]["test_accuracy"], seed["clean"]["test_accuracy"]
+    ref = seed["reference"]
+    vanilla, clean = ref["vanilla"]["audit_accuracy"], ref["clean"]["audit_accuracy"]
     for run in seed["runs"]:
-        assert 0.0 <= run["test_accuracy"] <= 1.0
-        assert run["annotated"] == (25 if run["budget"] == "25" else result["pool_size"])
+        assert 0.0 <= run["audit_accuracy"] <= 1.0 and "test_accuracy" not in run
+        assert run["annotated"] == run["budget"]
         assert 0.0 <= run["decoy_marked"] <= run["decoy_shown"] <= 1.0
         if clean > vanilla:  # tiny training may leave no gap: recovery is then undefined (null)
-            expected = (run["test_accuracy"] - vanilla) / (clean - vanilla)
-            assert math.isclose(run["recovery"], expected)
+            expected = (run["audit_accuracy"] - vanilla) / (clean - vanilla)
+            assert math.isclose(run["audit_recovery"], expected)
         else:
-            assert run["recovery"] is None
-    assert {a["method"] for a in result["aims"]} == {"rrr", "counterexamples"}
+            assert run["audit_recovery"] is None
+    kinds = {(r["grid"], r["annotator"]) for r in seed["runs"]}
+    assert kinds >= {(4, "perfect"), (7, "perfect"), (4, "wrong"), (4, "incomplete")}
+    choices = result["choices"]
+    assert set(choices["methods"]) == {"rrr", "hint"} and choices["default"] in {"rrr", "hint"}
+    assert {c["init"] for c in choices["methods"].values()} <= {"scratch", "warm"}
+    test = result["test"]["per_seed"][0]  # the test split, read once per chosen configuration
+    assert set(test["methods"]) == {"rrr", "hint"}
+    for m in test["methods"].values():
+        assert 0.0 <= m["test_accuracy"] <= 1.0
     md = (out / "efficacy.md").read_text()
-    assert "| rrr |" in md and "torch" in md and "CPU" in md
+    assert "| rrr |" in md and "Test, reported once" in md and "torch" in md and "CPU" in md
     assert (out / "efficacy.png").read_bytes()[:4] == b"\x89PNG"
 
     client = MlflowClient(tracking_store)
@@ -67,46 +70,76 @@ def test_quick_efficacy_writes_json_markdown_plot_and_mlflow_runs(tmp_path, trac
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(runs) == 1 + 2 + len(seed["runs"])  # parent, vanilla + clean, one per retraining
+    # parent, vanilla + clean, one per retraining, one test-once
+    assert len(runs) == 1 + 2 + len(seed["runs"]) + 1
     children = [r for r in runs if r.data.params.get("kind") == "feedback"]
-    assert all("test_accuracy" in r.data.metrics for r in children)
+    assert all("audit_accuracy" in r.data.metrics for r in children)
 
 
-def test_cost_writes_ratios_for_every_method_and_fraction(tmp_path):
+def test_imperfect_annotators_spoil_nested_answers_in_one_direction():
+    rng = np.random.default_rng(0)
+    ignored = rng.random((40, 8)) < 0.3
+    clicks = Clicks(np.arange(40), np.zeros((40, 8, 2), dtype=int), ignored, 4)
+    previous = {"wrong": ignored, "incomplete": ignored}
+    for rate in (0.1, 0.3, 0.5):
+        wrong = imperfect(clicks, "wrong", rate, seed=1).ignored
+        missed = imperfect(clicks, "incomplete", rate, seed=1).ignored
+        assert (wrong >= ignored).all() and (missed <= ignored).all()  # only add / only drop
+        assert (wrong >= previous["wrong"]).all() and (missed <= previous["incomplete"]).all()
+        previous = {"wrong": wrong, "incomplete": missed}
+    assert imperfect(clicks, "wrong", 0.0, seed=1).ignored.tolist() == ignored.tolist()
+    assert not imperfect(clicks, "incomplete", 1.0, seed=1).ignored.any()
+
+
+def test_cost_writes_ratios_beside_recoveries_for_every_schedule(tmp_path):
     out = tmp_path / "cost.json"
     cost.main(
         [
+            "--quick",
             "--epochs",
             "1",
-            "--repeats",
+            "--train-epochs",
             "1",
             "--fractions",
             "0.02,1.0",
-            "--methods",
-            "rrr,counterexamples",
+            "--models",
+            "small_cnn",
             "--out",
             str(out),
         ]
     )
     result = json.loads(out.read_text())
-    rows = result["rows"]
-    per_batch = result["settings"]["per_batch"]
-    assert [(r["method"], r["annotated_fraction"], r["per_batch"]) for r in rows] == [
-        ("plain", None, 0),
-        ("rrr", 0.02, per_batch),
-        ("rrr", 1.0, per_batch),
-        ("counterexamples", 0.02, per_batch),
-        ("counterexamples", 1.0, per_batch),
-        ("rrr", 1.0, 64),
-        ("counterexamples", 1.0, 64),
-    ]  # + every image penalised
+    default = result["settings"]["default_method"]
+    schedules = [s.name for s in cost.SCHEDULES]
+    rows = result["cost"]
+    expected = [("plain", None, None)] + [
+        (m, f, s) for m in (default, "counterexamples") for f in (0.02, 1.0) for s in schedules
+    ]
+    assert [(r["method"], r["annotated_fraction"], r["schedule"]) for r in rows] == expected
     plain = rows[0]
     assert plain["ratio_to_plain"] == 1.0 and plain["seconds_per_epoch"] > 0
     for r in rows[1:]:
         ratio = r["seconds_per_epoch"] / plain["seconds_per_epoch"]
         assert r["ratio_to_plain"] == pytest.approx(ratio)
         assert r["annotated_images"] == max(1, round(r["annotated_fraction"] * 1078))
-    assert "| rrr |" in out.with_suffix(".md").read_text()
+    # every schedule's effect for the default method; today's for the others
+    measured = {(r["method"], r["schedule"]) for r in result["efficacy"]}
+    assert measured == {(default, s) for s in schedules} | {("counterexamples", schedules[0])}
+    assert {(g["model"], g["schedule"]) for g in result["goals"]} == {
+        ("small_cnn", s) for s in schedules
+    }
+    text = out.with_suffix(".md").read_text()
+    assert f"| {default} | 16 every 12th step |" in text and "## Goals" in text
+
+
+def test_a_schedule_keeps_the_expected_term_of_16_images_per_step():
+    every_step, few, sparse = cost.SCHEDULES[0], cost.SCHEDULES[1], cost.SCHEDULES[3]
+    base = {"per_batch": 16}
+    lam = cost.METHOD_LAMBDA["rrr"]
+    assert few.settings("rrr", base)["lambda"] == lam * 4  # a sum over 4 images, not 16
+    assert few.settings("hint", base)["lambda"] == cost.METHOD_LAMBDA["hint"]  # a mean
+    assert sparse.settings("rrr", base)["every"] == 12  # the loop weights it λ·12
+    assert every_step.settings("rrr", base) == {"per_batch": 16, "lambda": lam, "every": 1}
 
 
 def test_throughput_compares_xbl_with_a_bare_loop(tmp_path):

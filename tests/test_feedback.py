@@ -221,7 +221,7 @@ def test_each_method_takes_its_own_lambda_from_params(data, annotated, model):
         "hint": 5.0,
         "rrr_g": METHODS["rrr_g"].default_lambda,
     }
-    assert METHODS["rrr_g"].default_lambda == 0.1
+    assert METHODS["rrr_g"].default_lambda == 0.01
     with pytest.raises(ConfigError, match="feedback.lambda is 'gradient_magic'"):
         build_config({"feedback": {"lambda": {"gradient_magic": 1.0}}})
 
@@ -327,3 +327,16 @@ def test_a_manifest_without_keep_masks_reads_with_empty_ones(tmp_path, data, mod
     fb = build_feedback(hint, data, indices, W, SEED, keep=keep)
     assert fb.method.loss(model, fb.images.take(torch.tensor([0]))).item() == 0.0
     assert fb.method.loss(model, fb.images.take(torch.tensor([1]))).item() > 0
+
+
+def test_the_annotation_budget_counts_answers_and_annotator_seconds(tmp_path):
+    from xbl.feedback import annotation_budget, write_feedback
+
+    queries = {f"img-{i}": {"index": i, "round": 1} for i in range(3)}
+    masks = {k: np.zeros((4, 4), bool) for k in queries}
+    first = write_feedback(
+        tmp_path / "round-1", queries, masks, {}, [], {}, {"img-0": 12.5, "img-1": 3.0}
+    )
+    second = write_feedback(tmp_path / "round-2", {"img-0": queries["img-0"]}, masks, {}, [], {})
+    budget = annotation_budget([str(first), str(second)])
+    assert budget == {"answers": 4, "annotator_seconds": 15.5}

@@ -131,6 +131,7 @@ MANIFEST_FIELDS = [
     "keep",
     "kept_pixels",
     "rating",
+    "annotator_seconds",
 ]
 
 
@@ -150,11 +151,19 @@ def _load_mask(path: Path) -> np.ndarray:
 
 
 def write_feedback(
-    out: Path, queries: dict, masks: dict, ratings: dict, problems: list[str], keep: dict
+    out: Path,
+    queries: dict,
+    masks: dict,
+    ratings: dict,
+    problems: list[str],
+    keep: dict,
+    seconds: dict | None = None,
 ) -> Path:
     """masks/<name> (W, 255 = ignore) and keep/<name> (255 = kept as evidence), named by
     `mask_file_name`, manifest.csv and problems.txt in `out`; images that are not among the
-    round's `queries` are skipped. An image missing from `keep` kept nothing."""
+    round's `queries` are skipped. An image missing from `keep` kept nothing; `seconds` is the
+    annotator's time per image, kept so a round's cost travels with its masks."""
+    seconds = seconds or {}
     for folder in ("masks", "keep"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.csv"
@@ -178,6 +187,7 @@ def write_feedback(
                     "keep": f"keep/{name}",
                     "kept_pixels": int(kept.sum()),
                     "rating": ratings.get(image_id) or "",
+                    "annotator_seconds": round(float(seconds.get(image_id, 0.0)), 3),
                 }
             )
     (out / "problems.txt").write_text("".join(f"{p}\n" for p in problems))
@@ -205,6 +215,18 @@ def read_feedback(
         empty = np.zeros((0, 0, 0), dtype=bool)
         return np.zeros(0, dtype=int), empty, empty.copy(), {}
     return np.array(indices), np.stack(masks), np.stack(kept), ratings
+
+
+def annotation_budget(manifests: list[str]) -> dict[str, float]:
+    """What the annotations so far cost: answers, and the annotators' seconds as Label Studio
+    timed them (0 for rounds collected before the time was kept, and for the simulated one)."""
+    answers, seconds = 0, 0.0
+    for manifest in manifests:
+        with open(manifest, newline="") as fh:
+            for row in csv.DictReader(fh):
+                answers += 1
+                seconds += float(row.get("annotator_seconds") or 0.0)
+    return {"answers": answers, "annotator_seconds": seconds}
 
 
 def finished_rounds(project: Path) -> list[Path]:

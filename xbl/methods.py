@@ -54,7 +54,8 @@ class AnnotatedImages:
 
 class FeedbackMethod:
     """The base: a term that sums over the annotated images (so a process's slice contributes
-    its own sum), with no preparation. Subclasses set `name` and `default_lambda`."""
+    its own sum), with no preparation. Subclasses set `name` and `default_lambda` (the built-in
+    methods': the λ their audit recovery was best at, bench/results/efficacy.md)."""
 
     name: ClassVar[str]
     default_lambda: ClassVar[float]
@@ -116,7 +117,7 @@ def method_for(cfg) -> FeedbackMethod:
 class RRR(FeedbackMethod):
     """Right for the right reasons: Σ W·(∂ Σ_k log p_k / ∂x)², by double backpropagation."""
 
-    name, default_lambda = "rrr", 1.0
+    name, default_lambda = "rrr", 0.1
     variant = "logp"
 
     def term(self, model: nn.Module, batch: AnnotatedImages) -> torch.Tensor:
@@ -135,7 +136,7 @@ class RRROutput(RRR):
 class RRRG(FeedbackMethod):
     """RRR-G: Σ (W max-pooled to the GradCAM map · the predicted class's GradCAM)²."""
 
-    name, default_lambda = "rrr_g", 0.1
+    name, default_lambda = "rrr_g", 0.01
 
     def term(self, model: nn.Module, batch: AnnotatedImages) -> torch.Tensor:
         return rrr_g_penalty(model, batch.x, batch.W)
@@ -146,7 +147,7 @@ class HINT(FeedbackMethod):
     """HINT-style: MSE of the true-class GradCAM against M, the evidence the annotator kept,
     over the images with a nonempty M: an image where nothing was kept adds no term."""
 
-    name, default_lambda = "hint", 10.0
+    name, default_lambda = "hint", 1.0
 
     def term(self, model: nn.Module, batch: AnnotatedImages) -> torch.Tensor:
         return hint_penalty(model, batch.x, batch.y, batch.M)
