@@ -125,8 +125,15 @@ def train_plain(
     """Cross-entropy only, early-stopped on the (confounded) validation loss, like the baseline."""
     model = new_model(splits, seed)
     cfg = train_config({**BASELINE, **(settings or {}), "seed": seed})
-    return model, training_loop(
-        model, splits.train_x, splits.train_y, splits.val_x, splits.val_y, cfg
+    return model, train_on(splits, model, cfg)
+
+
+def train_on(
+    splits: Splits, model: torch.nn.Module, cfg: TrainConfig, feedback: Feedback | None = None
+) -> TrainResult:
+    """The pipeline's training loop on the splits' train images, validated on val."""
+    return training_loop(
+        model, splits.train_x, splits.train_y, splits.val_x, splits.val_y, cfg, feedback=feedback
     )
 
 
@@ -282,15 +289,7 @@ def retrain(
     model = new_model(splits, seed) if fb_cfg.init == "scratch" else copy.deepcopy(base)
     cfg = retraining_schedule(train_config({**BASELINE, "seed": seed}), fb_cfg)
     try:
-        result = training_loop(
-            model,
-            splits.train_x,
-            splits.train_y,
-            splits.val_x,
-            splits.val_y,
-            cfg,
-            feedback=feedback,
-        )
+        result = train_on(splits, model, cfg, feedback)
     except FeedbackDiverged:
         return model, None, feedback
     return model, result, feedback

@@ -42,6 +42,7 @@ from bench.common import (
     recovery,
     timed,
     train_config,
+    train_on,
     train_plain,
     write_json,
 )
@@ -50,7 +51,6 @@ from xbl.data import decoy_digits, to_tensor
 from xbl.feedback import build_feedback, retraining_schedule
 from xbl.methods import METHODS
 from xbl.models import MODELS
-from xbl.training_loop import training_loop
 
 BATCH = 64
 SUMMED = ("rrr", "rrr_output", "rrr_g")  # terms that sum over the drawn images (docs/methods.md)
@@ -103,16 +103,7 @@ def epoch_seconds(
     cfg = train_config(
         {"model": model_name, "epochs": epochs, "batch_size": BATCH, "seed": 0, "patience": 0}
     )
-    _, seconds = timed(
-        training_loop,
-        model,
-        splits.train_x,
-        splits.train_y,
-        splits.val_x,
-        splits.val_y,
-        cfg,
-        feedback=feedback,
-    )
+    _, seconds = timed(train_on, splits, model, cfg, feedback)
     return seconds / epochs, setup
 
 
@@ -180,9 +171,7 @@ def measure_efficacy(
                     cfg = retraining_schedule(
                         train_config({"seed": seed}), feedback_config(settings, method)
                     )
-                    training_loop(
-                        model, splits.train_x, splits.train_y, splits.val_x, splits.val_y, cfg, fb
-                    )
+                    train_on(splits, model, cfg, fb)
                     acc = accuracy(model, splits.audit_x, splits.audit_y)
                     key = (method, fraction, schedule.name)
                     per_config.setdefault(key, []).append(recovery(acc, vanilla, clean_acc))

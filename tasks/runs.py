@@ -12,6 +12,7 @@ from services import tracking
 from xbl.checkpoint import load_model
 from xbl.config import PromotionConfig
 from xbl.promotion import promotion_decision
+from xbl.report import report_columns
 from xbl.training_loop import TrainResult
 
 HEADLINE = (
@@ -185,16 +186,13 @@ def compare_models(project: str, runs: dict[str, str]) -> list[dict]:
     """Models side by side as MLflow has them: `runs` maps a role (baseline, champion,
     candidate) to a run id; a run in two roles is shown once, under both names."""
     client = tracking.client_for(Path(project))
-    roles: dict[str, list[str]] = {}
-    for role, run_id in runs.items():
-        roles.setdefault(run_id, []).append(role)
     rows = []
-    for run_id, names in roles.items():
+    for role, run_id in report_columns(runs).items():
         run = client.get_run(run_id)
         metrics = run.data.metrics
         rows.append(
             {
-                "role": " = ".join(names),
+                "role": role,
                 "model": run.info.run_name,
                 **{m: round(metrics[m], 4) for m in COMPARED if m in metrics},
             }

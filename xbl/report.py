@@ -81,17 +81,6 @@ def report_columns(roles: dict[str, str]) -> dict[str, str]:
     return {" = ".join(names): run_id for run_id, names in by_run.items()}
 
 
-REPORTED = (
-    "audit_accuracy",
-    "val_accuracy",
-    "test_accuracy",
-    "val_explanation_score",
-    "test_wrong_reason_share_deeplift",
-    "test_wrong_reason_share_gradcam",
-    "test_outside_share_deeplift",
-)
-
-
 def report_html(
     round_number: int,
     table: list[dict],
@@ -100,8 +89,9 @@ def report_html(
     grids: dict[str, str],
     runs: dict[str, str],
 ) -> str:
-    """The page: comparison, decision, budget, then the grids (file names beside the page)."""
-    columns = [c for c in REPORTED if any(c in row for row in table)]
+    """The page: the comparison table as the round printed it, the decision, the budget,
+    then the grids (file names beside the page)."""
+    columns = list(dict.fromkeys(c for row in table for c in row if c not in ("role", "model")))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["role", "model", *columns])
     rows = "".join(
         "<tr>"
