@@ -30,9 +30,25 @@ def tracking_uri(project: Path) -> str:
 
 def client_for(project: Path) -> MlflowClient:
     uri = tracking_uri(project)
+    _point_fluent_api_at(uri)
+    return MlflowClient(uri, uri)
+
+
+def _point_fluent_api_at(uri: str) -> None:
+    """mlflow.log_model and friends follow the global URI; set it without exporting it.
+
+    mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ, which
+    tracking_uri() reads as the user's choice: the first project a process touched would
+    then capture every later project's runs and models (a scheduled worker serving two
+    projects, a test session)."""
+    exported = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowClient(uri, uri)
+    for key, value in exported.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def experiment_id(client: MlflowClient, project: Path, name: str) -> str:

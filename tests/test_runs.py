@@ -86,3 +86,26 @@ def test_a_stored_baseline_is_reused_only_for_the_same_data_and_train_settings(s
     assert found("v1", replace(train, model="resnet18")) is None
     client.set_terminated(run, status="FAILED")
     assert found("v1", train) is None  # a failed run is no baseline
+
+
+def test_each_project_keeps_its_own_store_within_one_process(tmp_path, monkeypatch):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; if that leaked, the first project
+    # a worker touched would receive every later project's runs and champions
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    tracking.client_for(first)
+    client = tracking.client_for(second)
+    assert tracking.tracking_uri(second) == f"sqlite:///{second.resolve()}/mlflow.db"
+    tracking.experiment_id(client, second, "own")
+    assert (second / "mlflow.db").exists()
+    assert not (first / "mlflow.db").exists() or not tracking.client_for(
+        first
+    ).get_experiment_by_name("own")
+
+
+def test_a_store_the_user_exported_is_kept(tmp_path, monkeypatch):
+    shared = f"sqlite:///{tmp_path.resolve()}/shared.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared)
+    tracking.client_for(tmp_path / "a")
+    assert tracking.tracking_uri(tmp_path / "b") == shared
