@@ -182,6 +182,40 @@ def cmd_labelstudio(args) -> int:
     return subprocess.call(["bash", str(INFRA / "labelstudio.sh"), args.action])
 
 
+def cmd_team(args) -> int:
+    """The team topology of infra/compose.yaml, started natively (services/team.py)."""
+    from services import team
+
+    project = Path(args.project).resolve()
+    home = Path(args.home or os.environ.get("XBL_TEAM_HOME") or project / ".xbl-team").resolve()
+    if args.action == "down":
+        print("team: stopped, data deleted" if team.down(home) else f"team: none in {home}")
+        return 0
+    if args.action == "status":
+        running = team.Team.load(home)
+        if running is None:
+            print(f"team: not running (no state in {home})")
+            return 3
+        found = running.status()
+        for name, (ok, where) in found.items():
+            print(f"team: {name:<11} {'running' if ok else 'DOWN':<8} {where}")
+        return 0 if all(ok for ok, _ in found.values()) else 3
+    deploy = not args.no_deploy and (project / "prefect.yaml").is_file()
+    try:
+        started = team.up(home, project, deploy=deploy)
+        if args.dvc_remote:
+            started.use_dvc_remote(project)
+            print(
+                f"team: DVC remote 'team' (s3://dvc) is the default in {project}/.dvc/config.local"
+            )
+    except team.TeamError as err:
+        print(f"xbl team up: {err}", file=sys.stderr)
+        return 1
+    print(f"team: `source {home / team.CLIENT_FILE}` points a shell at it (secrets inside, 0600)")
+    print("team: `xbl team down` stops it and deletes its data")
+    return 0
+
+
 DEFAULT_DEPLOYMENT = "xbl-feedback-round/scheduled"
 
 
@@ -338,6 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("labelstudio", help="the local Label Studio server")
     ls.add_argument("action", choices=["install", "start", "stop", "status"])
     ls.set_defaults(func=cmd_labelstudio)
+    team = sub.add_parser(
+        "team",
+        help="the team topology without Docker: PostgreSQL, S3 (moto), MLflow, Label Studio, "
+        "Prefect server and worker on 127.0.0.1 (throwaway)",
+    )
+    team.add_argument("action", choices=["up", "down", "status"])
+    team.add_argument("--home", default=None, help="state folder (default: <project>/.xbl-team)")
+    team.add_argument(
+        "--no-deploy", action="store_true", help="up: do not register prefect.yaml's deployments"
+    )
+    team.add_argument(
+        "--dvc-remote",
+        action="store_true",
+        help="up: make the bucket s3://dvc the project's default DVC remote (.dvc/config.local)",
+    )
+    team.set_defaults(func=cmd_team)
     hook = sub.add_parser(
         "webhook",
         add_help=False,

@@ -14,6 +14,8 @@
 #   XBL_LABEL_STUDIO_VENV           default <project>/.labelstudio/venv
 #   XBL_LABEL_STUDIO_VERSION        default 1.23.2 (what `install` puts in the venv)
 #   XBL_LABEL_STUDIO_START_TIMEOUT  seconds to wait for /health, default 240 (first start migrates)
+#   XBL_LABEL_STUDIO_DJANGO_DB      sqlite (default: data/label_studio.sqlite3) | default
+#       (PostgreSQL, from POSTGRE_NAME/_USER/_PASSWORD/_HOST/_PORT; services/team.py uses it)
 # The token and password are never printed.
 set -euo pipefail
 
@@ -165,7 +167,7 @@ cmd_start() {
     local BLACKHOLE="http://127.0.0.1:9" LOOPBACK="127.0.0.1,localhost,::1"
     LABEL_STUDIO_BASE_DATA_DIR="$DATA_DIR" \
     LABEL_STUDIO_DATABASE_NAME="$DATA_DIR/label_studio.sqlite3" \
-    LABEL_STUDIO_DJANGO_DB=sqlite \
+    LABEL_STUDIO_DJANGO_DB="${XBL_LABEL_STUDIO_DJANGO_DB:-sqlite}" \
     LABEL_STUDIO_HOST="" \
     LABEL_STUDIO_DEBUG=false \
     LABEL_STUDIO_USERNAME="$LS_USERNAME" \
