@@ -39,8 +39,9 @@ labelstudio-stop:
 baseline: setup
 	$(VENV)/bin/xbl baseline
 
+# make demo DATASET=decoy-lesions: the loop on RGB lesions with a ResNet-18 (demos/*.yaml)
 demo: setup labelstudio-install
-	$(VENV)/bin/xbl demo
+	$(VENV)/bin/xbl demo $(if $(DATASET),--dataset $(DATASET))
 
 test: lint labelstudio-install
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -133,7 +133,11 @@ def train_on(
 ) -> TrainResult:
     """The pipeline's training loop on the splits' train images, validated on val."""
     return training_loop(
-        model, splits.train_x, splits.train_y, splits.val_x, splits.val_y, cfg, feedback=feedback
+        model,
+        (splits.train_x, splits.train_y),
+        (splits.val_x, splits.val_y),
+        cfg,
+        feedback=feedback,
     )
 
 

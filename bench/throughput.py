@@ -70,10 +70,8 @@ def measure(
         _, t = timed(
             training_loop,
             new_model(splits, seed),
-            splits.train_x,
-            splits.train_y,
-            splits.val_x,
-            splits.val_y,
+            (splits.train_x, splits.train_y),
+            (splits.val_x, splits.val_y),
             cfg,
         )
         seconds["xbl"].append(t)
@@ -91,10 +89,8 @@ def measure(
         _, t = timed(
             training_loop,
             new_model(splits, seed),
-            splits.train_x,
-            splits.train_y,
-            splits.val_x[:1],
-            splits.val_y[:1],
+            (splits.train_x, splits.train_y),
+            (splits.val_x[:1], splits.val_y[:1]),
             cfg,
         )
         seconds["xbl_without_validation"].append(t)

@@ -22,7 +22,7 @@ def run_dir(project: Path) -> Path:
 def baseline_fingerprint(train: TrainConfig) -> str:
     """What a baseline is reused by, beside the data version: the train settings that would
     retrain it (where it runs does not change what it learns)."""
-    return fingerprint(train, ignore=("device", "devices"))
+    return fingerprint(train, ignore=("device", "devices", "loader_workers"))
 
 
 @flow(name="xbl-baseline", log_prints=True)

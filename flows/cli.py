@@ -12,7 +12,9 @@ from pathlib import Path
 from services import offline as _offline  # noqa: F401
 from xbl.errors import ConfigError
 
-INFRA = Path(__file__).resolve().parent.parent / "infra"
+REPO = Path(__file__).resolve().parent.parent
+INFRA = REPO / "infra"
+DEMOS = REPO / "demos"  # <name>.yaml: a demo's settings; <name>/: its project, made on first use
 # Commands import xbl (torch, Captum) only when they need it: `xbl labelstudio status` or the
 # webhook receiver should not pay seconds for a model they never load.
 
@@ -69,6 +71,8 @@ def cmd_round(args) -> int:
     """One feedback round; `demo` first makes sure the local Label Studio is up."""
     from flows.loop import feedback_round_flow
 
+    if getattr(args, "dataset", None):
+        args.project = str(demo_project(args.dataset))
     project = _checked_project(args)
     local_server = args.command == "demo" and not os.environ.get("LABEL_STUDIO_URL")
     if local_server and subprocess.call(["bash", str(INFRA / "labelstudio.sh"), "start"]) != 0:
@@ -93,6 +97,36 @@ def cmd_round(args) -> int:
     return 0
 
 
+def demo_project(name: str) -> Path:
+    """demos/<name>/, a project of its own: the repository's params.yaml with the sections in
+    demos/<name>.yaml replaced key by key, the data stage, and the code it depends on (linked,
+    so the demo always runs this checkout's code)."""
+    import yaml
+
+    profile = DEMOS / f"{name}.yaml"
+    if not profile.is_file():
+        known = sorted(p.stem for p in DEMOS.glob("*.yaml"))
+        raise ConfigError(f"no demo named {name!r}; available: {', '.join(known)}")
+    root = DEMOS / name
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in yaml.safe_load(profile.read_text()).items():
+        params.setdefault(section, {}).update(values)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(
+        f"# made from params.yaml and demos/{profile.name}: edit those, not this\n"
+        + yaml.safe_dump(params, sort_keys=False)
+    )
+    for name_ in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name_, root / name_)
+    (root / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "raw" / "README.md").write_text("the built-in dataset needs no raw data\n")
+    if not (root / "xbl").exists():
+        (root / "xbl").symlink_to(os.path.relpath(REPO / "xbl", root), target_is_directory=True)
+    if not (root / ".git").exists():
+        subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
 def cmd_annotate(args) -> int:
     """The simulated annotator answers a round (the newest by default) through the API, as a
     person would; it needs the prepared dataset for the relevance masks."""
@@ -112,7 +146,7 @@ def cmd_annotate(args) -> int:
         )
         return 2
     n = args.round or max(pushed.rounds)
-    data = PreparedData.load(project / cfg.data.out / "dataset.npz")
+    data = PreparedData.load(project / cfg.data.out)
     index = {str(image_id): i for i, image_id in enumerate(data.ids)}
     relevance = {
         t["image_id"]: data.relevance[index[t["image_id"]]]
@@ -345,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("round", "run one feedback round against the configured Label Studio"),
     ):
         sub.add_parser(name, help=text).set_defaults(func=cmd_round)
+    sub.choices["demo"].add_argument(
+        "--dataset",
+        default=None,
+        help="run the demo in demos/<DATASET>/ with the settings of demos/<DATASET>.yaml "
+        "(e.g. decoy-lesions: RGB lesions with a ResNet-18)",
+    )
     annotate = sub.add_parser("annotate", help="answer the open round with the simulated annotator")
     annotate.add_argument(
         "--oracle",

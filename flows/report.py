@@ -44,7 +44,7 @@ def report_flow(run_id: str, project: str = ".", params_file: str = "params.yaml
     rounds = root / "data" / "rounds" / f"round-{n}"
     return round_report(
         str(root),
-        str(root / cfg.data.out / "dataset.npz"),
+        str(root / cfg.data.out),
         n,
         checkpoints,
         roles,

@@ -15,7 +15,7 @@ PREPARE_STAGE = "prepare"
 
 @dataclass(frozen=True)
 class DataRef:
-    path: str  # the prepared dataset.npz
+    path: str  # the prepared dataset folder
     version: str  # DVC content hash of the prepared output
     out: str  # the DVC-tracked output folder, relative to the project
 
@@ -28,7 +28,7 @@ def prepare_data(project: str, out: str) -> DataRef:
     dvc.repro(root, PREPARE_STAGE)
     dvc.push(root, PREPARE_STAGE)
     version = dvc.locked_out_hash(root, PREPARE_STAGE, out)
-    return DataRef(path=str(root / out / "dataset.npz"), version=version, out=out)
+    return DataRef(path=str(root / out), version=version, out=out)
 
 
 @task(retries=2, retry_delay_seconds=[2, 5])

@@ -78,7 +78,7 @@ def select_round_queries(
     data = PreparedData.load(Path(dataset))
     model, _ = load_model(checkpoint)
     pool = data.indices("train")
-    probs = predict_proba(model, to_tensor(data.images[pool]))
+    probs = predict_proba(model, data.split_images("train"))
     exclude = np.isin(data.ids[pool], list(already_annotated))
     chosen = select_queries(
         probs, data.labels[pool], cfg.k, cfg.strategy, exclude=exclude, seed=cfg.seed + round_number

@@ -74,7 +74,7 @@ def test_data_was_pushed_to_the_remote(baseline_run):
 
 def test_checkout_restores_a_runs_data_after_the_dataset_changed(baseline_run):
     project, result = baseline_run
-    dataset = project / "data" / "prepared" / "dataset.npz"
+    dataset = project / "data" / "prepared" / "images.npy"
     original = dataset.read_bytes()
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["seed"] = 7

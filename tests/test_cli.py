@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flows.cli import main
+from xbl.errors import ConfigError
 
 
 def test_webhook_options_reach_the_receiver(capsys):
@@ -66,3 +67,29 @@ def test_webhook_help_works_whatever_the_settings(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["--project", str(tmp_path), "webhook", "--help"])
     assert done.value.code == 0
+
+
+def test_a_demo_project_takes_the_repository_settings_with_its_profile(tmp_path, monkeypatch):
+    import yaml
+
+    from flows import cli
+    from xbl.config import load_config
+
+    demos = tmp_path / "demos"
+    demos.mkdir()
+    (demos / "lesions.yaml").write_text(
+        yaml.safe_dump(
+            {"data": {"dataset": "decoy-lesions", "image_size": 64}, "query": {"grid": 8}}
+        )
+    )
+    monkeypatch.setattr(cli, "DEMOS", demos)
+    root = cli.demo_project("lesions")
+    cfg = load_config(root / "params.yaml")
+    repo = load_config(cli.REPO / "params.yaml")
+    assert (cfg.data.dataset, cfg.data.image_size, cfg.query.grid_cell) == ("decoy-lesions", 64, 8)
+    assert cfg.data.split == repo.data.split and cfg.train == repo.train  # the rest unchanged
+    assert (root / "xbl" / "prepare.py").is_file() and (root / "dvc.yaml").is_file()
+    assert (root / ".git").is_dir()
+    assert cli.demo_project("lesions") == root  # a second call reuses it
+    with pytest.raises(ConfigError, match="available: lesions"):
+        cli.demo_project("nothing")

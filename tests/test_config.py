@@ -141,3 +141,17 @@ def test_no_code_repeats_a_settings_default():
         for hit in _dict_gets(module)
     ]
     assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    ("size", "grid", "cell"), [(28, 7, 4), (64, 7, 10), (64, 8, 8), (224, 7, 32)]
+)
+def test_cells_per_side_set_the_cell_for_the_image_size(size, grid, cell):
+    cfg = build_config({"data": {"image_size": size}, "query": {"grid": grid}})
+    assert cfg.query.grid_cell == cell
+    assert -(-size // cfg.query.grid_cell) == grid  # that many cells cover the image
+
+
+def test_more_cells_per_side_than_pixels_is_refused():
+    with pytest.raises(ConfigError, match="query.grid"):
+        build_config({"data": {"image_size": 28}, "query": {"grid": 29}})

@@ -15,6 +15,7 @@ from xbl.data import (
     read_manifest,
 )
 from xbl.feedback import read_feedback, write_feedback
+from xbl.images import DiskArray
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +290,31 @@ def test_path_ids_give_flat_unique_feedback_file_names(tmp_path):
 def test_decoy_digits_can_be_drawn_on_three_channels():
     data = build_dataset(DataConfig(channels=3))
     assert data.images.shape[1] == 3 and (data.images == data.images[:, :1]).all()
+
+
+def test_a_manifest_is_written_to_its_prepared_folder_and_read_back_from_disk(tmp_path, good_rows):
+    write_png(tmp_path / "img" / "e.png", value=(200, 10, 10))  # colour: the set becomes RGB
+    rows = [*good_rows, ["img/e.png", "cat", "train", ""]]
+    out = tmp_path / "prepared"
+    data = read_manifest(write_manifest(tmp_path, rows), image_size=8, out=out)
+    assert isinstance(data.images, DiskArray)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["images.npy", "relevance.npy", "confounder.npy", "index.npz"]
+    )
+    assert data.images.shape == (5, 3, 8, 8)
+    assert (data.images[0] == 128).all()  # a grey image on three channels
+    assert data.images[4][:, 0, 0].tolist() == [200, 10, 10]
+    in_memory = read_manifest(write_manifest(tmp_path, rows), image_size=8)
+    assert np.array_equal(in_memory.images, data.images[:])
+
+
+def test_a_bad_row_leaves_the_prepared_folder_as_it_was(tmp_path, good_rows):
+    out = tmp_path / "prepared"
+    before = read_manifest(write_manifest(tmp_path, good_rows), image_size=8, out=out)
+    stored = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = [*good_rows, ["img/missing.png", "cat", "train", ""]]
+    with pytest.raises(ManifestError, match="missing.png"):
+        read_manifest(write_manifest(tmp_path, broken), image_size=8, out=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == stored
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    assert len(before) == 4

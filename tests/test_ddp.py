@@ -37,7 +37,7 @@ def dataset(tmp_path_factory) -> Path:
     full = decoy_digits()
     keep = np.arange(0, len(full), 4)
     data = PreparedData(**{k: v if k == "classes" else v[keep] for k, v in full.__dict__.items()})
-    path = tmp_path_factory.mktemp("ddp-data") / "dataset.npz"
+    path = tmp_path_factory.mktemp("ddp-data") / "prepared"
     data.save(path)
     return path
 
@@ -60,7 +60,7 @@ def _train_one_process(
 ):
     """What `fit` does in one process: seeded initial weights (or init's), then train."""
     model = initial_model(cfg.model, data, cfg.seed, init)
-    result = training_loop(model, *data.tensors("train"), *data.tensors("val"), cfg, feedback)
+    result = training_loop(model, data.tensors("train"), data.tensors("val"), cfg, feedback)
     return model, result
 
 

@@ -51,7 +51,7 @@ def oracle_round(tmp_path_factory, labelstudio):
 
 def test_masks_are_exactly_the_oracles_ignored_cells(oracle_round):
     project, result = oracle_round
-    data = PreparedData.load(project / "data" / "prepared" / "dataset.npz")
+    data = PreparedData.load(project / "data" / "prepared")
     queries = json.loads((project / "data" / "rounds" / "round-1" / "queries.json").read_text())
     feedback = project / "data" / "feedback" / "round-1"
     assert len(queries) == 25

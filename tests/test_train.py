@@ -34,7 +34,7 @@ def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def data():
     tx, ty = _images(96, seed=1)
     vx, vy = _images(48, seed=2)
-    return tx, ty, vx, vy
+    return (tx, ty), (vx, vy)
 
 
 def _model(seed: int = 0) -> SmallCNN:
@@ -109,12 +109,12 @@ def test_two_trainings_with_the_same_seed_give_identical_weights(data, method):
 
 
 def test_early_stopping_stops_and_restores_the_best_epoch(data):
-    tx, ty, vx, vy = data
+    (tx, ty), (vx, vy) = data
     # validation labels shifted by one: learning the training labels makes val loss worse
     model = _model()
     states, keep = _snapshots(model)
     cfg = TrainConfig(lr=3e-3, epochs=30, batch_size=32, patience=2)
-    result = training_loop(model, tx, ty, vx, (vy + 1) % N_CLASSES, cfg, on_epoch=keep)
+    result = training_loop(model, (tx, ty), (vx, (vy + 1) % N_CLASSES), cfg, on_epoch=keep)
     epochs_run = len(result.history)
     assert epochs_run < cfg.epochs
     assert epochs_run == result.best_epoch + cfg.patience
@@ -122,19 +122,17 @@ def test_early_stopping_stops_and_restores_the_best_epoch(data):
     assert result.best_epoch == 1 + losses.index(min(losses))
     assert _same_weights(model.state_dict(), states[result.best_epoch - 1])
     assert not _same_weights(model.state_dict(), states[-1])
-    assert mean_loss(model, vx, (vy + 1) % N_CLASSES) == pytest.approx(result.min_val_loss)
+    assert mean_loss(model, (vx, (vy + 1) % N_CLASSES)) == pytest.approx(result.min_val_loss)
 
 
 def test_patience_zero_keeps_the_last_epoch_even_when_val_gets_worse(data):
-    tx, ty, vx, vy = data
+    (tx, ty), (vx, vy) = data
     model = _model()
     states, keep = _snapshots(model)
     result = training_loop(
         model,
-        tx,
-        ty,
-        vx,
-        (vy + 1) % N_CLASSES,
+        (tx, ty),
+        (vx, (vy + 1) % N_CLASSES),
         TrainConfig(lr=3e-3, epochs=4, batch_size=32, patience=0),
         on_epoch=keep,
     )
@@ -146,13 +144,17 @@ def test_patience_zero_keeps_the_last_epoch_even_when_val_gets_worse(data):
 
 
 def test_normalised_lambda_starts_the_term_at_lambda_times_the_cross_entropy(data):
-    tx, ty, vx, vy = data
+    (tx, ty), (vx, vy) = data
     fb = _feedback(lam=7.0, normalize=True, per_batch=8)  # every annotated image in each batch
     model = _model()
     initial = copy.deepcopy(model)
     # one batch holds the whole training set: the first batch is known without the shuffle
     result = training_loop(
-        model, tx, ty, vx, vy, TrainConfig(epochs=1, batch_size=len(ty), patience=0), feedback=fb
+        model,
+        (tx, ty),
+        (vx, vy),
+        TrainConfig(epochs=1, batch_size=len(ty), patience=0),
+        feedback=fb,
     )
     initial.train()
     images = fb.images
@@ -283,7 +285,7 @@ def test_an_exploding_term_raises_before_any_step_and_keeps_the_initial_weights(
 
 
 def test_feedback_term_is_computed_on_annotated_rows_only(data, monkeypatch):
-    tx, ty, vx, vy = data
+    (tx, ty), (vx, vy) = data
     fb = _feedback(per_batch=3)
     seen = []
     _spy_on_rrr(
@@ -291,7 +293,7 @@ def test_feedback_term_is_computed_on_annotated_rows_only(data, monkeypatch):
         lambda batch, term: seen.append((batch.x.clone(), batch.y.clone(), batch.W.clone())),
     )
     training_loop(
-        _model(), tx, ty, vx, vy, TrainConfig(epochs=2, batch_size=32, patience=0), feedback=fb
+        _model(), (tx, ty), (vx, vy), TrainConfig(epochs=2, batch_size=32, patience=0), feedback=fb
     )
     assert len(seen) == 2 * 3  # one call per batch: 96 images / 32 per batch, 2 epochs
     annotated = fb.images

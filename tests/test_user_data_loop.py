@@ -82,7 +82,7 @@ def team_env(labelstudio, monkeypatch):
 def run_round(project, experiment: str) -> tuple[dict, PreparedData]:
     result = feedback_round_flow(str(project))
     assert (result["round"], result["status"]) == (1, "done")
-    data = PreparedData.load(project / "data" / "prepared" / "dataset.npz")
+    data = PreparedData.load(project / "data" / "prepared")
     client = MlflowClient(tracking.tracking_uri(project), tracking.tracking_uri(project))
     run = client.get_run(result["feedback"]["run_id"])
     assert run.data.tags[tracking.DATA_VERSION_TAG] == result["data_version"]

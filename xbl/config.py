@@ -94,6 +94,7 @@ class TrainConfig(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     devices: int = 1  # > 1: data-parallel under torchrun
     amp: bool = False  # autocast the CE forward: CUDA float16, CPU bfloat16
+    loader_workers: int = 0  # processes reading images from disk (0: the training process)
 
     def check(self) -> None:
         _allowed("train.model", self.model, tuple(MODELS))
@@ -103,6 +104,8 @@ class TrainConfig(_Section):
         _positive("train.batch_size", self.batch_size)
         _positive("train.devices", self.devices)
         _positive("train.lr", self.lr)
+        if self.loader_workers < 0:
+            raise ConfigError(f"train.loader_workers is {self.loader_workers}; allowed: 0 or more")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"train.device is {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
 
@@ -122,13 +125,16 @@ class QueryConfig(_Section):
     k: int = 25
     saliency: str = field(default="deeplift", metadata=_choices(*SALIENCY_METHODS))
     blur_sigma: float = 3.0
-    grid_cell: int = 4
+    grid_cell: int = 4  # pixels per cell side (of the prepared image)
+    grid: int | None = None  # cells per side instead: grid_cell follows data.image_size
     top_cells: int = 8
     seed: int = 0  # the random strategy's seed (plus the round number)
 
     def check(self) -> None:
         _positive("query.k", self.k)
         _positive("query.grid_cell", self.grid_cell)
+        if self.grid is not None:
+            _positive("query.grid", self.grid)
         _positive("query.top_cells", self.top_cells)
 
 
@@ -305,7 +311,21 @@ def build_config(params: dict) -> Config:
     unknown = sorted(set(params) - set(hints))
     if unknown:
         raise ConfigError(f"{unknown[0]} is not a section; allowed: {', '.join(hints)}")
-    return Config(**{name: _section(hints[name], name, params.get(name)) for name in hints})
+    cfg = Config(**{name: _section(hints[name], name, params.get(name)) for name in hints})
+    return _grid_from_cells_per_side(cfg)
+
+
+def _grid_from_cells_per_side(cfg: Config) -> Config:
+    """With query.grid set, the cell side in pixels that gives that many cells per side (the
+    last row and column may be narrower when the size does not divide)."""
+    grid, size = cfg.query.grid, cfg.data.image_size
+    if grid is None:
+        return cfg
+    if grid > size:
+        raise ConfigError(f"query.grid is {grid} cells per side, more than image_size {size} px")
+    return dataclasses.replace(
+        cfg, query=dataclasses.replace(cfg.query, grid_cell=-(-size // grid))
+    )
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:

@@ -1,21 +1,24 @@
 """Datasets: the built-in decoy-digits (and decoy-lesions, in xbl/lesions.py), user manifests,
-and the prepared-array format.
+and the prepared format.
 
-Every prepared dataset is one `dataset.npz` with:
-  images (N,C,H,W) uint8, labels (N,) int64, split (N,) str in {train,val,test,audit},
-  relevance (N,H,W) bool   where the evidence is (the digit; a user's mask, else all ones),
-  confounder (N,H,W) bool  the known shortcut (the decoy patch; a user's confounder_mask, else
-                           empty),
-  ids (N,) str             unique; for user data the image's path in the dataset folder,
-  classes (K,) str.
-C is 1 (greyscale) or 3 (RGB).
+A prepared dataset is a folder (DVC-tracked as one output):
+  images.npy      (N,C,H,W) uint8, C 1 (greyscale) or 3 (RGB)
+  relevance.npy   (N,H,W) bool  where the evidence is (the digit; a user's mask, else all ones)
+  confounder.npy  (N,H,W) bool  the known shortcut (the decoy; a user's confounder_mask, else
+                                empty)
+  index.npz       labels (N,) int64, split (N,) str in {train,val,test,audit}, ids (N,) str
+                  (unique; for user data the image's path in the dataset folder), classes (K,)
+Loaded, the three image-sized arrays stay on disk and are read row by row (xbl.images); the
+index is small and held in memory.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
@@ -23,6 +26,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from xbl.config import DataConfig
+from xbl.images import ArrayImages, DiskArray, RowWriter, to_tensor
+
+__all__ = ["AUDIT", "SPLITS", "ManifestError", "PreparedData", "build_dataset", "to_tensor"]
 
 SPLITS = ("train", "val", "test")
 # Optional held-out images free of the shortcut (decoy-digits: the validation digits with their
@@ -47,26 +53,40 @@ class PreparedData:
         return np.flatnonzero(self.split == split)
 
     def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The split's images as float in [0,1] and its labels."""
+        """The split's images as float in [0,1] and its labels, all in memory (small data)."""
         idx = self.indices(split)
         return to_tensor(self.images[idx]), torch.from_numpy(self.labels[idx])
 
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as fh:  # a file handle keeps numpy from appending ".npz"
-            np.savez_compressed(fh, **self.__dict__)
+    def split_images(self, split: str) -> ArrayImages:
+        """The split as labelled images read from disk batch by batch."""
+        return ArrayImages(self.images, self.labels, self.indices(split))
+
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in IMAGE_SIZED:
+            np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
+        np.savez(folder / INDEX, **{name: getattr(self, name) for name in INDEXED})
 
     @classmethod
-    def load(cls, path: Path) -> PreparedData:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"prepared dataset not found: {path} (run the prepare stage)")
-        with np.load(path, allow_pickle=False) as z:
-            return cls(**{k: z[k] for k in cls.__dataclass_fields__})
+    def load(cls, folder: Path) -> PreparedData:
+        folder = Path(folder)
+        if not (folder / INDEX).is_file():
+            raise FileNotFoundError(
+                f"prepared dataset not found: {folder} has no {INDEX} (run the prepare stage)"
+            )
+        with np.load(folder / INDEX, allow_pickle=False) as z:
+            index = {name: z[name] for name in INDEXED}
+        arrays = {name: DiskArray(folder / f"{name}.npy") for name in IMAGE_SIZED}
+        data = cls(**index, **arrays)
+        if any(len(a) != len(data.labels) for a in arrays.values()):
+            raise ValueError(f"{folder}: the arrays and {INDEX} disagree on the number of images")
+        return data
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N,C,H,W) to float in [0,1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+IMAGE_SIZED = ("images", "relevance", "confounder")
+INDEXED = ("labels", "split", "ids", "classes")
+INDEX = "index.npz"
 
 
 # ---------------------------------------------------------------- decoy-digits
@@ -260,18 +280,51 @@ def _load_row(row: dict, root: Path, image_size: int) -> _Row:
     return _Row(image, relevance, confounder, image_id)
 
 
-def _stack_channels(images: list[Image.Image], channels: int | None) -> np.ndarray:
-    """(N,C,H,W) uint8. channels None (auto): 3 if any image is colour, else 1; a greyscale image
-    among colour ones is repeated on three channels, a colour one forced to 1 becomes luma."""
-    if channels is None:
-        channels = 3 if any(im.mode == "RGB" for im in images) else 1
-    mode = "RGB" if channels == 3 else "L"
-    arrays = [np.asarray(im if im.mode == mode else im.convert(mode)) for im in images]
-    stacked = np.stack(arrays)
-    return stacked[:, None] if channels == 1 else np.moveaxis(stacked, -1, 1).copy()
+class _ImageRows:
+    """The manifest's images, masks written to a prepared folder one row at a time.
+
+    Images go in as RGB (a greyscale one on three channels) unless `channels` is 1; with
+    `channels` None (auto) the file is narrowed to one channel at the end when no image was in
+    colour. A colour image forced to one channel becomes luma."""
+
+    def __init__(self, folder: Path, n: int, size: int, channels: int | None):
+        self.folder, self.channels, self.colour = folder, channels, False
+        width = 1 if channels == 1 else 3
+        self.images = RowWriter(folder / "images.npy", n, (width, size, size), np.uint8)
+        self.masks = {
+            name: RowWriter(folder / f"{name}.npy", n, (size, size), bool)
+            for name in ("relevance", "confounder")
+        }
+
+    def write(self, row: _Row) -> None:
+        self.colour |= row.image.mode == "RGB"
+        mode = "L" if self.channels == 1 else "RGB"
+        pixels = np.asarray(row.image if row.image.mode == mode else row.image.convert(mode))
+        self.images.write(pixels[None] if mode == "L" else np.moveaxis(pixels, -1, 0))
+        self.masks["relevance"].write(row.relevance)
+        self.masks["confounder"].write(row.confounder)
+
+    def close(self) -> None:
+        for writer in (self.images, *self.masks.values()):
+            writer.close()
+        if self.channels is None and not self.colour:
+            _narrow_to_grey(self.folder / "images.npy")
 
 
-def read_manifest(path: str | Path, image_size: int, channels: int | None = None) -> PreparedData:
+def _narrow_to_grey(path: Path, chunk: int = 1024) -> None:
+    """Rewrite an RGB images.npy whose images are all greyscale with one channel."""
+    wide = DiskArray(path)
+    narrow = RowWriter(path.with_suffix(".grey"), len(wide), (1, *wide.shape[2:]), np.uint8)
+    for start in range(0, len(wide), chunk):
+        for image in wide[start : start + chunk]:
+            narrow.write(image[:1])
+    narrow.close()
+    path.with_suffix(".grey").replace(path)
+
+
+def read_manifest(
+    path: str | Path, image_size: int, channels: int | None = None, out: Path | None = None
+) -> PreparedData:
     """Load a CSV manifest: image, label, split[, mask][, confounder_mask].
 
     Paths are relative to the manifest's folder and must stay inside it; an image's ID is that
@@ -281,9 +334,48 @@ def read_manifest(path: str | Path, image_size: int, channels: int | None = None
     without one), `confounder_mask` the known shortcut (none without one). `channels` is 1, 3,
     or None: 3 if any image is in colour, else 1.
 
-    Every row is checked before anything trains; all problems are reported at once.
+    Every row is checked before anything trains; all problems are reported at once. Rows are
+    written to the prepared folder `out` as they are read, so memory does not grow with the
+    manifest, and the data returned reads from there; `out` stays as it was when a row is bad.
+    Without `out` the data is returned in memory (small sets).
     """
     path = Path(path)
+    rows = _manifest_rows(path)
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="xbl-manifest-") as tmp:
+            return _in_memory(read_manifest(path, image_size, channels, Path(tmp) / "prepared"))
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        ids, problems = _write_rows(path, rows, image_size, channels, staging)
+        labels = [(r.get("label") or "").strip() for r in rows]
+        splits = [(r.get("split") or "").strip() for r in rows]
+        trained = {lab for lab, s in zip(labels, splits) if s == "train" and lab}
+        for lab in sorted(set(labels) - trained - {""}):
+            problems.append(f"{path.name}: class {lab!r} has no training images")
+        if problems:
+            raise ManifestError(
+                f"{len(problems)} problem(s) in {path}:\n  " + "\n  ".join(problems)
+            )
+        classes = np.array(sorted(set(labels)))
+        index = {
+            "labels": np.searchsorted(classes, labels).astype(np.int64),
+            "split": np.array(splits),
+            "ids": np.array(ids),
+            "classes": classes,
+        }
+        np.savez(staging / INDEX, **index)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return PreparedData.load(out)
+
+
+def _manifest_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
     with path.open(newline="") as fh:
@@ -294,7 +386,15 @@ def read_manifest(path: str | Path, image_size: int, channels: int | None = None
         rows = list(reader)
     if not rows:
         raise ManifestError(f"{path}: no rows")
-    loaded, problems, first_line = [], [], {}
+    return rows
+
+
+def _write_rows(
+    path: Path, rows: list[dict], image_size: int, channels: int | None, folder: Path
+) -> tuple[list[str], list[str]]:
+    """Check every row and write each good one while none was bad: (IDs, problems)."""
+    writer = _ImageRows(folder, len(rows), image_size, channels)
+    ids, problems, first_line = [], [], {}
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{path.name} line {line} ({row.get('image')})"
         label, split = (row.get("label") or "").strip(), (row.get("split") or "").strip()
@@ -315,24 +415,17 @@ def read_manifest(path: str | Path, image_size: int, channels: int | None = None
             )
             continue
         first_line[one.image_id] = line
-        loaded.append(one)
-    label_names = [(r.get("label") or "").strip() for r in rows]
-    split_names = [(r.get("split") or "").strip() for r in rows]
-    train_classes = {lab for lab, s in zip(label_names, split_names) if s == "train" and lab}
-    for lab in sorted(set(label_names) - train_classes - {""}):
-        problems.append(f"{path.name}: class {lab!r} has no training images")
-    if problems:
-        raise ManifestError(f"{len(problems)} problem(s) in {path}:\n  " + "\n  ".join(problems))
-    classes = np.array(sorted(set(label_names)))
-    return PreparedData(
-        images=_stack_channels([r.image for r in loaded], channels),
-        labels=np.searchsorted(classes, label_names).astype(np.int64),
-        split=np.array(split_names),
-        relevance=np.stack([r.relevance for r in loaded]),
-        confounder=np.stack([r.confounder for r in loaded]),
-        ids=np.array([r.image_id for r in loaded]),
-        classes=classes,
-    )
+        ids.append(one.image_id)
+        if not problems:
+            writer.write(one)
+    if not problems:
+        writer.close()
+    return ids, problems
+
+
+def _in_memory(data: PreparedData) -> PreparedData:
+    """The same data with its image-sized arrays read whole from disk."""
+    return replace(data, **{name: getattr(data, name)[:] for name in IMAGE_SIZED})
 
 
 # ---------------------------------------------------------------- folder layouts
@@ -414,27 +507,34 @@ def folder_manifest(folder: Path, split: dict, seed: int) -> Path:
     )
 
 
-def build_dataset(cfg: DataConfig, root: Path = Path(".")) -> PreparedData:
-    """The dataset named in params' `data` section."""
+def build_dataset(cfg: DataConfig, root: Path = Path("."), out: Path | None = None) -> PreparedData:
+    """The dataset named in params' `data` section; with `out`, written there as the prepared
+    folder and read back from it (a user's images one at a time, never all in memory)."""
+    if cfg.dataset not in ("decoy-digits", "decoy-lesions"):
+        source = root / cfg.dataset
+        manifest = folder_manifest(source, cfg.split, cfg.seed) if source.is_dir() else source
+        return read_manifest(manifest, cfg.image_size, _channels(cfg), out)
+    data = _built_in(cfg)
+    if out is None:
+        return data
+    data.save(out)
+    return PreparedData.load(out)
+
+
+def _built_in(cfg: DataConfig) -> PreparedData:
+    """The generated datasets: a few thousand small images, made in memory."""
     if cfg.dataset == "decoy-digits":
         data = decoy_digits(cfg.image_size, cfg.digit_size, cfg.decoy_size, cfg.split, cfg.seed)
         if cfg.channels == 3:  # greyscale digits on R, G and B, e.g. for RGB-pretrained weights
             data.images = np.repeat(data.images, 3, axis=1)
         return data
-    if cfg.dataset == "decoy-lesions":
-        from xbl.lesions import decoy_lesions  # xbl.lesions imports this module
+    from xbl.lesions import decoy_lesions  # xbl.lesions imports this module
 
-        data = decoy_lesions(cfg.image_size, split=cfg.split, seed=cfg.seed)
-        if cfg.channels == 1:  # PIL's luma, as for a user's colour images
-            luma = np.tensordot([0.299, 0.587, 0.114], data.images.astype(float), axes=(0, 1))
-            data.images = luma.round().astype(np.uint8)[:, None]
-        return data
-    source = root / cfg.dataset
-    if source.is_dir():
-        return read_manifest(
-            folder_manifest(source, cfg.split, cfg.seed), cfg.image_size, _channels(cfg)
-        )
-    return read_manifest(source, cfg.image_size, _channels(cfg))
+    data = decoy_lesions(cfg.image_size, split=cfg.split, seed=cfg.seed)
+    if cfg.channels == 1:  # PIL's luma, as for a user's colour images
+        luma = np.tensordot([0.299, 0.587, 0.114], data.images.astype(float), axes=(0, 1))
+        data.images = luma.round().astype(np.uint8)[:, None]
+    return data
 
 
 def _channels(cfg: DataConfig) -> int | None:

@@ -43,6 +43,7 @@ from xbl.checkpoint import checkpoint_meta, initial_model, save_checkpoint, save
 from xbl.config import TrainConfig
 from xbl.data import PreparedData
 from xbl.feedback import Feedback
+from xbl.images import DiskArray
 from xbl.methods import AnnotatedImages
 from xbl.runtime import autocast, resolve_device
 from xbl.training_loop import FeedbackDiverged, TrainResult, training_loop
@@ -136,8 +137,8 @@ def _train_here(job: dict, rank: int, world: int, device: torch.device) -> None:
     try:
         result = training_loop(
             model,
-            *data.tensors("train"),
-            *data.tensors("val"),
+            data.split_images("train"),
+            data.split_images("val"),
             cfg,
             feedback,
             on_epoch=on_epoch,
@@ -185,6 +186,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------- the launcher
+def _on_disk(data: PreparedData, spare: Path) -> Path:
+    """The prepared folder the workers load: the one `data` streams from, else a copy of the
+    in-memory data saved at `spare`."""
+    if isinstance(data.images, DiskArray):
+        return Path(data.images.path).parent
+    data.save(spare)
+    return spare
+
+
 def _tail(log: Path, lines: int = 40) -> str:
     text = log.read_text(errors="replace") if log.is_file() else ""
     return "\n".join(text.splitlines()[-lines:])
@@ -292,8 +302,7 @@ def launch(
     workdir = Path(tempfile.mkdtemp(prefix="xbl-ddp-")) if own else Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if isinstance(data, PreparedData):
-        data.save(workdir / "dataset.npz")
-        data = workdir / "dataset.npz"
+        data = _on_disk(data, workdir / "dataset")
     job = {
         "dataset": str(data),
         "train": asdict(cfg),

@@ -17,21 +17,20 @@ from xbl.metrics import (
 )
 from xbl.runtime import model_device
 from xbl.saliency import deeplift_blurred, eval_mode, gradcam
-from xbl.training_loop import mean_loss, predict_proba
+from xbl.training_loop import nll, predict_proba
 
 
 def evaluate_split(model: nn.Module, data: PreparedData, split: str) -> tuple[dict, np.ndarray]:
     """Metrics named `<split>_<metric>`, and the split's confusion matrix."""
-    x, y = data.tensors(split)
-    if len(y) == 0:
+    images = data.split_images(split)
+    if len(images) == 0:
         return {}, np.zeros((len(data.classes),) * 2, dtype=np.int64)
-    pred = predict_proba(model, x).argmax(1)
+    probs = predict_proba(model, images)
+    pred, y = probs.argmax(1), images.labels.numpy()
     k = len(data.classes)
-    metrics = {
-        f"{split}_{name}": v for name, v in classification_metrics(y.numpy(), pred, k).items()
-    }
-    metrics[f"{split}_loss"] = mean_loss(model, x, y)
-    return metrics, confusion_matrix(y.numpy(), pred, k)
+    metrics = {f"{split}_{name}": v for name, v in classification_metrics(y, pred, k).items()}
+    metrics[f"{split}_loss"] = nll(probs, images.labels)
+    return metrics, confusion_matrix(y, pred, k)
 
 
 EXPLAINERS = ("deeplift", "gradcam", "inputgrad")

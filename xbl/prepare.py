@@ -29,12 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.params).data
-        data = build_dataset(cfg, Path("."))
+        out = Path(cfg.out)
+        data = build_dataset(cfg, Path("."), out)
     except (ConfigError, ManifestError) as exc:
         print(f"prepare: {exc}", file=sys.stderr)
         return 2
-    out = Path(cfg.out)
-    data.save(out / "dataset.npz")
     (out / "summary.json").write_text(json.dumps(summary(data), indent=2) + "\n")
     print(json.dumps(summary(data)))
     return 0

@@ -35,7 +35,12 @@ def fit(
     meta = checkpoint_meta(cfg.model, data)
     try:
         result = training_loop(
-            model, *data.tensors("train"), *data.tensors("val"), cfg, feedback, on_epoch=on_epoch
+            model,
+            data.split_images("train"),
+            data.split_images("val"),
+            cfg,
+            feedback,
+            on_epoch=on_epoch,
         )
     except FeedbackDiverged as diverged:
         raise diverged.kept_at(save_last_good(model, Path(out), meta)) from None

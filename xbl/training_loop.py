@@ -21,9 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from xbl.config import TrainConfig
 from xbl.feedback import Feedback
+from xbl.images import Images, ShuffledBatches, as_images, batches, in_order
 from xbl.methods import AnnotatedImages
 from xbl.runtime import autocast, model_device, seed_everything
 
@@ -68,27 +70,30 @@ class TrainResult:
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> np.ndarray:
-    """Softmax probabilities, in batches (on a CPU 64-128 images per batch run ~2x faster
-    than 512: the activations stay in cache)."""
+def predict_proba(model: nn.Module, images, batch_size: int = 128, workers: int = 0) -> np.ndarray:
+    """Softmax probabilities of `images` (Images, an (x, y) pair or an image tensor), streamed
+    in batches (on a CPU 64-128 images per batch run ~2x faster than 512: the activations stay
+    in cache)."""
+    images = as_images(images)
     was_training = model.training
     model.eval()
     device = model_device(model)
+    loader = batches(images, in_order(len(images), batch_size), workers, device)
     out = [
-        F.softmax(model(x[i : i + batch_size].to(device)).float(), dim=1).cpu()
-        for i in range(0, len(x), batch_size)
+        F.softmax(model(x.to(device, non_blocking=True)).float(), dim=1).cpu() for x, _ in loader
     ]
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 
-def _nll(probs: np.ndarray, y: torch.Tensor) -> float:
+def nll(probs: np.ndarray, y: torch.Tensor) -> float:
     return float(F.nll_loss(torch.from_numpy(probs).clamp_min(1e-12).log(), y, reduction="mean"))
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> float:
-    return _nll(predict_proba(model, x, batch_size), y)
+def mean_loss(model: nn.Module, images, batch_size: int = 128) -> float:
+    images = as_images(images)
+    return nll(predict_proba(model, images, batch_size), images.labels)
 
 
 # A step's losses: (ce, expl) to backpropagate, and their values over the whole global batch.
@@ -137,10 +142,8 @@ def _check_finite(value: float, epoch: int, where: str) -> None:
 
 def training_loop(
     model: nn.Module,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
+    train,
+    val,
     cfg: TrainConfig,
     feedback: Feedback | None = None,
     on_epoch: Callable[[dict], None] | None = None,
@@ -155,15 +158,16 @@ def training_loop(
     data-parallel share.
     """
     seed_everything(cfg.seed)
-    loop = _EpochRunner.start(model, cfg, feedback, step or _step_losses)
+    train, val = as_images(train), as_images(val)
+    loop = _EpochRunner.start(model, train, cfg, feedback, step or _step_losses)
     result = loop.result
     best_state, stale = copy.deepcopy(model.state_dict()), 0
     try:
         for epoch in range(1, cfg.epochs + 1):
             row = {
                 "epoch": epoch,
-                **loop.run(train_x, train_y, epoch),
-                **_validate(model, val_x, val_y, epoch),
+                **loop.run(epoch),
+                **_validate(model, val, cfg.loader_workers, epoch),
             }
             result.history.append(row)
             if on_epoch:
@@ -184,11 +188,12 @@ def training_loop(
     return result
 
 
-def _validate(model: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, epoch: int) -> dict:
-    probs = predict_proba(model, val_x)
-    val_loss = _nll(probs, val_y)
+def _validate(model: nn.Module, val: Images, workers: int, epoch: int) -> dict:
+    probs = predict_proba(model, val, workers=workers)
+    val_loss = nll(probs, val.labels)
     _check_finite(val_loss, epoch, "validation loss")
-    return {"val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == val_y.numpy()).mean())}
+    accuracy = float((probs.argmax(1) == val.labels.numpy()).mean())
+    return {"val_loss": val_loss, "val_accuracy": accuracy}
 
 
 @dataclass
@@ -196,6 +201,7 @@ class _EpochRunner:
     """The optimiser state and λ across epochs; `run` trains one epoch."""
 
     model: nn.Module
+    train: DataLoader  # the epoch's batches, reshuffled by `gen` each time it is iterated
     cfg: TrainConfig
     fb: Feedback | None  # on the model's device; None without (or with empty) feedback
     step: StepLosses
@@ -210,38 +216,43 @@ class _EpochRunner:
 
     @classmethod
     def start(
-        cls, model: nn.Module, cfg: TrainConfig, feedback: Feedback | None, step: StepLosses
+        cls,
+        model: nn.Module,
+        train: Images,
+        cfg: TrainConfig,
+        feedback: Feedback | None,
+        step: StepLosses,
     ) -> _EpochRunner:
         device = model_device(model)
         fb = feedback.to(device) if feedback is not None and len(feedback.images) else None
         scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+        gen = torch.Generator().manual_seed(cfg.seed)
+        order = ShuffledBatches(len(train), cfg.batch_size, gen)
         return cls(
             model,
+            batches(train, order, cfg.loader_workers, device),
             cfg,
             fb,
             step,
             device,
             torch.optim.Adam(model.parameters(), lr=cfg.lr),
             scaler,
-            torch.Generator().manual_seed(cfg.seed),
+            gen,
             feedback.lam if feedback is not None else 0.0,
             fb is not None and fb.normalize_lambda,
             TrainResult(device=str(device)),
         )
 
-    def run(self, train_x: torch.Tensor, train_y: torch.Tensor, epoch: int) -> dict:
+    def run(self, epoch: int) -> dict:
         self.model.train()
         ce_sum = fb_sum = 0.0
         fb_steps = 0
-        order = torch.randperm(len(train_y), generator=self.gen)
-        starts = range(0, len(order), self.cfg.batch_size)
-        for start in starts:
-            idx = order[start : start + self.cfg.batch_size]
+        for xb, yb in self.train:
             fbatch = self._feedback_batch()
             ce, expl, ce_value, expl_value = self.step(
                 self.model,
-                train_x[idx],
-                train_y[idx],
+                xb,
+                yb,
                 self.fb,
                 fbatch,
                 self.device,
@@ -256,7 +267,8 @@ class _EpochRunner:
                 fb_sum + expl_value,
                 fb_steps + (fbatch is not None),
             )
-        return {"train_ce": ce_sum / len(starts), "train_feedback": fb_sum / max(fb_steps, 1)}
+        n_batches = len(self.train)
+        return {"train_ce": ce_sum / n_batches, "train_feedback": fb_sum / max(fb_steps, 1)}
 
     def _feedback_batch(self) -> AnnotatedImages | None:
         """The annotated images of this step: a draw on every `every`-th step, else None."""

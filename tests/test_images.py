@@ -1,0 +1,86 @@
+"""Prepared data stays on disk: rows read on demand give what loading everything gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from xbl.config import TrainConfig
+from xbl.data import PreparedData, decoy_digits
+from xbl.images import DiskArray
+from xbl.models import SmallCNN
+from xbl.training_loop import predict_proba, training_loop
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """A small decoy-digits set (every sixth image) saved and loaded back from disk."""
+    full = decoy_digits(seed=3)
+    keep = np.arange(0, len(full), 6)
+    data = PreparedData(**{k: v if k == "classes" else v[keep] for k, v in full.__dict__.items()})
+    folder = tmp_path_factory.mktemp("prepared") / "prepared"
+    data.save(folder)
+    return data, PreparedData.load(folder)
+
+
+def test_loaded_arrays_stay_on_disk_and_read_back_exactly(stored):
+    memory, disk = stored
+    assert all(
+        isinstance(getattr(disk, n), DiskArray) for n in ("images", "relevance", "confounder")
+    )
+    rows = np.array([5, 0, 17, 5])
+    mask = memory.split == "val"
+    for name in ("images", "relevance", "confounder"):
+        a, b = getattr(memory, name), getattr(disk, name)
+        assert b.shape == a.shape and b.dtype == a.dtype
+        assert np.array_equal(b[rows], a[rows])
+        assert np.array_equal(b[3], a[3])
+        assert np.array_equal(b[2:9], a[2:9])
+        assert np.array_equal(b[mask], a[mask])
+    for name in ("labels", "split", "ids", "classes"):
+        assert np.array_equal(getattr(disk, name), getattr(memory, name))
+
+
+def test_streamed_predictions_equal_those_on_tensors_with_and_without_workers(stored):
+    memory, disk = stored
+    torch.manual_seed(0)
+    model = SmallCNN()
+    x, _ = memory.tensors("val")
+    expected = predict_proba(model, x)
+    assert np.allclose(predict_proba(model, disk.split_images("val")), expected, atol=1e-6)
+    streamed = predict_proba(model, disk.split_images("val"), batch_size=16, workers=2)
+    assert np.allclose(streamed, expected, atol=1e-6)
+
+
+def test_training_from_disk_learns_the_same_weights_as_from_memory(stored):
+    memory, disk = stored
+    cfg = TrainConfig(epochs=2, batch_size=32, patience=0, seed=4)
+    weights = []
+    for train, val in (
+        (memory.tensors("train"), memory.tensors("val")),
+        (disk.split_images("train"), disk.split_images("val")),
+    ):
+        torch.manual_seed(1)
+        model = SmallCNN()
+        history = training_loop(model, train, val, cfg).history
+        weights.append((model.state_dict(), history))
+    (a, ha), (b, hb) = weights
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert [r["val_loss"] for r in ha] == pytest.approx([r["val_loss"] for r in hb])
+
+
+def test_a_truncated_array_file_is_a_clear_error(stored, tmp_path):
+    memory, _ = stored
+    memory.save(tmp_path / "prepared")
+    images = tmp_path / "prepared" / "images.npy"
+    images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])
+    data = PreparedData.load(tmp_path / "prepared")
+    data.images[0]  # the first rows are intact
+    with pytest.raises(OSError, match="truncated"):
+        data.images[len(data) - 1]
+
+
+def test_a_folder_without_an_index_names_the_prepare_stage(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the prepare stage"):
+        PreparedData.load(tmp_path)
