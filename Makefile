@@ -43,7 +43,22 @@ baseline: setup
 demo: setup labelstudio-install
 	$(VENV)/bin/xbl demo $(if $(DATASET),--dataset $(DATASET))
 
-test: lint labelstudio-install
+# Chromium for tests/test_browser.py, from the system's packages: Playwright downloads no
+# browser. Nothing to do when /usr/bin/chromium exists. Without root and apt-get, or when the
+# install fails, the test skips; under CI a failed install stops `make test`.
+.PHONY: browser-install
+browser-install:
+	@if [ -x /usr/bin/chromium ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium fonts-liberation; } \
+		|| { [ -z "$$CI" ] && echo "browser-install: apt-get could not install chromium: tests/test_browser.py will skip"; }; \
+	else \
+		echo "browser-install: no /usr/bin/chromium, and installing it needs root and apt-get: tests/test_browser.py will skip"; \
+	fi
+
+test: lint labelstudio-install browser-install
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # ruff: lint rules and the formatter's check, as configured in pyproject.toml
