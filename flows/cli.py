@@ -254,21 +254,35 @@ DEFAULT_DEPLOYMENT = "xbl-feedback-round/scheduled"
 
 
 def deployment_starter(deployment: str):
-    """(project, round) -> the id of a new run of the Prefect deployment; returns at once."""
+    """(project, round, attempt) -> the id of a new run of the Prefect deployment; returns at
+    once. Attempt 0 is the round's first run, 1, 2, ... the runs after one that failed."""
 
-    def start(project_id: int, round_: int) -> str:
+    def start(project_id: int, round_: int, attempt: int = 0) -> str:
         from prefect.deployments import run_deployment
 
+        # the server refuses a second run for the same round (and attempt) as well
+        key = f"xbl-webhook:{project_id}:{round_}" + (f":retry-{attempt}" if attempt else "")
         run = run_deployment(
             name=deployment,
             timeout=0,
             tags=["xbl-webhook", f"round-{round_}"],
-            # the server refuses a second run for the same round as well
-            idempotency_key=f"xbl-webhook:{project_id}:{round_}",
+            idempotency_key=key,
         )
         return str(run.id)
 
     return start
+
+
+def flow_run_failed(flow_run_id: str) -> bool:
+    """Whether a Prefect flow run ended FAILED or CRASHED (a cancelled run stays cancelled)."""
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(flow_run_id)).state
+    return state is not None and state.type in (StateType.FAILED, StateType.CRASHED)
 
 
 def _webhook_secret() -> str:
@@ -282,6 +296,14 @@ def _webhook_secret() -> str:
             "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
     return secret
+
+
+def receiver_settings(project: Path, params_file: str):
+    """params.yaml's `webhook` section (its defaults without a params.yaml)."""
+    from xbl.config import WebhookConfig, load_config
+
+    params = project / params_file
+    return load_config(params).webhook if params.is_file() else WebhookConfig()
 
 
 def receiver_target_fraction(project: Path, params_file: str) -> float:
@@ -350,15 +372,23 @@ def cmd_webhook(args) -> int:
     options = _webhook_parser().parse_args(args.webhook_args)
     if options.target_fraction is None:  # read only now: `--help` works with any params.yaml
         options.target_fraction = receiver_target_fraction(project, args.params)
+    settings = receiver_settings(project, args.params)
     receiver = webhook.WebhookReceiver(
         _webhook_secret(),
         webhook.DeliveryStore(options.state_dir),
         ls.progress_checker(),
         deployment_starter(options.deployment),
         options.target_fraction,
+        auth=settings.auth,
+        window_s=settings.signature_window_s,
+        retention_s=settings.retention_days * 86400,
+        run_failed=flow_run_failed,
     )
     return webhook.run_receiver(
-        receiver, options.host, options.port, f"deployment {options.deployment}"
+        receiver,
+        options.host,
+        options.port,
+        f"deployment {options.deployment}, {settings.auth} auth",
     )
 
 

@@ -10,11 +10,12 @@ import torch
 from prefect import task
 
 from xbl.checkpoint import load_model
+from xbl.clustering import cluster_explanations, cluster_suspicion
 from xbl.config import QueryConfig
 from xbl.data import PreparedData, to_tensor
 from xbl.labelstudio import upload_stem
 from xbl.saliency import display_scale, image_png, overlay_png, saliency_map, top_cells
-from xbl.sampling import predictive_entropy, select_queries
+from xbl.sampling import cluster_queries, predictive_entropy, select_queries
 from xbl.training_loop import predict_proba
 
 
@@ -64,6 +65,48 @@ def query_records(
     return records
 
 
+def batched_saliency(model, data: PreparedData, idx: np.ndarray, cfg: QueryConfig, batch=256):
+    """Saliency maps (n,H,W) of the images `idx`, read from disk a batch at a time."""
+    maps = [
+        saliency_map(
+            model, to_tensor(data.images[idx[s : s + batch]]), cfg.saliency, cfg.blur_sigma
+        )
+        for s in range(0, len(idx), batch)
+    ]
+    return torch.cat(maps) if maps else torch.zeros(0, *data.images.shape[-2:])
+
+
+def cluster_round(
+    model, data: PreparedData, probs: np.ndarray, exclude: np.ndarray, cfg: QueryConfig, out: Path
+) -> np.ndarray:
+    """`query.strategy: cluster`: cluster the candidates' explanations (the top
+    `query.cluster_pool` by entropy, or all), and ask about the representatives of the most
+    suspicious clusters; the clusters and their members go to clusters.json, the round's
+    artifact. Returns the chosen positions in the pool."""
+    pool = data.indices("train")
+    size = cfg.cluster_pool or len(pool)
+    candidates = select_queries(probs, None, size, "entropy", exclude=exclude)
+    candidates = np.sort(candidates)  # cluster in pool order: the same pool, the same clusters
+    attr = batched_saliency(model, data, pool[candidates], cfg)
+    clusters = cluster_explanations(
+        attr, seed=cfg.seed, k_range=(2, cfg.clusters_max), selection=cfg.cluster_selection
+    )
+    suspicion = cluster_suspicion(attr.numpy(), data.images[pool[candidates]], clusters)
+    chosen = cluster_queries(candidates[clusters.representatives], suspicion, cfg.k)
+    record = {
+        **clusters.summary(),
+        "suspicion": [float(v) for v in suspicion],
+        "members": [
+            [str(data.ids[pool[candidates[m]]]) for m in clusters.members(c)]
+            for c in range(clusters.k)
+        ],
+        "queried": [str(data.ids[pool[i]]) for i in chosen],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "clusters.json").write_text(json.dumps(record, indent=1))
+    return chosen
+
+
 @task
 def select_round_queries(
     checkpoint: str,
@@ -80,14 +123,22 @@ def select_round_queries(
     pool = data.indices("train")
     probs = predict_proba(model, data.split_images("train"))
     exclude = np.isin(data.ids[pool], list(already_annotated))
-    chosen = select_queries(
-        probs, data.labels[pool], cfg.k, cfg.strategy, exclude=exclude, seed=cfg.seed + round_number
-    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.strategy == "cluster":
+        chosen = cluster_round(model, data, probs, exclude, cfg, out)
+    else:
+        chosen = select_queries(
+            probs,
+            data.labels[pool],
+            cfg.k,
+            cfg.strategy,
+            exclude=exclude,
+            seed=cfg.seed + round_number,
+        )
     idx = pool[chosen]
     attr = saliency_map(model, to_tensor(data.images[idx]), cfg.saliency, cfg.blur_sigma)
     cells = top_cells(attr, cfg.grid_cell, cfg.top_cells)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     records = query_records(data, idx, probs[chosen], attr, cells, cfg.grid_cell, round_number, out)
     path = out / "queries.json"
     path.write_text(json.dumps(records, indent=1))

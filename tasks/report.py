@@ -9,13 +9,21 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 
-from services import tracking
+from services import screenshot, tracking
 from xbl.checkpoint import load_model
 from xbl.data import PreparedData
 from xbl.feedback import annotation_budget
-from xbl.report import probe_indices, report_html, saliency_grid
+from xbl.report import (
+    crop_white_bottom,
+    page_height,
+    probe_indices,
+    report_figure,
+    report_html,
+    saliency_grid,
+)
 
 QUERIES_SHOWN = 8
+PAGE_WIDTH = 1100  # the page's own max-width
 
 
 @task(retries=2, retry_delay_seconds=[5, 15])
@@ -32,8 +40,9 @@ def round_report(
     feedback_run: str,
     out_dir: str,
 ) -> str:
-    """report.html with its two saliency grids (the round's queries, the fixed probes) in
-    `out_dir`, logged under `report/` in the feedback run. `checkpoints` maps a column title
+    """report.html with its two saliency grids (the round's queries, the fixed probes) and
+    report.png, a picture of the page, in `out_dir`, logged under `report/` in the feedback
+    run. `checkpoints` maps a column title
     (a role: baseline, champion, candidate) to that model's weights."""
     data = PreparedData.load(Path(dataset))
     models = {title: load_model(path)[0] for title, path in checkpoints.items()}
@@ -45,9 +54,32 @@ def round_report(
         grids["The round's queries: where each model looks"] = "queries.png"
     saliency_grid(models, data, probe_indices(data), out / "probes.png")
     grids["Held-out probes, the same every round"] = "probes.png"
-    page = report_html(round_number, table, promotion, annotation_budget(manifests), grids, runs)
+    budget = annotation_budget(manifests)
+    page = report_html(round_number, table, promotion, budget, grids, runs)
     (out / "report.html").write_text(page)
+    paths = {title: out / name for title, name in grids.items()}
+    report_png(out / "report.html", round_number, table, promotion, budget, paths, runs)
     client = tracking.client_for(Path(project))
-    for name in ("report.html", *grids.values()):
+    for name in ("report.html", "report.png", *grids.values()):
         tracking.log_file(client, feedback_run, out / name, "report")
     return str(out / "report.html")
+
+
+def report_png(
+    page: Path,
+    round_number: int,
+    table: list[dict],
+    promotion: dict,
+    budget: dict,
+    grids: dict[str, Path],
+    runs: dict[str, str],
+) -> str:
+    """report.png beside the page: the page itself rendered by headless Chromium when there
+    is one, else the same content drawn with matplotlib. Returns which of the two drew it."""
+    png = page.with_suffix(".png")
+    height = page_height(table, runs, list(grids.values()), PAGE_WIDTH)
+    if screenshot.screenshot(page, png, PAGE_WIDTH, height):
+        crop_white_bottom(png)
+        return "chromium"
+    report_figure(round_number, table, promotion, budget, grids, runs, png, PAGE_WIDTH)
+    return "matplotlib"

@@ -156,7 +156,11 @@ def test_the_round_report_shows_the_models_side_by_side_and_can_be_drawn_again(o
             assert png.size[0] > 300  # image, baseline = champion, candidate: three columns
     client = MlflowClient(tracking.tracking_uri(project), tracking.tracking_uri(project))
     logged = {a.path for a in client.list_artifacts(result["feedback"]["run_id"], "report")}
-    assert logged == {"report/report.html", "report/queries.png", "report/probes.png"}
+    assert logged == {
+        f"report/{name}" for name in ("report.html", "report.png", "queries.png", "probes.png")
+    }
+    with Image.open(page.parent / "report.png") as png:  # the page as a picture, beside it
+        assert png.size[0] == 1100 and png.size[1] > 900
 
     page.unlink()
     again = report_flow(result["feedback"]["run_id"], str(project))

@@ -1,12 +1,14 @@
-"""The webhook receiver, over real HTTP on a loopback port: authentication, duplicates, one run
-per round, a fast answer, no secret in the logs; and, with the local Label Studio server, a real
-delivery from a real annotation."""
+"""The webhook receiver, over real HTTP on a loopback port: authentication (signed requests with
+a timestamp window and no replays; Label Studio's static header; never a secret in the URL),
+duplicates, one run per round unless it failed, expiring records, a fast answer, no secret in
+the logs; and, with the local Label Studio server, a real delivery from a real annotation."""
 
 from __future__ import annotations
 
 import json
 import logging
 import secrets
+import sqlite3
 import threading
 import time
 import urllib.error
@@ -15,16 +17,18 @@ import uuid
 
 import pytest
 
-from flows.cli import deployment_starter
+from flows.cli import deployment_starter, flow_run_failed
 from flows.cli import main as xbl
 from services import webhook
 from services.labelstudio import progress_checker, register_webhook
 from services.webhook import (
+    Delivery,
     DeliveryStore,
     IgnoredDelivery,
     WebhookReceiver,
     parse_delivery,
     serve_in_thread,
+    sign,
 )
 
 SECRET = secrets.token_urlsafe(24)
@@ -36,13 +40,15 @@ class StartRecorder:
 
     def __init__(self, failures: int = 0):
         self.calls: list[tuple[int, int]] = []
+        self.attempts: list[int] = []
         self.failures = failures
 
-    def __call__(self, project_id: int, round_: int) -> str:
+    def __call__(self, project_id: int, round_: int, attempt: int = 0) -> str:
         if self.failures:
             self.failures -= 1
             raise RuntimeError("Prefect API unreachable")
         self.calls.append((project_id, round_))
+        self.attempts.append(attempt)
         return f"flow-run-{len(self.calls)}"
 
 
@@ -77,12 +83,15 @@ def delivery(
     }
 
 
-def post(url: str, payload, secret: str | None = SECRET) -> tuple[int, dict]:
+def post(
+    url: str, payload, secret: str | None = SECRET, headers: dict | None = None, body=None
+) -> tuple[int, dict]:
+    """POST the payload (or raw `body`) with the static header `secret` and any `headers`."""
     request = urllib.request.Request(
         url,
-        data=json.dumps(payload).encode(),
+        data=json.dumps(payload).encode() if body is None else body,
         method="POST",
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     if secret is not None:
         request.add_header(webhook.SECRET_HEADER, secret)
@@ -99,9 +108,11 @@ def run_receiver(tmp_path):
     """Start a receiver on a free loopback port: run_receiver(progress, starter, ...) -> server."""
     started = []
 
-    def run(progress, starter, target_fraction: float = 1.0, state_dir=tmp_path / "state"):
+    def run(
+        progress, starter, target_fraction: float = 1.0, state_dir=tmp_path / "state", **options
+    ):
         receiver = WebhookReceiver(
-            SECRET, DeliveryStore(state_dir), progress, starter, target_fraction
+            SECRET, DeliveryStore(state_dir), progress, starter, target_fraction, **options
         )
         server = serve_in_thread(receiver)
         started.append(server)
@@ -135,15 +146,125 @@ def test_missing_or_wrong_secret_is_refused_and_starts_nothing(run_receiver):
     assert server.receiver.store.unchecked() == []  # nothing was even recorded
 
 
-def test_secret_as_path_token_is_accepted(run_receiver):
+def test_a_secret_in_the_url_is_refused(run_receiver):
+    """The path token /hooks/<secret> was once accepted; a URL ends up in logs and proxies."""
     starts = StartRecorder()
     server = run_receiver(Progress({(PROJECT, 1): (1, 1)}), starts)
 
     status, answer = post(f"{server.url}/{SECRET}", delivery(1, 10, 1), secret=None)
+    also_with_the_header = post(f"{server.url}/{SECRET}", delivery(1, 10, 1))[0]
     server.receiver.wait_idle()
 
-    assert (status, answer["status"]) == (202, "queued")
-    assert starts.calls == [(PROJECT, 1)]
+    assert status == also_with_the_header == 403 and "URL" in answer["error"]
+    assert starts.calls == [] and server.receiver.store.unchecked() == []
+
+
+def signed_post(url: str, payload, key: str = SECRET, timestamp: float | None = None, **kw):
+    body = json.dumps(payload).encode()
+    return post(url, None, secret=None, headers=sign(key, body, timestamp), body=body, **kw)
+
+
+def test_a_signed_delivery_is_accepted_without_the_static_header(run_receiver):
+    starts = StartRecorder()
+    server = run_receiver(Progress({(PROJECT, 1): (1, 1)}), starts, auth="signature")
+
+    status, answer = signed_post(server.url, delivery(1, 10, 1))
+    server.receiver.wait_idle()
+
+    assert (status, answer["status"]) == (202, "queued") and starts.calls == [(PROJECT, 1)]
+
+
+def test_a_tampered_body_or_another_key_is_refused(run_receiver):
+    progress, starts = Progress({(PROJECT, 1): (1, 1)}), StartRecorder()
+    server = run_receiver(progress, starts)
+    body = json.dumps(delivery(1, 10, 1)).encode()
+    headers = sign(SECRET, body)
+    tampered = body.replace(b'"round": 1', b'"round": 2')
+
+    assert post(server.url, None, secret=None, headers=headers, body=tampered)[0] == 403
+    assert signed_post(server.url, delivery(1, 10, 1), key="k" * len(SECRET))[0] == 403
+    no_stamp = {webhook.SIGNATURE_HEADER: headers[webhook.SIGNATURE_HEADER]}
+    assert post(server.url, None, secret=None, headers=no_stamp, body=body)[0] == 403
+    # a valid static header does not rescue a bad signature: the signature is judged alone
+    assert post(server.url, None, headers=headers, body=tampered)[0] == 403
+    server.receiver.wait_idle()
+
+    assert starts.calls == [] and progress.calls == 0
+    assert server.receiver.store.count("deliveries") == 0
+
+
+@pytest.mark.parametrize("skew_s", [-301, 301])
+def test_a_timestamp_outside_the_window_is_refused(run_receiver, skew_s):
+    starts = StartRecorder()
+    server = run_receiver(Progress({(PROJECT, 1): (1, 1)}), starts, window_s=300)
+
+    status, answer = signed_post(server.url, delivery(1, 10, 1), timestamp=time.time() + skew_s)
+    inside = signed_post(server.url, delivery(2, 11, 1), timestamp=time.time() - 250)[0]
+    server.receiver.wait_idle()
+
+    assert (status, answer["error"]) == (403, "timestamp outside the window")
+    assert inside == 202 and starts.calls == [(PROJECT, 1)]
+
+
+def test_a_replayed_signature_is_refused_also_after_a_restart(run_receiver, tmp_path):
+    state, starts = tmp_path / "replay-state", StartRecorder()
+    progress = Progress({(PROJECT, 1): (1, 2)})  # below target: each new delivery is checked
+    first = run_receiver(progress, starts, state_dir=state)
+    body = json.dumps(delivery(1, 10, 1)).encode()
+    headers = sign(SECRET, body)
+
+    assert post(first.url, None, secret=None, headers=headers, body=body)[0] == 202
+    assert post(first.url, None, secret=None, headers=headers, body=body)[0] == 409
+    first.receiver.wait_idle()
+    stop(first)
+    second = run_receiver(progress, starts, state_dir=state)
+    assert post(second.url, None, secret=None, headers=headers, body=body)[0] == 409
+    # the same body signed again, a second later, is a new request (then a duplicate delivery)
+    again = post(
+        second.url, None, secret=None, headers=sign(SECRET, body, time.time() + 1), body=body
+    )
+    second.receiver.wait_idle()
+
+    assert again == (200, {"status": "duplicate"})  # accepted, and known as annotation 1
+    assert progress.calls == 1 and starts.calls == []
+
+
+def test_signature_mode_refuses_the_static_header(run_receiver):
+    starts = StartRecorder()
+    server = run_receiver(Progress({(PROJECT, 1): (1, 1)}), starts, auth="signature")
+
+    assert post(server.url, delivery(1, 10, 1))[0] == 403
+    server.receiver.wait_idle()
+    assert starts.calls == []
+
+
+def test_the_webhook_section_of_params_reaches_the_receiver(tmp_path, monkeypatch):
+    served = []
+    monkeypatch.setattr(webhook, "run_receiver", lambda receiver, *_: served.append(receiver) or 0)
+    monkeypatch.setenv(webhook.SECRET_ENV, SECRET)
+    (tmp_path / "params.yaml").write_text(
+        "webhook:\n  auth: signature\n  signature_window_s: 60\n  retention_days: 2\n"
+    )
+
+    state = str(tmp_path / "state")
+    assert xbl(["--project", str(tmp_path), "webhook", "--port", "9", "--state-dir", state]) == 0
+    receiver = served[-1]
+    receiver.store.close()
+
+    assert (receiver.auth, receiver.window_s, receiver.retention_s) == ("signature", 60, 2 * 86400)
+    assert receiver.run_failed is flow_run_failed  # a failed run is retried
+
+
+def test_the_settings_agree_with_the_receiver_defaults():
+    from xbl.config import WebhookConfig
+
+    settings = WebhookConfig()
+    receiver_defaults = {
+        f.name: f.default for f in webhook.WebhookReceiver.__dataclass_fields__.values()
+    }
+    assert settings.auth == receiver_defaults["auth"] and settings.auth in webhook.AUTH_MODES
+    assert settings.signature_window_s == receiver_defaults["window_s"]
+    assert settings.retention_days * 86400 == receiver_defaults["retention_s"]
 
 
 def test_receiver_refuses_to_start_without_a_secret(monkeypatch, tmp_path):
@@ -236,6 +357,75 @@ def test_a_failed_start_is_retried_by_the_next_delivery(run_receiver):
     assert starts.calls == [(PROJECT, 1)]
 
 
+class RunStates:
+    """The receiver's question to Prefect, answered from a set: did this run end failed?"""
+
+    def __init__(self):
+        self.failed: set[str] = set()
+
+    def __call__(self, flow_run: str) -> bool:
+        return flow_run in self.failed
+
+
+def test_a_run_that_ends_failed_is_started_again_by_the_next_delivery(run_receiver):
+    starts, states = StartRecorder(), RunStates()
+    server = run_receiver(Progress({(PROJECT, 1): (4, 4)}), starts, run_failed=states)
+    store = server.receiver.store
+
+    def deliver(annotation_id: int) -> None:
+        assert post(server.url, delivery(annotation_id, 10 + annotation_id, 1))[0] == 202
+        server.receiver.wait_idle()
+
+    deliver(1)
+    deliver(2)  # flow-run-1 is scheduled or running: nothing more
+    assert starts.calls == [(PROJECT, 1)] and store.started_run(PROJECT, 1) == ("flow-run-1", 0)
+
+    states.failed.add("flow-run-1")  # it ends FAILED (or CRASHED)
+    starts.failures = 1  # and the first try to start its successor fails too
+    deliver(3)
+    assert starts.calls == [(PROJECT, 1)] and store.started_run(PROJECT, 1) == ("flow-run-1", 1)
+    deliver(4)
+    assert starts.calls == [(PROJECT, 1)] * 2 and starts.attempts == [0, 2]
+    assert store.started_run(PROJECT, 1) == ("flow-run-2", 2)
+    deliver(5)  # the new run is live: nothing more
+    assert len(starts.calls) == 2
+
+
+# --- records expire --------------------------------------------------------------------------
+
+
+def test_old_delivery_records_are_deleted_at_start_and_periodically(run_receiver, tmp_path):
+    state, action = tmp_path / "expiry-state", "ANNOTATION_CREATED"
+    eight_days_ago = time.time() - 8 * 86400
+    store = DeliveryStore(state)
+    store.record(Delivery(action, PROJECT, ((1, 1),)), received_at=eight_days_ago)
+    store.record(Delivery(action, PROJECT, ((2, 1),)))  # recent
+    store.mark_checked(PROJECT, 1)
+    store.record(Delivery(action, PROJECT, ((3, 2),)), received_at=eight_days_ago)  # unchecked
+    store.first_use("sha256=" + "0" * 64, eight_days_ago)  # a signature long out of its window
+    store.close()
+
+    def kept() -> set[int]:
+        with sqlite3.connect(state / "deliveries.sqlite3") as db:
+            return {row[0] for row in db.execute("SELECT annotation_id FROM deliveries")}
+
+    starts = StartRecorder()
+    server = run_receiver(
+        Progress({(PROJECT, 1): (2, 2), (PROJECT, 2): (1, 1)}),
+        starts,
+        state_dir=state,
+        retention_s=7 * 86400,
+        purge_every_s=0.3,
+    )
+    server.receiver.wait_idle()
+    # at start: the old checked record is gone, the recent one stays, and the old unchecked
+    # one is kept until it has been checked (its round started a run)
+    assert kept() >= {2} and 1 not in kept() and starts.calls == [(PROJECT, 2)]
+    assert server.receiver.store.count("signatures") == 0
+    assert wait_until(lambda: kept() == {2}, 10), "the periodic purge left the checked old record"
+    assert post(server.url, delivery(2, 12, 1)) == (200, {"status": "duplicate"})
+
+
 # --- answers fast, logs no secret ------------------------------------------------------------
 
 
@@ -274,13 +464,16 @@ def test_the_secret_never_appears_in_the_log(run_receiver, caplog, capfd):
     server = run_receiver(Progress({(PROJECT, 1): (1, 1)}), StartRecorder())
 
     post(server.url, delivery(1, 10, 1))
-    post(f"{server.url}/{SECRET}", delivery(2, 11, 1), secret=None)
-    post(f"{server.url}/{SECRET}x", delivery(3, 12, 1), secret=None)  # refused, still logged
+    post(f"{server.url}/{SECRET}", delivery(2, 11, 1), secret=None)  # refused, still logged
+    post(f"{server.url}/{SECRET}x", delivery(3, 12, 1), secret=None)
+    post(f"{server.url}?token={SECRET}", delivery(4, 13, 1), secret=None)
+    signed_post(server.url, delivery(5, 14, 1))
     post(server.url, {"action": "PROJECT_UPDATED"})
     server.receiver.wait_idle()
 
     out, err = capfd.readouterr()
-    assert "/hooks/***" in caplog.text and "started run" in caplog.text  # it did log requests
+    assert "/hooks/***" in caplog.text and "/hooks?***" in caplog.text  # it did log requests
+    assert "started run" in caplog.text
     assert SECRET not in caplog.text + out + err
 
 
@@ -339,6 +532,48 @@ def test_the_deployment_starter_creates_one_flow_run_per_round():
 
     assert first == again != other  # the idempotency key: one run per round, on the server too
     assert run.state.is_scheduled() and {"xbl-webhook", "round-1"} <= set(run.tags)
+
+
+@pytest.mark.parametrize("end", ["Failed", "Crashed"])
+def test_a_prefect_run_that_ended_failed_is_replaced_by_the_next_delivery(run_receiver, end):
+    """A real flow run: while scheduled it blocks the round; once FAILED or CRASHED, the next
+    delivery starts a new run (a new idempotency key), and only one."""
+    import prefect.states
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    name = f"xbl-webhook-retry-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        deployment_id = client.create_deployment(
+            client.create_flow_from_name(name), name="scheduled"
+        )
+        server = run_receiver(
+            Progress({(PROJECT, 1): (3, 3)}),
+            deployment_starter(f"{name}/scheduled"),
+            run_failed=flow_run_failed,
+        )
+        store = server.receiver.store
+
+        def deliver(annotation_id: int) -> None:
+            assert post(server.url, delivery(annotation_id, 10 + annotation_id, 1))[0] == 202
+            server.receiver.wait_idle()
+
+        deliver(1)
+        first, _ = store.started_run(PROJECT, 1)
+        deliver(2)
+        assert store.started_run(PROJECT, 1) == (first, 0) and not flow_run_failed(first)
+
+        client.set_flow_run_state(uuid.UUID(first), getattr(prefect.states, end)(), force=True)
+        assert flow_run_failed(first)
+        deliver(3)
+        second, attempt = store.started_run(PROJECT, 1)
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+
+    assert second != first and attempt == 1
+    assert sorted(str(r.id) for r in runs) == sorted([first, second])
+    assert next(r for r in runs if str(r.id) == second).state.is_scheduled()
 
 
 # --- with the real Label Studio server -------------------------------------------------------
@@ -406,7 +641,7 @@ def test_a_real_annotation_starts_one_flow_run_even_when_delivered_twice(labelst
             )
 
             assert wait_until(lambda: len(runs()) == 1), "the annotation started no flow run"
-            status, _ = post(server.url + "/hooks", delivery(annotation.id, task.id, 1, project.id))
+            status, _ = post(server.url, delivery(annotation.id, task.id, 1, project.id))
             assert status == 200
             server.receiver.wait_idle()
             started = runs()

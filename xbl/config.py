@@ -22,11 +22,12 @@ from typing import Any, ClassVar
 
 import yaml
 
+from xbl.clustering import K_SELECTION
 from xbl.errors import ConfigError
 from xbl.methods import METHODS
 from xbl.models import FREEZE, MODELS
 from xbl.saliency import SALIENCY_METHODS
-from xbl.sampling import STRATEGIES
+from xbl.sampling import QUERY_STRATEGIES
 
 
 def _choices(*allowed: str) -> dict:
@@ -121,7 +122,7 @@ class MlflowConfig(_Section):
 class QueryConfig(_Section):
     name = "query"
     model: str = field(default="champion", metadata=_choices("champion", "latest"))
-    strategy: str = field(default="entropy", metadata=_choices(*STRATEGIES))
+    strategy: str = field(default="entropy", metadata=_choices(*QUERY_STRATEGIES))
     k: int = 25
     saliency: str = field(default="deeplift", metadata=_choices(*SALIENCY_METHODS))
     blur_sigma: float = 3.0
@@ -129,9 +130,17 @@ class QueryConfig(_Section):
     grid: int | None = None  # cells per side instead: grid_cell follows data.image_size
     top_cells: int = 8
     seed: int = 0  # the random strategy's seed (plus the round number)
+    # strategy cluster: the candidates clustered (top-M by entropy; None: every candidate), the
+    # largest number of clusters, and how their number is chosen
+    cluster_pool: int | None = None
+    clusters_max: int = 10
+    cluster_selection: str = field(default="eigengap", metadata=_choices(*K_SELECTION))
 
     def check(self) -> None:
         _positive("query.k", self.k)
+        _positive("query.clusters_max", self.clusters_max)
+        if self.cluster_pool is not None:
+            _positive("query.cluster_pool", self.cluster_pool)
         _positive("query.grid_cell", self.grid_cell)
         if self.grid is not None:
             _positive("query.grid", self.grid)
@@ -229,6 +238,20 @@ class ScheduleConfig(_Section):
 
 
 @dataclass(frozen=True)
+class WebhookConfig(_Section):
+    name = "webhook"
+    # header: a signed request, or Label Studio's static header token (it cannot sign);
+    # signature: signed requests only (HMAC-SHA256 over timestamp and body)
+    auth: str = field(default="header", metadata=_choices("header", "signature"))
+    signature_window_s: float = 300.0  # a signed request's timestamp is this close to the clock
+    retention_days: float = 7.0  # delivery records older than this are deleted
+
+    def check(self) -> None:
+        _positive("webhook.signature_window_s", self.signature_window_s)
+        _positive("webhook.retention_days", self.retention_days)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -239,6 +262,7 @@ class Config:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
 
 
 # ---------------------------------------------------------------- reading and checking

@@ -81,6 +81,124 @@ def report_columns(roles: dict[str, str]) -> dict[str, str]:
     return {" = ".join(names): run_id for run_id, names in by_run.items()}
 
 
+def _verdict(promotion: dict) -> str:
+    return "candidate promoted" if promotion["promoted"] else "champion kept"
+
+
+def _budget_line(budget: dict) -> str:
+    minutes = budget["annotator_seconds"] / 60
+    return (
+        f"Annotation budget so far: {budget['answers']} answers, {minutes:.1f} annotator minutes "
+        "(Label Studio's lead time; 0 for simulated answers)."
+    )
+
+
+def _table_cells(table: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The comparison table as the round printed it: header and formatted rows."""
+    columns = list(dict.fromkeys(c for row in table for c in row if c not in ("role", "model")))
+    rows = [
+        [row["role"], row["model"], *(f"{row[c]:.4f}" if c in row else "–" for c in columns)]
+        for row in table
+    ]
+    return ["role", "model", *columns], rows
+
+
+def page_height(table: list[dict], runs: dict, grids: list[Path], width_px: int = 1100) -> int:
+    """A generous height in pixels for the HTML page at `width_px` (a browser window must be
+    at least as tall as the page; the white below is cropped afterwards)."""
+    from PIL import Image
+
+    body = width_px - 20
+    height = 320 + 30 * (len(table) + 1) + 24 * len(runs)
+    for grid in grids:
+        with Image.open(grid) as img:
+            height += 70 + img.height * min(1.0, body / img.width)
+    return int(height * 1.1) + 100
+
+
+def crop_white_bottom(path: Path, margin_px: int = 16) -> None:
+    """Cut the blank rows below the content of a PNG."""
+    from PIL import Image, ImageChops
+
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+    box = ImageChops.difference(rgb, Image.new("RGB", rgb.size, "white")).getbbox()
+    if box and box[3] + margin_px < rgb.height:
+        rgb.crop((0, 0, rgb.width, box[3] + margin_px)).save(path, optimize=True)
+
+
+def report_figure(
+    round_number: int,
+    table: list[dict],
+    promotion: dict,
+    budget: dict,
+    grids: dict[str, Path],
+    runs: dict[str, str],
+    path: Path,
+    width_px: int = 1100,
+) -> Path:
+    """The page's content as one PNG, drawn with matplotlib (where no browser can render the
+    HTML): title, decision, comparison table, budget, runs, then each saliency grid."""
+    matplotlib.use("Agg")
+    import textwrap
+
+    import matplotlib.pyplot as plt
+    from matplotlib.image import imread
+
+    dpi = 100
+    images = {title: imread(grid) for title, grid in grids.items() if Path(grid).is_file()}
+    head, rows = _table_cells(table)
+    text_lines = [
+        f"Promotion: {_verdict(promotion)} — {promotion['reason']}",
+        _budget_line(budget),
+        *(f"{role}: {run}" for role, run in runs.items()),
+    ]
+    wrapped = [textwrap.fill(line, 150) for line in text_lines]
+    text_px = 70 + 18 * sum(w.count("\n") + 1 for w in wrapped)
+    table_px = 26 * (len(rows) + 1) + 20
+    image_px = [min(1.0, width_px / img.shape[1]) * img.shape[0] for img in images.values()]
+    title_px = 44
+    heights = [text_px, table_px, *(h for px in image_px for h in (title_px, px))]
+    fig = plt.figure(figsize=(width_px / dpi, sum(heights) / dpi), dpi=dpi)
+    spec = fig.add_gridspec(len(heights), 1, height_ratios=heights, hspace=0.0)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.995, bottom=0.005)
+
+    ax = fig.add_subplot(spec[0])
+    ax.axis("off")
+    ax.text(0, 1, f"Round {round_number}", fontsize=20, weight="bold", va="top")
+    ax.text(0, 1 - 45 / text_px, "\n".join(wrapped), fontsize=10, va="top", linespacing=1.5)
+
+    ax = fig.add_subplot(spec[1])
+    ax.axis("off")
+    chars = [max(len(str(r[c])) for r in [head, *rows]) + 4 for c in range(len(head))]
+    shown = ax.table(
+        cellText=rows,
+        colLabels=head,
+        colWidths=[c / sum(chars) for c in chars],
+        cellLoc="left",
+        bbox=[0, 20 / table_px, 1, 1 - 20 / table_px],
+    )
+    shown.auto_set_font_size(False)
+    shown.set_fontsize(8)
+    for (r, _), cell in shown.get_celld().items():
+        cell.set_edgecolor("#cccccc")
+        if r == 0:
+            cell.set_text_props(weight="bold")
+
+    for k, (title, img) in enumerate(images.items()):
+        ax = fig.add_subplot(spec[2 + 2 * k])
+        ax.axis("off")
+        ax.text(0, 0.2, title, fontsize=14, weight="bold", va="bottom")
+        ax = fig.add_subplot(spec[3 + 2 * k])
+        ax.imshow(img, interpolation="lanczos")
+        ax.set_anchor("W")
+        ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, facecolor="white")
+    plt.close(fig)
+    return path
+
+
 def report_html(
     round_number: int,
     table: list[dict],
@@ -91,16 +209,13 @@ def report_html(
 ) -> str:
     """The page: the comparison table as the round printed it, the decision, the budget,
     then the grids (file names beside the page)."""
-    columns = list(dict.fromkeys(c for row in table for c in row if c not in ("role", "model")))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["role", "model", *columns])
+    columns, cells = _table_cells(table)
+    # a long metric name may break after an underscore: the table then fits the page
+    head = "".join(f"<th>{html.escape(c).replace('_', '_<wbr>')}</th>" for c in columns)
     rows = "".join(
-        "<tr>"
-        + f"<td>{html.escape(row['role'])}</td><td>{html.escape(row['model'])}</td>"
-        + "".join(f"<td>{row[c]:.4f}</td>" if c in row else "<td>–</td>" for c in columns)
-        + "</tr>"
-        for row in table
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells
     )
-    verdict = "candidate promoted" if promotion["promoted"] else "champion kept"
+    verdict = _verdict(promotion)
     figures = "".join(
         f"<h2>{html.escape(title)}</h2><img src='{html.escape(name)}' alt='{html.escape(title)}'>"
         for title, name in grids.items()
@@ -109,17 +224,16 @@ def report_html(
         f"<li>{html.escape(role)}: <code>{html.escape(run)}</code></li>"
         for role, run in runs.items()
     )
-    minutes = budget["annotator_seconds"] / 60
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>xbl round {round_number}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:1em auto}}
+<style>body{{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 12px;
+box-sizing:border-box}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}
 img{{max-width:100%}}</style></head><body>
 <h1>Round {round_number}</h1>
 <p><b>Promotion: {verdict}</b> — {html.escape(promotion["reason"])}</p>
 <table><tr>{head}</tr>{rows}</table>
-<p>Annotation budget so far: {budget["answers"]} answers, {minutes:.1f} annotator minutes
-(Label Studio's lead time; 0 for simulated answers).</p>
+<p>{html.escape(_budget_line(budget))}</p>
 <ul>{run_list}</ul>
 {figures}
 </body></html>

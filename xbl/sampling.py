@@ -9,6 +9,8 @@ import numpy as np
 from scipy.special import xlogy
 
 STRATEGIES = ("entropy", "least_confidence", "margin", "random", "confident_mistakes")
+# query.strategy: the per-image scores above, or one query per explanation cluster
+QUERY_STRATEGIES = (*STRATEGIES, "cluster")
 
 
 def predictive_entropy(probs: np.ndarray) -> np.ndarray:
@@ -55,6 +57,8 @@ def select_queries(
     Already-annotated images (exclude) are skipped; k beyond the pool returns all available.
     Ties keep pool order so the same predictions always give the same queries.
     """
+    if strategy == "cluster":
+        raise ValueError("strategy 'cluster' ranks explanation clusters: use cluster_queries")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown query strategy {strategy!r}; choose one of {list(STRATEGIES)}")
     probs = np.asarray(probs, dtype=np.float64)
@@ -76,3 +80,11 @@ def select_queries(
     }[strategy](probs[candidates])
     order = np.argsort(-informativeness, kind="stable")
     return candidates[order][:k]
+
+
+def cluster_queries(representatives: np.ndarray, suspicion: np.ndarray, k: int) -> np.ndarray:
+    """`query.strategy: cluster`: one query per cluster, the representatives of the k most
+    suspicious clusters, most suspicious first (ties keep cluster order). One answer on a
+    representative is carried to its cluster's members (xbl/clustering.py)."""
+    order = np.argsort(-np.asarray(suspicion, dtype=np.float64), kind="stable")
+    return np.asarray(representatives)[order][: max(int(k), 0)]
