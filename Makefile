@@ -66,12 +66,14 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The benchmarks write bench/results/*.{json,md,png}; efficacy takes ~40 min and cost ~30 min
-# on 2 CPU cores.
+# The benchmarks write bench/results/*.{json,md,png}; on 2 CPU cores efficacy takes ~40 min, cost more
+# than an hour (its last full run did not finish), stream ~10 min and cluster ~15 min.
 bench: setup
 	$(PY) -m bench.throughput
+	$(PY) -m bench.stream
 	$(PY) -m bench.cost
 	$(PY) -m bench.efficacy
+	$(PY) -m bench.cluster
 
 bench-quick: setup
 	$(PY) -m bench.efficacy --quick --out-dir bench/results/quick
