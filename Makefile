@@ -15,6 +15,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
 .PHONY: setup labelstudio-install labelstudio-start labelstudio-stop demo baseline test lint \
+        test-team-faults \
         bench bench-quick server-start server-stop webhook clean clean-all
 
 setup: $(STAMP)
@@ -60,6 +61,11 @@ browser-install:
 
 test: lint labelstudio-install browser-install
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Load and faults on the team path (20 concurrent annotators, a killed worker, a PostgreSQL
+# restart): about 6 minutes, so not part of `make test`.
+test-team-faults: labelstudio-install
+	XBL_TEAM_FAULTS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_team_faults.py
 
 # ruff: lint rules and the formatter's check, as configured in pyproject.toml
 lint: setup

@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 8089
 # Retries live here, not in the SDK (its own are turned off): a read is repeated after any
-# transport error or a gateway/overload answer, a write only when it never left (connect).
-RETRY_STATUSES = (429, 502, 503, 504)
+# transport error, a gateway/overload answer or a server error (Label Studio answers 500 when
+# its database connection was cut, e.g. by a PostgreSQL restart, and reconnects on the next
+# request), a write only when it never left (connect).
+RETRY_STATUSES = (429, 500, 502, 503, 504)
 IMAGES_CONFIG = '<View><Image name="image" value="$image"/></View>'
 # The webhook events that can complete a round, and the header that carries the shared secret.
 ACTIONS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED")

@@ -491,6 +491,15 @@ class Team:
             statements.append(f'CREATE DATABASE "{name}" OWNER "{user}";')
         self.psql("\n".join(statements))
 
+    def restart_postgres(self) -> None:
+        """`pg_ctl restart -m fast`: every open connection is cut, as in a failover or a
+        minor upgrade; the same data and port afterwards."""
+        data = Path(self.pg_dir) / "data"
+        self._pg("pg_ctl", "-D", str(data), "-l", str(data / "server.log"), "-m", "fast",
+                 "-w", "-t", "60", "restart")  # fmt: skip
+        self.pids["postgres"] = int((data / "postmaster.pid").read_text().split()[0])
+        self.save()
+
     def _stop_postgres(self) -> None:
         if self.pg_dir and (Path(self.pg_dir) / "data" / "postmaster.pid").is_file():
             self._pg("pg_ctl", "-D", str(Path(self.pg_dir) / "data"), "-m", "fast", "-w", "stop",
@@ -712,6 +721,33 @@ class Team:
         if done.returncode != 0:
             raise TeamError(f"prefect deploy --all failed in {project}:\n{output[-3000:]}")
         return output
+
+    def restart_worker(self) -> list[str]:
+        """Start the worker again after it died (what is left of it is stopped first). Flow
+        runs of the pool still shown running or pending whose process is gone are marked
+        CRASHED before: nothing else ends them, and the deployment's concurrency slot they hold
+        would keep the next run waiting. Returns their ids."""
+        _stop_group(self.pids.get("worker"))
+        stuck = self.prefect_api(
+            "POST",
+            "/flow_runs/filter",
+            {
+                "work_pools": {"name": {"any_": [POOL]}},
+                "flow_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING", "CANCELLING"]}}},
+            },
+        )
+        crashed = []
+        for run in stuck or []:
+            pid = str(run.get("infrastructure_pid") or "").rsplit(":", 1)[-1]
+            if pid.isdigit() and _alive(int(pid)):
+                continue  # its process outlived the worker: it still reports its own end
+            state = {"type": "CRASHED", "name": "Crashed", "message": "its worker died with it"}
+            self.prefect_api(
+                "POST", f"/flow_runs/{run['id']}/set_state", {"state": state, "force": True}
+            )
+            crashed.append(run["id"])
+        self._start_worker()
+        return crashed
 
     # --- DVC -----------------------------------------------------------------------------------
 
