@@ -154,7 +154,7 @@ def test_a_round_run_by_the_worker_lands_in_every_store(team, team_project, as_c
     # --- DVC: pushed to the S3 remote, and pulled back from it into an empty cache ---------
     dvc_keys = _keys(s3, "dvc")
     assert dvc_keys and all(key.startswith("files/md5/") for key in dvc_keys)
-    dataset = project / "data" / "prepared" / "dataset.npz"
+    dataset = project / "data" / "prepared" / "images.npy"
     digest = hashlib.md5(dataset.read_bytes()).hexdigest()
     assert any(key.endswith(digest[2:]) for key in dvc_keys)
     masks = sorted((project / "data" / "feedback" / "round-1" / "masks").glob("*.png"))
