@@ -49,6 +49,20 @@ def make_project(root: Path, **overrides) -> Path:
     return root
 
 
+def as_worker_project(project: Path) -> Path:
+    """Make a project a Prefect worker can run: the flows, tasks and services beside its xbl,
+    and prefect.yaml without its hourly schedule (a run at :00 must not race a test's run)."""
+    for package in ("flows", "tasks", "services"):
+        shutil.copytree(
+            REPO / package, project / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    for deployment in spec["deployments"]:
+        deployment.pop("schedules", None)
+    (project / "prefect.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return project
+
+
 @pytest.fixture
 def tiny_project(tmp_path) -> Path:
     return make_project(tmp_path / "project", train=TINY_TRAIN)

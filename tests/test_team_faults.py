@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-import shutil
 import signal
 import threading
 import time
@@ -34,7 +33,7 @@ from PIL import Image
 from services import labelstudio as ls
 from services import team as native
 from services import tracking
-from tests.conftest import REPO, make_project
+from tests.conftest import as_worker_project, make_project
 from xbl import labelstudio as mapping
 from xbl.data import PreparedData
 from xbl.feedback import mask_file_name
@@ -73,15 +72,7 @@ def project(tmp_path_factory) -> Path:
         labelstudio={"annotator": "human"},
         wait={"mode": "block", "poll_s": 1, "timeout_s": 600, "min_annotated": K},
     )
-    for package in ("flows", "tasks", "services"):
-        shutil.copytree(
-            REPO / package, project / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    for deployment in spec["deployments"]:
-        deployment.pop("schedules", None)
-    (project / "prefect.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    return project
+    return as_worker_project(project)
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from services import labelstudio as ls
 from services import team as native
 from services import tracking
-from tests.conftest import REPO, make_project
+from tests.conftest import REPO, as_worker_project, make_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
 
@@ -43,15 +42,7 @@ def team_project(tmp_path_factory) -> Path:
         feedback={"epochs": 2},
         query={"k": K},
     )
-    for package in ("flows", "tasks", "services"):
-        shutil.copytree(
-            REPO / package, project / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    for deployment in spec["deployments"]:
-        deployment.pop("schedules", None)
-    (project / "prefect.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    return project
+    return as_worker_project(project)
 
 
 @pytest.fixture(scope="session")
