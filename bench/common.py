@@ -74,6 +74,7 @@ class Splits:
     test_y: torch.Tensor
     audit_x: torch.Tensor  # the val digits with their decoys re-drawn at random: every
     audit_y: torch.Tensor  # choice is made on these; the test split is looked at once
+    model: str = "small_cnn"  # the architecture every model on these splits is built as
 
     @property
     def pool(self) -> np.ndarray:
@@ -89,6 +90,15 @@ def decoy_randomized(data: PreparedData, split: str, seed: int = 0) -> np.ndarra
     for image, patch, code in zip(images, data.confounder[idx], codes):
         image[:, patch] = 255 - 25 * int(code)
     return images
+
+
+def splits_of(data: PreparedData, model: str = "small_cnn") -> Splits:
+    """The dataset's train, val, test and audit splits as tensors (it must have an audit split)."""
+    parts = []
+    for split in ("train", "val", "test", "audit"):
+        idx = data.indices(split)
+        parts += [to_tensor(data.images[idx]), torch.from_numpy(data.labels[idx])]
+    return Splits(data, *parts, model=model)
 
 
 def decoy_splits(decoys: bool = True, seed: int = 0) -> Splits:
@@ -115,8 +125,8 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def new_model(splits: Splits, seed: int) -> torch.nn.Module:
-    """The pipeline's model, its initial weights fixed by the seed."""
-    return initial_model("small_cnn", splits.data, seed)
+    """The splits' model, its initial weights fixed by the seed."""
+    return initial_model(splits.model, splits.data, seed)
 
 
 def train_plain(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from bench import cost, efficacy, throughput
+from bench import cost, efficacy, lesions, throughput
 from bench.common import Clicks, imperfect
 
 
@@ -150,3 +150,24 @@ def test_throughput_compares_xbl_with_a_bare_loop(tmp_path):
     assert written["xbl_over_bare_time"] == pytest.approx(
         result["seconds"]["xbl"][0] / result["seconds"]["bare"][0]
     )
+
+
+def test_lesions_bench_chooses_on_audit_and_reads_test_once(tmp_path):
+    out = tmp_path / "lesions.json"
+    result = lesions.main(["--quick", "--n-per-class", "12", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["settings"]["model"] == "resnet18"
+    seed = result["per_seed"][0]
+    ref = seed["reference"]
+    study = [r for r in seed["runs"] if (r["strategy"], r["budget"]) == ("entropy", 25)]
+    assert {r["init"] for r in study} == {"scratch", "warm"}
+    choice = result["choices"]["rrr_output"]
+    best = max(
+        study, key=lambda r: -math.inf if r["audit_recovery"] is None else r["audit_recovery"]
+    )
+    if ref["clean"] > ref["vanilla"]:  # recovery is defined: the choice follows it
+        assert choice["init"] == best["init"]
+    for run in seed["runs"]:
+        assert 0.0 <= run["audit_accuracy"] <= 1.0 and "test_accuracy" not in run
+    test = result["test"]["per_seed"][0]
+    assert set(test["methods"]) == {"rrr_output"}
+    assert "## 3. The test split, once" in out.with_suffix(".md").read_text()
