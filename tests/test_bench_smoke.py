@@ -130,6 +130,18 @@ def test_cost_writes_ratios_beside_recoveries_for_every_schedule(tmp_path):
     }
     text = out.with_suffix(".md").read_text()
     assert f"| {default} | 16 every 12th step |" in text and "## Goals" in text
+    # the pipeline's own schedule (params.yaml) is marked, and only it
+    marked = [g["schedule"] for g in result["goals"] if g["default"]]
+    assert marked == ["16 every 4th step"] and "16 every 4th step (default)" in text
+
+    # timing again reuses the recoveries instead of retraining, and says so
+    again = tmp_path / "again.json"
+    args = ["--quick", "--epochs", "1", "--fractions", "0.02,1.0", "--models", "small_cnn"]
+    cost.main([*args, "--efficacy-from", str(out), "--out", str(again)])
+    reused = json.loads(again.read_text())
+    assert reused["efficacy"] == result["efficacy"]
+    assert reused["efficacy_from"]["date"] == result["machine"]["date"]
+    assert str(out) in again.with_suffix(".md").read_text()
 
 
 def test_a_schedule_keeps_the_expected_term_of_16_images_per_step():

@@ -52,7 +52,7 @@ def test_a_method_registered_in_one_class_is_selected_by_config_and_trains(toy_m
     cfg = build_config(
         {
             "train": {"epochs": 2, "patience": 0, "batch_size": 64},
-            "feedback": {"method": toy_method.name},
+            "feedback": {"method": toy_method.name, "every": 1},
         }
     )
     assert cfg.feedback.lam(toy_method.name) == 0.5  # its own default λ
