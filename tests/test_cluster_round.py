@@ -1,0 +1,216 @@
+"""Cluster rounds: one answer on a cluster's representative, carried to its members, the masks in
+doubt reviewed in Label Studio (xbl/labelstudio.py, services/labelstudio.py, tasks/propagation.py,
+flows/loop.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from services import labelstudio as ls
+from tasks.propagation import collect_cluster_feedback
+from xbl import labelstudio as mapping
+from xbl.clustering import Propagated, triage
+from xbl.feedback import annotation_budget
+from xbl.saliency import cells_to_mask, mask_png, montage_png
+
+SIZE, CELL = 28, 4
+SHOWN = [(0, 0), (0, 6), (3, 3), (6, 0)]
+IGNORED = [(0, 0), (0, 6), (6, 0)]  # the shown cells off the digit
+SECONDS = {"task": 8.0, "region": 2.0, "montage": 10.0, "review": 3.0}
+
+
+def relevance_mask() -> np.ndarray:
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[8:20, 8:20] = True
+    return mask
+
+
+# ---------------------------------------------------------------- pure parts
+def test_the_cluster_and_review_interfaces_accept_what_the_oracle_submits():
+    from label_studio_sdk.label_interface import LabelInterface
+
+    root = ET.fromstring(mapping.labeling_config(cluster=True))
+    images = {tag.get("name"): tag.get("value") for tag in root.iter("Image")}
+    assert images == {"image": "$image", "overlay": "$overlay", "montage": "$montage"}
+    applies = root.find(".//Choices[@name='applies_to']")
+    assert [c.get("value") for c in applies.iter("Choice")] == list(mapping.APPLIES)
+    assert mapping.validate_labeling_config(mapping.labeling_config(cluster=True)) == []
+    answer = mapping.oracle_annotation(SHOWN, CELL, SIZE, SIZE, relevance_mask(), 0.1, "review")
+    interface = LabelInterface(mapping.labeling_config(cluster=True))
+    assert interface.validate_prediction({"result": answer}, return_errors=True) == []
+    review = LabelInterface(mapping.review_labeling_config())
+    for accept in (True, False):
+        result = mapping.review_result(accept)
+        assert review.validate_prediction({"result": result}, return_errors=True) == []
+        assert mapping.review_verdict(result) is accept
+
+
+def test_a_cluster_answer_applies_to_its_scope_only_when_something_was_marked():
+    marked = mapping.oracle_annotation(SHOWN, CELL, SIZE, SIZE, relevance_mask(), 0.1, "all")
+    assert mapping.applies_to(marked) == "all"
+    assert mapping.relabelled_regions(marked) == len(IGNORED)
+    on_digit = mapping.oracle_annotation([(3, 3)], CELL, SIZE, SIZE, relevance_mask(), 0.1, "all")
+    assert mapping.applies_to(on_digit) == "none"  # nothing to ignore: nothing to carry
+    assert mapping.applies_to([]) is None  # a person who chose nothing
+    per_image = mapping.oracle_annotation(SHOWN, CELL, SIZE, SIZE, relevance_mask(), 0.1)
+    assert mapping.applies_to(per_image) is None
+
+
+def test_masks_travel_in_task_data_unchanged():
+    mask = np.random.default_rng(0).random((SIZE, 30)) > 0.7
+    assert np.array_equal(mapping.decode_mask(mapping.encode_mask(mask), SIZE, 30), mask)
+
+
+def test_the_simulated_reviewer_accepts_only_masks_off_the_evidence():
+    off = cells_to_mask([(0, 0)], CELL, SIZE, SIZE)
+    on = cells_to_mask([(3, 3)], CELL, SIZE, SIZE)
+    assert mapping.oracle_accepts(off, relevance_mask(), 0.1)
+    assert not mapping.oracle_accepts(on, relevance_mask(), 0.1)
+    assert not mapping.oracle_accepts(off | on, relevance_mask(), 0.1)  # half on the digit
+    assert mapping.oracle_accepts(off | on, relevance_mask(), 0.5)
+    assert not mapping.oracle_accepts(np.zeros((SIZE, SIZE), bool), relevance_mask(), 1.0)
+
+
+def test_the_time_model_counts_each_action():
+    assert mapping.oracle_seconds(SECONDS, "image", relabelled=3) == 8 + 3 * 2
+    assert mapping.oracle_seconds(SECONDS, "cluster", relabelled=1) == 8 + 2 + 10
+    assert mapping.oracle_seconds(SECONDS, "review") == 3
+
+
+def test_triage_follows_the_answers_scope_and_the_masks_confidence():
+    masks = np.zeros((4, SIZE, SIZE), bool)
+    masks[:3, :4, :4] = True  # the last member: the concept was not found
+    carried = Propagated(masks, np.array([0.9, 0.3, 0.6, 0.0]), np.zeros((4, 7, 7)))
+    assert triage(carried, "all", 0.5).tolist() == ["confident", "review", "confident", "dropped"]
+    assert triage(carried, "review", 0.5).tolist() == ["review"] * 3 + ["dropped"]
+    assert triage(carried, "none", 0.5).tolist() == ["dropped"] * 4
+    with pytest.raises(ValueError, match="scope"):
+        triage(carried, "some", 0.5)
+
+
+def test_the_montage_and_the_review_image_show_what_they_claim(tmp_path):
+    images = np.random.default_rng(0).random((5, 1, SIZE, SIZE))
+    attr = np.random.default_rng(1).random((5, SIZE, SIZE))
+    with Image.open(montage_png(images, attr, tmp_path / "m.png", cols=4, tile=56)) as png:
+        assert png.size == (4 * 56 + 3 * 4, 2 * 56 + 4)  # 5 tiles in 2 rows, 4 px gaps
+    mask = cells_to_mask([(0, 0)], CELL, SIZE, SIZE)
+    with Image.open(mask_png(np.zeros((1, SIZE, SIZE)), mask, tmp_path / "r.png", 10)) as png:
+        rgb = np.asarray(png.convert("RGB"))
+    assert rgb.shape == (280, 280, 3)
+    assert rgb[20, 20, 0] > 100 and rgb[20, 20, 1] == 0  # red inside the mask
+    assert rgb[200, 200].tolist() == [0, 0, 0]  # the black image elsewhere
+
+
+# ---------------------------------------------------------------- against a real Label Studio
+def _png(path, rng, size=SIZE * 4):
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def cluster_query(tmp_path, members: list[str]) -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "image_id": members[0],
+        "index": 0,
+        "image_path": _png(tmp_path / "rep.png", rng),
+        "overlay_path": _png(tmp_path / "rep-overlay.png", rng),
+        "montage_path": _png(tmp_path / "montage.png", rng, 200),
+        "true_label": "3",
+        "predicted_label": "8",
+        "entropy": 1.5,
+        "round": 1,
+        "cells": SHOWN,
+        "cell": CELL,
+        "height": SIZE,
+        "width": SIZE,
+        "cluster": 4,
+        "members": members,
+    }
+
+
+def carried(tmp_path, image_id: str, index: int, cells, status: str, conf: float) -> dict:
+    mask = cells_to_mask(cells, CELL, SIZE, SIZE)
+    record = {
+        "image_id": image_id,
+        "index": index,
+        "round": 1,
+        "cluster": 4,
+        "representative": "rep",
+        "confidence": conf,
+        "status": status,
+        "mask": mapping.encode_mask(mask),
+        "height": SIZE,
+        "width": SIZE,
+    }
+    if status == "review":
+        png = mask_png(np.zeros((1, SIZE, SIZE)), mask, tmp_path / f"{image_id}_review.png", 4)
+        record["image_path"] = str(png)
+    return record
+
+
+def test_review_verdicts_reach_the_masks(labelstudio, tmp_path, monkeypatch):
+    """A cluster task and its reviews through the API: the representative's answer, a confident
+    carried mask, an accepted review (its proposed mask trains) and a rejected one (no mask)."""
+    monkeypatch.setenv("LABEL_STUDIO_URL", labelstudio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", labelstudio.token)
+    client = ls.connect()
+    title = "xbl-test-cluster-review"
+    project = ls.ensure_project(client, title, "model-1", cluster=True)
+    query = cluster_query(tmp_path, ["rep", "sure", "good", "bad"])
+    assert ls.push_round(client, project, [query], "model-1")["created"] == 1
+    pushed = ls.round_task_data(client, project, 1)[0]
+    assert pushed["members"] == ["rep", "sure", "good", "bad"] and pushed["montage"]
+    assert ls.oracle_annotate(client, project, 1, {"rep": relevance_mask()}, 0.1, "all", SECONDS)
+    [answer] = ls.collect_annotations(client, project, 1)
+    assert mapping.applies_to(answer["result"]) == "all"
+    assert answer["lead_time"] == 8 + 2 * len(IGNORED) + 10  # the time model, as LS keeps it
+
+    members = [
+        carried(tmp_path, "sure", 1, [(6, 6)], "confident", 0.9),
+        carried(tmp_path, "good", 2, [(0, 0)], "review", 0.3),  # off the digit: accepted
+        carried(tmp_path, "bad", 3, [(3, 3)], "review", 0.2),  # on the digit: rejected
+    ]
+    propagation = tmp_path / "propagation.json"
+    clusters = [{"carried": 3, "confident": 1, "review": 2}]
+    propagation.write_text(json.dumps({"round": 1, "clusters": clusters, "members": members}))
+    review = ls.ensure_review_project(client, title)
+    assert ls.push_reviews(client, review, members[1:]) == {"created": 2, "skipped": 0}
+    assert ls.push_reviews(client, review, members[1:]) == {"created": 0, "skipped": 2}
+    relevance = {m["image_id"]: relevance_mask() for m in members}
+    assert ls.oracle_review(client, review, 1, relevance, 0.1, SECONDS) == 2
+    assert ls.round_progress(client, review, 1) == (2, 2)
+
+    queries = tmp_path / "queries.json"
+    queries.write_text(json.dumps([{k: v for k, v in query.items() if "path" not in k}]))
+    out = tmp_path / "feedback" / "round-1"
+    manifest = collect_cluster_feedback.fn(
+        project, review, 1, str(queries), str(propagation), str(out)
+    )
+    with open(manifest, newline="") as fh:
+        rows = {r["image_id"]: r for r in csv.DictReader(fh)}
+    assert {k: r["source"] for k, r in rows.items()} == {
+        "rep": "answer",
+        "sure": "propagated",
+        "good": "reviewed",
+    }  # "bad" was rejected: no mask, no row
+    saved = {k: np.asarray(Image.open(out / r["mask"])) > 0 for k, r in rows.items()}
+    assert np.array_equal(saved["rep"], cells_to_mask(IGNORED, CELL, SIZE, SIZE))
+    assert np.array_equal(saved["sure"], cells_to_mask([(6, 6)], CELL, SIZE, SIZE))
+    assert np.array_equal(saved["good"], cells_to_mask([(0, 0)], CELL, SIZE, SIZE))
+    assert float(rows["good"]["confidence"]) == 0.3 and rows["rep"]["confidence"] == ""
+    assert float(rows["good"]["annotator_seconds"]) == 3.0
+    cost = json.loads((out / "cost.json").read_text())
+    assert (cost["tasks_opened"], cost["members_reviewed"], cost["regions_relabelled"]) == (3, 2, 3)
+    assert (cost["accepted"], cost["rejected"], cost["confident"]) == (1, 1, 1)
+    # the rejected review cost time too: the budget counts every task
+    assert annotation_budget([manifest]) == {
+        "answers": 1,
+        "reviews": 2,
+        "annotator_seconds": 24.0 + 2 * 3.0,
+    }
