@@ -16,6 +16,7 @@ from services import labelstudio as ls
 from tasks.propagation import collect_cluster_feedback
 from xbl import labelstudio as mapping
 from xbl.clustering import Propagated, triage
+from xbl.data import PreparedData
 from xbl.feedback import annotation_budget
 from xbl.saliency import cells_to_mask, mask_png, montage_png
 
@@ -214,3 +215,140 @@ def test_review_verdicts_reach_the_masks(labelstudio, tmp_path, monkeypatch):
         "reviews": 2,
         "annotator_seconds": 24.0 + 2 * 3.0,
     }
+
+
+# ---------------------------------------------------------------- the whole round
+@pytest.fixture(scope="module")
+def cluster_round(tmp_path_factory, labelstudio):
+    from flows.loop import feedback_round_flow
+    from tests.conftest import make_project
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LABEL_STUDIO_URL", labelstudio.url)
+    mp.setenv("LABEL_STUDIO_API_KEY", labelstudio.token)
+    project = make_project(
+        tmp_path_factory.mktemp("cluster") / "project",
+        mlflow={"experiment": "loop-cluster"},
+        train={"epochs": 6, "patience": 0},
+        feedback={"epochs": 6},
+        # a confidence bar above most carried masks' (their peaks are clipped at 1), so the
+        # round has confident masks and masks in review
+        query={
+            "strategy": "cluster",
+            "k": 3,
+            "cluster_pool": 200,
+            "clusters_max": 6,
+            "review_confidence": 1.0,
+        },
+    )
+    try:
+        yield project, feedback_round_flow(str(project))
+    finally:
+        mp.undo()
+
+
+def _manifest(project) -> dict[str, dict]:
+    with open(project / "data" / "feedback" / "round-1" / "manifest.csv", newline="") as fh:
+        return {row["image_id"]: row for row in csv.DictReader(fh)}
+
+
+def test_one_cluster_task_per_chosen_cluster_with_its_montage_and_members(
+    cluster_round, labelstudio
+):
+    project, result = cluster_round
+    rounds = project / "data" / "rounds" / "round-1"
+    clusters = json.loads((rounds / "clusters.json").read_text())
+    client = ls.connect(labelstudio.url, labelstudio.token)
+    pid = ls.pushed_rounds(client, "xbl-loop-cluster").project_id
+    tasks = ls.round_task_data(client, pid, 1)
+    assert [t["image_id"] for t in tasks] == clusters["queried"] and len(tasks) == 3
+    for t in tasks:
+        assert t["members"] in clusters["members"] and t["image_id"] in t["members"]
+        assert t["montage"].startswith("/data/upload/") and len(t["cells"]) == 8
+    assert ls.round_progress(client, pid, 1) == (3, 3)  # the oracle answered each
+
+
+def test_only_confident_or_accepted_carried_masks_train(cluster_round, labelstudio):
+    project, result = cluster_round
+    data = PreparedData.load(project / "data" / "prepared")
+    propagation = json.loads(
+        (project / "data" / "rounds" / "round-1" / "propagation.json").read_text()
+    )
+    rows = _manifest(project)
+    feedback = project / "data" / "feedback" / "round-1"
+    client = ls.connect(labelstudio.url, labelstudio.token)
+    review = ls.pushed_rounds(client, ls.review_title("xbl-loop-cluster")).project_id
+    reviews = {r["image_id"]: r for r in ls.collect_reviews(client, review, 1)}
+    members = propagation["members"]
+    confident = [m for m in members if m["status"] == "confident"]
+    in_review = [m for m in members if m["status"] == "review"]
+    assert confident and in_review  # both paths taken
+    assert set(reviews) == {m["image_id"] for m in in_review}  # every doubtful mask reviewed
+    accepted = 0
+    for m in members:
+        proposed = mapping.decode_mask(m["mask"], m["height"], m["width"])
+        if m["status"] == "review":
+            verdict = mapping.oracle_accepts(proposed, data.relevance[m["index"]], 0.1)
+            assert reviews[m["image_id"]]["accepted"] is verdict
+            if not verdict:
+                assert m["image_id"] not in rows  # rejected: no mask
+                continue
+            accepted += 1
+        row = rows[m["image_id"]]
+        assert row["source"] == ("propagated" if m["status"] == "confident" else "reviewed")
+        saved = np.asarray(Image.open(feedback / row["mask"])) > 0
+        assert np.array_equal(saved, proposed)  # the carried mask, as proposed
+    assert 0 < accepted < len(in_review)  # the reviewer said both
+    answers = [r for r in rows.values() if r["source"] == "answer"]
+    assert len(answers) == 3 and len(rows) == 3 + len(confident) + accepted
+
+
+def test_a_cluster_round_logs_its_clusters_spread_and_cost(cluster_round):
+    from mlflow import MlflowClient
+
+    from services import tracking
+
+    project, result = cluster_round
+    client = MlflowClient(tracking.tracking_uri(project), tracking.tracking_uri(project))
+    run = client.get_run(result["feedback"]["run_id"])
+    cost = json.loads((project / "data" / "feedback" / "round-1" / "cost.json").read_text())
+    clusters = json.loads((project / "data" / "rounds" / "round-1" / "clusters.json").read_text())
+    assert run.data.params["cluster.k"] == str(clusters["k"])
+    assert run.data.params["cluster.selection"] == "eigengap"
+    assert run.data.params["cluster.tasks"] == "3"
+    metrics = run.data.metrics
+    for key in ("propagated_masks", "confident", "reviewed", "accepted", "rejected"):
+        assert metrics[f"round/{key}"] == cost[key], key
+    assert cost["reviewed"] == cost["accepted"] + cost["rejected"] == cost["members_reviewed"]
+    # the time model: each task opened and each region relabelled, each review
+    expected = 3 * (8.0 + 10.0) + 2.0 * cost["regions_relabelled"] + 3.0 * cost["reviewed"]
+    assert metrics["round/annotator_seconds"] == metrics["annotator_seconds"] == expected
+    steps = client.get_metric_history(run.info.run_id, "round/task_seconds")
+    assert len(steps) == cost["tasks_opened"] == 3 + cost["reviewed"]
+    artifacts = {
+        a.path
+        for d in ("clusters", "annotation")
+        for a in client.list_artifacts(run.info.run_id, d)
+    }
+    assert artifacts == {"clusters/clusters.json", "annotation/cost.json"}
+    parent = client.list_artifacts(result["parent_run_id"], "clusters")
+    assert [a.path for a in parent] == ["clusters/clusters.json"]
+    candidate = next(row for row in result["table"] if row["role"] == "candidate")
+    base = next(row for row in result["table"] if row["role"].startswith("baseline"))
+    assert candidate["annotator_seconds"] == expected
+    gain = (candidate["audit_accuracy"] - base["audit_accuracy"]) / (expected / 60)
+    assert candidate["audit_gain_per_annotator_minute"] == pytest.approx(gain, abs=1e-3)
+
+
+def test_the_retraining_learns_from_the_cluster_masks(cluster_round):
+    project, result = cluster_round
+    assert result["status"] == "done"
+    dvc_file = (project / "data" / "feedback.dvc").read_text()
+    assert result["feedback_version"] in dvc_file  # the round's masks are versioned
+    rows = {r["role"]: r for r in result["table"]}
+    # a handful of answers, carried to their clusters, already move the model off the decoys
+    assert rows["candidate"]["audit_accuracy"] > rows["baseline = champion"]["audit_accuracy"]
+    assert (
+        rows["candidate"]["test_wrong_reason_share_deeplift"]
+        < rows["baseline = champion"]["test_wrong_reason_share_deeplift"]
+    )

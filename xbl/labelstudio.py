@@ -531,7 +531,7 @@ def oracle_accepts(mask: np.ndarray, relevance_mask: np.ndarray, max_overlap: fl
     `max_overlap` of it lies on the evidence (the rule it applies to cells)."""
     mask = np.asarray(mask, dtype=bool)
     on_evidence = (mask & np.asarray(relevance_mask, dtype=bool)).sum()
-    return bool(mask.any()) and on_evidence <= max_overlap * mask.sum()
+    return bool(mask.any() and on_evidence <= max_overlap * mask.sum())
 
 
 def review_result(accept: bool) -> list[dict]:
