@@ -78,6 +78,30 @@ def _member_records(data, index, query, members, carried, status, out: Path) -> 
     return records
 
 
+def _cluster_answer(model, data, index, query, result, cfg, out: Path) -> tuple[dict, list[dict]]:
+    """One cluster answer carried and triaged: the cluster's counts and its members' records."""
+    scope = applies_to(result) or "review"  # no choice made: nothing trains unseen
+    h, w = data.images.shape[-2:]
+    members, carried = _carry(
+        model, data, index, query, annotation_to_mask(result, h, w).ignore, cfg
+    )
+    if carried is None:  # nothing marked on the representative: its answer trains alone
+        status, records = np.array([], dtype=object), []
+    else:
+        status = triage(carried, scope, cfg.review_confidence)
+        records = _member_records(data, index, query, members, carried, status, out)
+    cluster = {
+        "representative": query["image_id"],
+        "cluster": int(query["cluster"]),
+        "applies_to": scope,
+        "members": len(members),
+        "carried": 0 if carried is None else int(carried.masks.any(axis=(1, 2)).sum()),
+        "confident": int((status == CONFIDENT).sum()),
+        "review": int((status == REVIEW).sum()),
+    }
+    return cluster, records
+
+
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def propagate_answers(
     project_id: int,
@@ -95,36 +119,18 @@ def propagate_answers(
     data = PreparedData.load(Path(dataset))
     model, _ = load_model(checkpoint)
     index = {str(image_id): i for i, image_id in enumerate(data.ids)}
-    h, w = data.images.shape[-2:]
     answers = {
         a["image_id"]: a for a in ls.collect_annotations(ls.connect(), project_id, round_number)
     }
     out, clusters, members_out = Path(out_dir), [], []
     for query in (q for q in load_queries(queries_json) if "members" in q):
         answer = answers.get(query["image_id"])
-        if answer is None:  # not answered (a timed-out round): nothing to carry
-            continue
-        scope = applies_to(answer["result"]) or "review"  # no choice: nothing trains unseen
-        ignore = annotation_to_mask(answer["result"], h, w).ignore
-        members, carried = _carry(model, data, index, query, ignore, cfg)
-        status = (
-            triage(carried, scope, cfg.review_confidence)
-            if carried is not None
-            else np.array([], dtype=object)
-        )
-        records = _member_records(data, index, query, members, carried, status, out)
-        members_out += records
-        clusters.append(
-            {
-                "representative": query["image_id"],
-                "cluster": int(query["cluster"]),
-                "applies_to": scope,
-                "members": len(members),
-                "carried": int(carried.masks.any(axis=(1, 2)).sum()) if carried else 0,
-                "confident": int((status == CONFIDENT).sum()),
-                "review": int((status == REVIEW).sum()),
-            }
-        )
+        if answer is not None:  # an unanswered cluster (a timed-out round): nothing to carry
+            cluster, records = _cluster_answer(
+                model, data, index, query, answer["result"], cfg, out
+            )
+            clusters.append(cluster)
+            members_out += records
     path = out / "propagation.json"
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(

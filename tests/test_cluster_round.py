@@ -352,3 +352,51 @@ def test_the_retraining_learns_from_the_cluster_masks(cluster_round):
         rows["candidate"]["test_wrong_reason_share_deeplift"]
         < rows["baseline = champion"]["test_wrong_reason_share_deeplift"]
     )
+
+
+def test_a_cluster_round_waits_for_its_reviews_across_runs(tmp_path, labelstudio, monkeypatch):
+    """`wait.mode: resume` with people annotating: a run pushes the cluster tasks and ends; a
+    later run carries the answers and pushes the reviews, and ends; the next retrains. The
+    masks carried again in each run are the same, so no review task is pushed twice."""
+    import subprocess
+    import sys
+
+    from flows.loop import feedback_round_flow
+    from tests.conftest import make_project
+
+    monkeypatch.setenv("LABEL_STUDIO_URL", labelstudio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", labelstudio.token)
+    project = make_project(
+        tmp_path / "project",
+        mlflow={"experiment": "loop-cluster-resume"},
+        train={"epochs": 3, "patience": 0},
+        feedback={"epochs": 2},
+        query={"strategy": "cluster", "k": 2, "cluster_pool": 120, "clusters_max": 4},
+        labelstudio={"annotator": "human", "oracle_scope": "review"},
+        wait={"mode": "resume"},
+    )
+
+    def annotate() -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "--project", str(project), "annotate", "--oracle"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    first = feedback_round_flow(str(project))
+    assert (first["status"], first["what"], first["annotated"]) == ("waiting", "annotations", 0)
+    assert "oracle annotated 2 task(s) of round 1" in annotate()
+    second = feedback_round_flow(str(project))
+    assert (second["status"], second["what"], second["annotated"]) == ("waiting", "reviews", 0)
+    assert second["total"] > 0 and not (project / "data" / "feedback").exists()
+    assert f"oracle reviewed {second['total']} carried mask(s)" in annotate()
+    third = feedback_round_flow(str(project))
+    assert (third["round"], third["status"]) == (1, "done")
+    with open(project / "data" / "feedback" / "round-1" / "manifest.csv", newline="") as fh:
+        sources = [row["source"] for row in csv.DictReader(fh)]
+    assert sources.count("answer") == 2 and "propagated" not in sources  # scope: review
+    client = ls.connect()
+    review = ls.pushed_rounds(client, ls.review_title("xbl-loop-cluster-resume")).project_id
+    assert ls.round_progress(client, review, 1) == (second["total"], second["total"])
