@@ -80,8 +80,8 @@ def cmd_round(args) -> int:
     result = feedback_round_flow(str(project), args.params)
     if result["status"] == "waiting":
         print(
-            f"round {result['round']}: {result['annotated']}/{result['total']} annotated; "
-            "the next run carries on"
+            f"round {result['round']}: {result['annotated']}/{result['total']} "
+            f"{result['what']} done; the next run carries on"
         )
         return 0
     print(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -400,3 +401,54 @@ def test_a_cluster_round_waits_for_its_reviews_across_runs(tmp_path, labelstudio
     client = ls.connect()
     review = ls.pushed_rounds(client, ls.review_title("xbl-loop-cluster-resume")).project_id
     assert ls.round_progress(client, review, 1) == (second["total"], second["total"])
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing")
+def test_a_cluster_task_and_a_review_task_render_in_the_browser(
+    cluster_round, labelstudio, tmp_path_factory
+):
+    """What a person sees, in headless Chromium: the representative with the oracle's answer
+    (cells relabelled, scope chosen), the explanation, the members' montage; then a review."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_browser import CHROMIUM_ARGS, ERRORS, assert_not_blank, log_in
+
+    shots = tmp_path_factory.mktemp("cluster-screenshots")
+    client = ls.connect(labelstudio.url, labelstudio.token)
+    main = ls.pushed_rounds(client, "xbl-loop-cluster").project_id
+    review = ls.pushed_rounds(client, ls.review_title("xbl-loop-cluster")).project_id
+    task = ls.round_task_data(client, main, 1)[0]
+    review_task = next(iter(client.sdk.tasks.list(project=review))).id
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1500})
+        log_in(page, labelstudio)
+        page.goto(f"{labelstudio.url}/projects/{main}/data")
+        page.get_by_text(f"image {task['image_id']} · round 1 ·").first.click()
+        images = page.locator(".lsf-main-view .lsf-image img")
+        expect(images).to_have_count(3)  # the representative, its explanation, the montage
+        for img in images.all():
+            page.wait_for_function(
+                "(i) => i.complete && i.naturalWidth > 0", arg=img.element_handle(), timeout=30_000
+            )
+        expect(page.locator(".lsf-outliner-item")).to_have_count(8, timeout=30_000)
+        expect(page.get_by_text("members after review")).to_be_visible()
+        page.wait_for_timeout(600)  # let the canvas paint the regions
+        assert page.locator(ERRORS).count() == 0
+        page.screenshot(path=str(shots / "cluster-task.png"))
+        assert_not_blank(shots / "cluster-task.png", images.nth(2).bounding_box())
+        page.goto(f"{labelstudio.url}/projects/{review}/data?task={review_task}")
+        shown = page.locator(".lsf-main-view .lsf-image img")
+        expect(shown).to_have_count(1)  # the member with the carried mask drawn
+        page.wait_for_function(
+            "(i) => i.complete && i.naturalWidth > 0", arg=shown.element_handle(), timeout=30_000
+        )
+        expect(page.get_by_text("reject", exact=True)).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(600)
+        page.screenshot(path=str(shots / "review-task.png"))
+        assert_not_blank(shots / "review-task.png")
+        browser.close()
+    print(f"screenshots in {shots}")
