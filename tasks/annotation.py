@@ -25,11 +25,13 @@ def load_queries(queries_json: str) -> list[dict]:
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def push_queries(queries_json: str, title: str, model_version: str) -> dict:
-    """Create (or find) the experiment's project and push the round's tasks, idempotently;
-    returns the project's id and link with the counts."""
+    """Create (or find) the experiment's project, with the interface the round's tasks need,
+    and push them, idempotently; returns the project's id and link with the counts."""
     client = ls.connect()
-    project_id = ls.ensure_project(client, title, model_version)
-    counts = ls.push_round(client, project_id, load_queries(queries_json), model_version)
+    queries = load_queries(queries_json)
+    cluster = any("members" in q for q in queries)  # cluster tasks need the cluster interface
+    project_id = ls.ensure_project(client, title, model_version, cluster=cluster)
+    counts = ls.push_round(client, project_id, queries, model_version)
     url = ls.project_link(client, project_id)
     get_run_logger().info(
         "round pushed to %s: %d new task(s), %d already there",

@@ -84,13 +84,21 @@ def labeling_config(
 
 
 def _cluster_part() -> str:
-    choices = "".join(f'\n    <Choice value="{value}"/>' for value in APPLIES)
+    """The members' montage beside the question whom the answer applies to, so both stay in
+    view under the representative."""
+    choices = "".join(f'\n        <Choice value="{value}"/>' for value in APPLIES)
     return f"""
-  <Header value="Members of this cluster (a sample), with the model's explanation" size="6"/>
-  <Image name="montage" value="$montage"/>
-  <Header value="What you marked to ignore applies to:" size="6"/>
-  <Choices name="{APPLIES_NAME}" toName="{IMAGE_NAME}" choice="single" showInline="true">{choices}
-  </Choices>"""
+  <View style="display: flex; gap: 1em; align-items: flex-start;">
+    <View style="flex: 1;">
+      <Header value="Members of this cluster (a sample), with the model's explanation" size="6"/>
+      <Image name="montage" value="$montage"/>
+    </View>
+    <View style="flex: 1;">
+      <Header value="What you marked to ignore applies to:" size="6"/>
+      <Choices name="{APPLIES_NAME}" toName="{IMAGE_NAME}" choice="single">{choices}
+      </Choices>
+    </View>
+  </View>"""
 
 
 def review_labeling_config() -> str:
@@ -141,7 +149,9 @@ def task_payload(query: dict) -> dict:
             cluster=int(query["cluster"]),
             members=[str(m) for m in query["members"]],
         )
-        data["summary"] += f" · represents cluster {query['cluster']} of {len(query['members'])}"
+        data["summary"] += (
+            f" · represents cluster {query['cluster']} ({len(query['members'])} images)"
+        )
     return {"data": data}
 
 
