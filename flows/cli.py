@@ -80,8 +80,8 @@ def cmd_round(args) -> int:
     result = feedback_round_flow(str(project), args.params)
     if result["status"] == "waiting":
         print(
-            f"round {result['round']}: {result['annotated']}/{result['total']} annotated; "
-            "the next run carries on"
+            f"round {result['round']}: {result['annotated']}/{result['total']} "
+            f"{result['what']} done; the next run carries on"
         )
         return 0
     print(
@@ -153,11 +153,39 @@ def cmd_annotate(args) -> int:
         for t in ls.round_task_data(client, pushed.project_id, n)
         if t["image_id"] in index
     }
+    oracle = cfg.labelstudio
     made = ls.oracle_annotate(
-        client, pushed.project_id, n, relevance, cfg.labelstudio.oracle_overlap
+        client,
+        pushed.project_id,
+        n,
+        relevance,
+        oracle.oracle_overlap,
+        oracle.oracle_scope,
+        oracle.oracle_time_model(),
     )
     print(f"oracle annotated {made} task(s) of round {n}")
+    reviewed = _oracle_reviews(client, title, n, data, index, cfg)
+    if reviewed:
+        print(f"oracle reviewed {reviewed} carried mask(s) of round {n}")
     return 0
+
+
+def _oracle_reviews(client, title: str, n: int, data, index: dict, cfg) -> int:
+    """A cluster round's open review tasks, answered by the simulated reviewer."""
+    from services import labelstudio as ls
+
+    review = ls.pushed_rounds(client, ls.review_title(title)).project_id
+    if review is None:
+        return 0
+    relevance = {
+        t["image_id"]: data.relevance[index[t["image_id"]]]
+        for t in ls.round_task_data(client, review, n)
+        if t["image_id"] in index
+    }
+    oracle = cfg.labelstudio
+    return ls.oracle_review(
+        client, review, n, relevance, oracle.oracle_overlap, oracle.oracle_time_model()
+    )
 
 
 def cmd_data_checkout(args) -> int:

@@ -1,4 +1,6 @@
 """A feedback round: prepare → query model → select → push → wait → masks → retrain → judge.
+A cluster round (`query.strategy: cluster`) adds, after the wait: carry each answer to its
+cluster's members → push the doubtful masks to review → wait for the reviews.
 
 The baseline is trained once per data version; each round's queries are chosen, and their
 saliency drawn, by the current model (the champion by default), so annotators see what the
@@ -30,6 +32,13 @@ from tasks.annotation import (
     wait_for_annotations,
 )
 from tasks.data import DataRef, prepare_data, version_feedback
+from tasks.propagation import (
+    collect_cluster_feedback,
+    is_cluster_round,
+    oracle_reviews,
+    propagate_answers,
+    push_review_tasks,
+)
 from tasks.queries import select_round_queries
 from tasks.report import round_report
 from tasks.rounds import (
@@ -47,6 +56,8 @@ from tasks.runs import (
     compare_models,
     current_model,
     log_model_run,
+    log_round_annotation,
+    log_round_clusters,
     open_parent_run,
     promote,
     set_model_alias,
@@ -102,6 +113,8 @@ class _Opened:
     parent: str  # the round's parent run
     project_id: int
     project_url: str
+    propagation: str | None = None  # a cluster round: propagation.json, once answers are in
+    review_project_id: int | None = None
 
 
 @flow(name="xbl-feedback-round", log_prints=True)
@@ -117,11 +130,20 @@ def feedback_round_flow(
     state = read_round_state(str(root), cfg.mlflow.experiment, title)
     rnd = _Round(root, cfg, state.number, title, data)
     opened = _resume_round(rnd, state) if state.open else _open_round(rnd, state)
-    if cfg.labelstudio.annotator == "oracle":
+    oracle = cfg.labelstudio
+    if oracle.annotator == "oracle":
         oracle_answers(
-            opened.project_id, rnd.n, data.path, opened.queries, cfg.labelstudio.oracle_overlap
+            opened.project_id,
+            rnd.n,
+            data.path,
+            opened.queries,
+            oracle.oracle_overlap,
+            oracle.oracle_scope,
+            oracle.oracle_time_model(),
         )
-    waiting = _await_annotations(rnd, opened)
+    waiting = _await_annotations(rnd, opened.project_id)
+    if waiting is None and is_cluster_round(opened.queries):
+        waiting = _propagate_and_review(rnd, opened)
     if waiting is not None:
         close_run(str(root), opened.parent)
         return waiting
@@ -170,6 +192,8 @@ def _open_round(rnd: _Round, state: RoundState) -> _Opened:
         checkpoint, data.path, cfg.query, rnd.n, list(state.queried), rnd.rounds_dir
     )
     pushed = push_queries(queries, rnd.title, chooser["run_id"])
+    if cfg.query.strategy == "cluster":
+        log_round_clusters(root, parent, str(Path(queries).parent / "clusters.json"))
     crash_point("push")
     return _Opened(
         queries, checkpoint, chooser, baseline, parent, pushed["project_id"], pushed["url"]
@@ -201,27 +225,67 @@ def _baseline(rnd: _Round, parent: str) -> tuple[dict, str | None]:
     return baseline, base.checkpoint
 
 
-def _await_annotations(rnd: _Round, opened: _Opened) -> dict | None:
+def _await_annotations(rnd: _Round, project_id: int, what: str = "annotations") -> dict | None:
     """`block`: poll until the target is met (or fail clearly). `resume`: None when the target
-    is met, else the progress, and this run ends: a later one carries on."""
+    is met, else the progress, and this run ends: a later one carries on. `what`: the round's
+    answers, or its reviews (in the review project)."""
     if rnd.cfg.wait.mode == "block":
-        wait_for_annotations(opened.project_id, rnd.n, rnd.cfg.wait)
+        wait_for_annotations(project_id, rnd.n, rnd.cfg.wait, what)
         return None
-    annotated, total = round_progress(opened.project_id, rnd.n)
+    annotated, total = round_progress(project_id, rnd.n)
     if annotated >= annotation_target(total, rnd.cfg.wait.target_fraction):
         return None
     get_run_logger().info(
-        "round %d: %d/%d annotated; a later run will carry on", rnd.n, annotated, total
+        "round %d: %d/%d %s done; a later run will carry on", rnd.n, annotated, total, what
     )
-    return {"round": rnd.n, "status": "waiting", "annotated": annotated, "total": total}
+    return {
+        "round": rnd.n,
+        "status": "waiting",
+        "annotated": annotated,
+        "total": total,
+        "what": what,
+    }
+
+
+def _propagate_and_review(rnd: _Round, opened: _Opened) -> dict | None:
+    """Carry each cluster answer to its members; the masks in doubt go to review tasks, which
+    the round waits for as for its answers. Sets the round's propagation and review project."""
+    cfg = rnd.cfg
+    opened.propagation = propagate_answers(
+        opened.project_id,
+        rnd.n,
+        rnd.data.path,
+        opened.queries,
+        opened.checkpoint,
+        cfg.query,
+        rnd.rounds_dir,
+    )
+    pushed = push_review_tasks(opened.propagation, rnd.title)
+    opened.review_project_id = pushed["project_id"]
+    if pushed["created"] + pushed["skipped"] == 0:
+        return None  # nothing in doubt: no review to wait for
+    if cfg.labelstudio.annotator == "oracle":
+        oracle_reviews(
+            pushed["project_id"],
+            rnd.n,
+            rnd.data.path,
+            opened.propagation,
+            cfg.labelstudio.oracle_overlap,
+            cfg.labelstudio.oracle_time_model(),
+        )
+    return _await_annotations(rnd, pushed["project_id"], "reviews")
 
 
 def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dict:
     """Masks → DVC → retrain on every round's feedback → MLflow → promotion → comparison."""
     root, n, cfg = str(rnd.root), rnd.n, rnd.cfg
-    manifest = collect_feedback_masks(
-        opened.project_id, n, opened.queries, str(rnd.root / FEEDBACK_ROOT / f"round-{n}")
-    )
+    out = str(rnd.root / FEEDBACK_ROOT / f"round-{n}")
+    if opened.propagation is not None:
+        manifest = collect_cluster_feedback(
+            opened.project_id, opened.review_project_id, n, opened.queries, opened.propagation, out
+        )
+    else:
+        manifest = collect_feedback_masks(opened.project_id, n, opened.queries, out)
     orphans = [_orphan_feedback(rnd, opened.project_id, k) for k in state.orphaned]
     feedback_version = version_feedback(root, FEEDBACK_ROOT)
     manifests = [*earlier_feedback(rnd.root, state.completed), *orphans, manifest]
@@ -251,6 +315,8 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
         },
         extra_files=(str(rnd.root / f"{FEEDBACK_ROOT}.dvc"),),
     )
+    clusters = Path(opened.queries).parent / "clusters.json" if opened.propagation else None
+    log_round_annotation(root, feedback["run_id"], manifests, clusters and str(clusters))
     crash_point("retrain")
     promotion = promote(
         root, cfg.mlflow.model_name, rnd.data.version, opened.baseline, feedback, cfg.promotion

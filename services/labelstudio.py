@@ -181,12 +181,17 @@ def _use_model_version(client: LabelStudioClient, project_id: int, model_version
         log.debug("model_version %s not set yet: %s", model_version, err.body)
 
 
-def ensure_project(client: LabelStudioClient, title: str, model_version: str) -> int:
-    """The project with this title (created with the xbl labeling config when missing)."""
+def ensure_project(
+    client: LabelStudioClient, title: str, model_version: str, cluster: bool = False
+) -> int:
+    """The project with this title (created with the xbl labeling config when missing; the
+    cluster variant, with the members' montage and the answer's scope, for cluster rounds)."""
     sdk = client.sdk
     project_id = _find_project(client, title)
     settings = dict(
-        label_config=mapping.labeling_config(), show_collab_predictions=True, show_skip_button=False
+        label_config=mapping.labeling_config(cluster=cluster),
+        show_collab_predictions=True,
+        show_skip_button=False,
     )  # a skipped task would never count as annotated
     if project_id is not None:
         _retry(lambda: sdk.projects.update(project_id, **settings), write=True)
@@ -329,6 +334,8 @@ def _task(client: LabelStudioClient, images_id: int, query: dict, model_version:
         "image_url": upload_file(client, images_id, query["image_path"]),
         "overlay_url": upload_file(client, images_id, query["overlay_path"]),
     }
+    if "montage_path" in query:
+        urls["montage_url"] = upload_file(client, images_id, query["montage_path"])
     task = mapping.task_payload({**query, **urls})
     task["predictions"] = [
         mapping.cell_predictions(
@@ -343,22 +350,28 @@ def _task(client: LabelStudioClient, images_id: int, query: dict, model_version:
     return task
 
 
+def _not_pushed(client: LabelStudioClient, project_id: int, items: list[dict]) -> list[dict]:
+    """The items whose (image_id, round) has no task in the project yet (first of each)."""
+    seen = {
+        (str(t.data["image_id"]), int(t.data["round"]))
+        for round_ in {int(q["round"]) for q in items}
+        for t in _round_tasks(client, project_id, round_)
+    }
+    new = []
+    for item in items:
+        key = (str(item["image_id"]), int(item["round"]))
+        if key not in seen:
+            seen.add(key)
+            new.append(item)
+    return new
+
+
 def push_round(
     client: LabelStudioClient, project_id: int, queries: list[dict], model_version: str
 ) -> dict:
     """Upload each query's image and overlay and create its task with the pre-drawn cells;
     a task whose (image_id, round) is already in the project is skipped."""
-    seen = {
-        (str(t.data["image_id"]), int(t.data["round"]))
-        for round_ in {int(q["round"]) for q in queries}
-        for t in _round_tasks(client, project_id, round_)
-    }
-    new = []
-    for query in queries:
-        key = (str(query["image_id"]), int(query["round"]))
-        if key not in seen:
-            seen.add(key)
-            new.append(query)
+    new = _not_pushed(client, project_id, queries)
     images_id = _images_project(client, project_id) if new else None
     tasks = [_task(client, images_id, query, model_version) for query in new]
     if tasks:  # one request: the round's tasks and predictions are created together
@@ -407,9 +420,13 @@ def oracle_annotate(
     round_: int,
     relevance_masks: dict[str, np.ndarray],
     max_overlap: float,
+    scope: str = "all",
+    seconds: dict[str, float] | None = None,
 ) -> int:
     """Annotate, through the API as a person would, the round's tasks that have no annotation
-    yet: shown cells mostly off the relevance mask are relabelled "ignore"."""
+    yet: shown cells mostly off the relevance mask are relabelled "ignore"; a cluster task's
+    answer applies to `scope` (all | review) of its members when something was marked. With a
+    time model (`seconds`), each answer's lead time is the modelled time, else 0."""
     created = 0
     for task in _round_tasks(client, project_id, round_, fields="all"):
         data, predictions = task.data, _field(task, "predictions") or []
@@ -423,6 +440,7 @@ def oracle_annotate(
         cells = mapping.cells_from_prediction(
             _field(predictions[-1], "result"), data["cell"], data["height"], data["width"]
         )
+        kind = "cluster" if "members" in data else "image"
         result = mapping.oracle_annotation(
             cells,
             data["cell"],
@@ -430,15 +448,111 @@ def oracle_annotate(
             data["width"],
             relevance_masks[data["image_id"]],
             max_overlap,
+            scope=scope if kind == "cluster" else None,
         )
-        _retry(
-            lambda task_id=task.id, result=result: client.sdk.annotations.create(
-                task_id, result=result, was_cancelled=False, lead_time=0.0
-            ),
-            write=True,
+        lead = (
+            mapping.oracle_seconds(seconds, kind, mapping.relabelled_regions(result))
+            if seconds
+            else 0.0
         )
+        _submit(client, task.id, result, lead)
         created += 1
     return created
+
+
+def _submit(client: LabelStudioClient, task_id: int, result: list[dict], lead: float) -> None:
+    _retry(
+        lambda: client.sdk.annotations.create(
+            task_id, result=result, was_cancelled=False, lead_time=lead
+        ),
+        write=True,
+    )
+
+
+# --- review of masks carried to a cluster's members ------------------------------------------
+
+
+def review_title(title: str) -> str:
+    """The experiment's review project: one task per carried mask in doubt."""
+    return f"{title} (review)"
+
+
+def ensure_review_project(client: LabelStudioClient, title: str) -> int:
+    """The experiment's review project (`review_title`), created when missing."""
+    name = review_title(title)
+    settings = dict(
+        label_config=mapping.review_labeling_config(),
+        show_skip_button=False,
+        description="xbl: masks carried from a cluster's answer to its members; accept or reject",
+    )
+    project_id = _find_project(client, name)
+    if project_id is not None:
+        _retry(lambda: client.sdk.projects.update(project_id, **settings), write=True)
+        return project_id
+    return _retry(lambda: client.sdk.projects.create(title=name, **settings).id, write=True)
+
+
+def push_reviews(client: LabelStudioClient, project_id: int, members: list[dict]) -> dict:
+    """One review task per member (its image with the carried mask drawn, `image_path`, and
+    the mask itself in the task data), skipping members already pushed in that round."""
+    new = _not_pushed(client, project_id, members)
+    if new:
+        images_id = _images_project(client, project_id)
+        tasks = [
+            mapping.review_payload(
+                {**m, "image_url": upload_file(client, images_id, m["image_path"])}
+            )
+            for m in new
+        ]
+        _retry(lambda: client.sdk.projects.import_tasks(project_id, request=tasks), write=True)
+    return {"created": len(new), "skipped": len(members) - len(new)}
+
+
+def oracle_review(
+    client: LabelStudioClient,
+    project_id: int,
+    round_: int,
+    relevance_masks: dict[str, np.ndarray],
+    max_overlap: float,
+    seconds: dict[str, float] | None = None,
+) -> int:
+    """The simulated reviewer, through the API: accept a carried mask when at most
+    `max_overlap` of it lies on the member's evidence, else reject."""
+    created = 0
+    for task in _round_tasks(client, project_id, round_, fields="all"):
+        data = task.data
+        if _done_annotations(task) or data["image_id"] not in relevance_masks:
+            continue
+        mask = mapping.decode_mask(data["mask"], data["height"], data["width"])
+        accept = mapping.oracle_accepts(mask, relevance_masks[data["image_id"]], max_overlap)
+        lead = mapping.oracle_seconds(seconds, "review") if seconds else 0.0
+        _submit(client, task.id, mapping.review_result(accept), lead)
+        created += 1
+    return created
+
+
+def collect_reviews(client: LabelStudioClient, project_id: int, round_: int) -> list[dict]:
+    """The round's answered reviews: member, verdict (True accept, False reject, None
+    neither), the carried mask, its confidence and the reviewer's seconds."""
+    out = []
+    for task in _round_tasks(client, project_id, round_, fields="all"):
+        done = _done_annotations(task)
+        if not done:
+            continue
+        latest = max(done, key=lambda a: (str(_field(a, "updated_at")), _field(a, "id")))
+        data = task.data
+        out.append(
+            {
+                "image_id": str(data["image_id"]),
+                "task_id": task.id,
+                "accepted": mapping.review_verdict(_field(latest, "result") or []),
+                "mask": mapping.decode_mask(data["mask"], data["height"], data["width"]),
+                "confidence": float(data["confidence"]),
+                "representative": str(data["representative"]),
+                "lead_time": float(_field(latest, "lead_time") or 0.0),
+            }
+        )
+    return out
 
 
 def wait_for_round(

@@ -11,8 +11,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from services import labelstudio as ls
 from xbl.config import WaitConfig
 from xbl.data import PreparedData
-from xbl.feedback import write_feedback
-from xbl.labelstudio import annotation_target, masks_from_annotations
+from xbl.feedback import task_cost, write_cost, write_feedback
+from xbl.labelstudio import annotation_target, masks_from_annotations, relabelled_regions
 
 
 class RoundIncomplete(RuntimeError):
@@ -25,11 +25,13 @@ def load_queries(queries_json: str) -> list[dict]:
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def push_queries(queries_json: str, title: str, model_version: str) -> dict:
-    """Create (or find) the experiment's project and push the round's tasks, idempotently;
-    returns the project's id and link with the counts."""
+    """Create (or find) the experiment's project, with the interface the round's tasks need,
+    and push them, idempotently; returns the project's id and link with the counts."""
     client = ls.connect()
-    project_id = ls.ensure_project(client, title, model_version)
-    counts = ls.push_round(client, project_id, load_queries(queries_json), model_version)
+    queries = load_queries(queries_json)
+    cluster = any("members" in q for q in queries)  # cluster tasks need the cluster interface
+    project_id = ls.ensure_project(client, title, model_version, cluster=cluster)
+    counts = ls.push_round(client, project_id, queries, model_version)
     url = ls.project_link(client, project_id)
     get_run_logger().info(
         "round pushed to %s: %d new task(s), %d already there",
@@ -42,12 +44,21 @@ def push_queries(queries_json: str, title: str, model_version: str) -> dict:
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def oracle_answers(
-    project_id: int, round_number: int, dataset: str, queries_json: str, max_overlap: float
+    project_id: int,
+    round_number: int,
+    dataset: str,
+    queries_json: str,
+    max_overlap: float,
+    scope: str = "all",
+    seconds: dict[str, float] | None = None,
 ) -> int:
-    """The simulated annotator, through the API: 'ignore' on shown cells off the evidence."""
+    """The simulated annotator, through the API: 'ignore' on shown cells off the evidence; on
+    a cluster task, that answer applies to `scope` of the members; lead time by `seconds`."""
     data = PreparedData.load(Path(dataset))
     relevance = {q["image_id"]: data.relevance[q["index"]] for q in load_queries(queries_json)}
-    return ls.oracle_annotate(ls.connect(), project_id, round_number, relevance, max_overlap)
+    return ls.oracle_annotate(
+        ls.connect(), project_id, round_number, relevance, max_overlap, scope, seconds
+    )
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
@@ -57,16 +68,19 @@ def round_progress(project_id: int, round_number: int) -> tuple[int, int]:
 
 
 @task
-def wait_for_annotations(project_id: int, round_number: int, cfg: WaitConfig) -> int:
-    """Poll until the round's target is annotated; on timeout go on with at least
-    `min_annotated`, else stop with nothing lost. Returns how many are annotated."""
+def wait_for_annotations(
+    project_id: int, round_number: int, cfg: WaitConfig, what: str = "annotations"
+) -> int:
+    """Poll until the round's target is annotated (its answers, or its `reviews` in the review
+    project); on timeout go on with at least `min_annotated`, else stop with nothing lost.
+    Returns how many are annotated."""
     logger = get_run_logger()
     total = ls.round_progress(ls.connect(), project_id, round_number)[1]
     target = annotation_target(total, cfg.target_fraction)
     artifact = create_progress_artifact(
         0.0,
-        key=f"round-{round_number}-annotations",
-        description=f"round {round_number}: annotated tasks",
+        key=f"round-{round_number}-{what}",
+        description=f"round {round_number}: {what} done",
     )
 
     def report(annotated: int, seen_total: int) -> None:
@@ -111,5 +125,13 @@ def collect_feedback_masks(
         logger.warning("annotation problem: %s", problem)
     manifest = write_feedback(
         Path(out_dir), queries, read.ignore, read.ratings, read.problems, read.keep, read.seconds
+    )
+    write_cost(
+        Path(out_dir),
+        [
+            task_cost("image", a["image_id"], a["lead_time"], relabelled_regions(a["result"]))
+            for a in annotations
+            if a["image_id"] in queries
+        ],
     )
     return str(manifest)

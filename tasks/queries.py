@@ -14,7 +14,14 @@ from xbl.clustering import cluster_explanations, cluster_suspicion
 from xbl.config import QueryConfig
 from xbl.data import PreparedData, to_tensor
 from xbl.labelstudio import upload_stem
-from xbl.saliency import display_scale, image_png, overlay_png, saliency_map, top_cells
+from xbl.saliency import (
+    display_scale,
+    image_png,
+    montage_png,
+    overlay_png,
+    saliency_map,
+    top_cells,
+)
 from xbl.sampling import cluster_queries, predictive_entropy, select_queries
 from xbl.training_loop import predict_proba
 
@@ -78,11 +85,12 @@ def batched_saliency(model, data: PreparedData, idx: np.ndarray, cfg: QueryConfi
 
 def cluster_round(
     model, data: PreparedData, probs: np.ndarray, exclude: np.ndarray, cfg: QueryConfig, out: Path
-) -> np.ndarray:
+) -> tuple[np.ndarray, list[dict]]:
     """`query.strategy: cluster`: cluster the candidates' explanations (the top
     `query.cluster_pool` by entropy, or all), and ask about the representatives of the most
     suspicious clusters; the clusters and their members go to clusters.json, the round's
-    artifact. Returns the chosen positions in the pool."""
+    artifact. Returns the chosen positions in the pool and, per chosen representative, its
+    cluster, members and a montage PNG of a sample of them with their heat-maps."""
     pool = data.indices("train")
     size = cfg.cluster_pool or len(pool)
     candidates = select_queries(probs, None, size, "entropy", exclude=exclude)
@@ -93,6 +101,11 @@ def cluster_round(
     )
     suspicion = cluster_suspicion(attr.numpy(), data.images[pool[candidates]], clusters)
     chosen = cluster_queries(candidates[clusters.representatives], suspicion, cfg.k)
+    asked = [int(np.flatnonzero(candidates[clusters.representatives] == i)[0]) for i in chosen]
+    extras = [
+        _cluster_extras(data, pool[candidates], attr, clusters.members(c), c, cfg, out)
+        for c in asked
+    ]
     record = {
         **clusters.summary(),
         "suspicion": [float(v) for v in suspicion],
@@ -104,7 +117,30 @@ def cluster_round(
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "clusters.json").write_text(json.dumps(record, indent=1))
-    return chosen
+    return chosen, extras
+
+
+def _cluster_extras(
+    data: PreparedData,
+    rows: np.ndarray,
+    attr: torch.Tensor,
+    members: np.ndarray,
+    cluster: int,
+    cfg: QueryConfig,
+    out: Path,
+) -> dict:
+    """A chosen cluster's members (ids, in pool order) and the montage of a fixed sample of
+    them (the same seed, the same sample) that its task shows."""
+    rng = np.random.default_rng(cfg.seed + cluster)
+    shown = np.sort(rng.permutation(members)[: cfg.montage_members])
+    montage = montage_png(
+        data.images[rows[shown]], attr[shown], out / f"cluster-{cluster}_montage.png"
+    )
+    return {
+        "cluster": int(cluster),
+        "members": [str(data.ids[rows[m]]) for m in members],
+        "montage_path": str(montage),
+    }
 
 
 @task
@@ -125,8 +161,9 @@ def select_round_queries(
     exclude = np.isin(data.ids[pool], list(already_annotated))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    extras: list[dict] = []
     if cfg.strategy == "cluster":
-        chosen = cluster_round(model, data, probs, exclude, cfg, out)
+        chosen, extras = cluster_round(model, data, probs, exclude, cfg, out)
     else:
         chosen = select_queries(
             probs,
@@ -140,6 +177,8 @@ def select_round_queries(
     attr = saliency_map(model, to_tensor(data.images[idx]), cfg.saliency, cfg.blur_sigma)
     cells = top_cells(attr, cfg.grid_cell, cfg.top_cells)
     records = query_records(data, idx, probs[chosen], attr, cells, cfg.grid_cell, round_number, out)
+    for record, extra in zip(records, extras):  # a cluster round: each query is a cluster's
+        record.update(extra)
     path = out / "queries.json"
     path.write_text(json.dumps(records, indent=1))
     return str(path)

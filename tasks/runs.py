@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ from prefect.artifacts import create_table_artifact
 from services import tracking
 from xbl.checkpoint import load_model
 from xbl.config import PromotionConfig
+from xbl.feedback import annotation_budget, read_cost
 from xbl.promotion import promotion_decision
-from xbl.report import report_columns
+from xbl.report import cost_columns, report_columns
 from xbl.training_loop import TrainResult
 
 HEADLINE = (
@@ -83,6 +85,70 @@ def log_model_run(
     version = tracking.log_model(run_id, model, example, registered_name)
     client.set_terminated(run_id)
     return {"run_id": run_id, "name": name, "model_version": version, "metrics": final}
+
+
+def _cluster_params(clusters_json: str) -> dict:
+    record = json.loads(Path(clusters_json).read_text())
+    return {
+        "cluster.k": record["k"],
+        "cluster.selection": record["selection"],
+        "cluster.tasks": len(record["queried"]),
+    }
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def log_round_clusters(project: str, run_id: str, clusters_json: str) -> None:
+    """A cluster round's clusters (k, how k was chosen, members) on the round's run."""
+    client = tracking.client_for(Path(project))
+    tracking.log_params(client, run_id, _cluster_params(clusters_json))
+    tracking.log_file(client, run_id, Path(clusters_json), "clusters")
+
+
+ROUND_COST = (
+    "tasks_opened",
+    "answers",
+    "members_reviewed",
+    "regions_relabelled",
+    "annotator_seconds",
+    "seconds_per_task",
+    "propagated_masks",
+    "confident",
+    "review_tasks",
+    "reviewed",
+    "accepted",
+    "rejected",
+)
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def log_round_annotation(
+    project: str, run_id: str, manifests: list[str], clusters_json: str | None = None
+) -> dict:
+    """What the feedback cost, on the feedback run: this round's annotator actions and seconds
+    (`round/…`, each task's seconds as `round/task_seconds` by step) and, for a cluster round,
+    how its answers spread; `annotator_seconds` over every round the model learnt from (the
+    comparison table's cost column); cost.json and clusters.json as artifacts."""
+    client = tracking.client_for(Path(project))
+    cost = read_cost(manifests[-1])
+    tracking.log_metrics(client, run_id, {f"round/{k}": cost[k] for k in ROUND_COST if k in cost})
+    for step, item in enumerate(cost.get("per_task", [])):
+        client.log_metric(run_id, "round/task_seconds", item["seconds"], step=step)
+    budget = annotation_budget(manifests)
+    tracking.log_metrics(
+        client,
+        run_id,
+        {
+            "annotator_seconds": budget["annotator_seconds"],
+            "annotator_tasks": budget["answers"] + budget["reviews"],
+        },
+    )
+    cost_file = Path(manifests[-1]).parent / "cost.json"
+    if cost_file.is_file():
+        tracking.log_file(client, run_id, cost_file, "annotation")
+    if clusters_json and Path(clusters_json).is_file():
+        tracking.log_params(client, run_id, _cluster_params(clusters_json))
+        tracking.log_file(client, run_id, Path(clusters_json), "clusters")
+    return cost
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
@@ -178,6 +244,7 @@ COMPARED = (
     "test_wrong_reason_share_deeplift",
     "test_wrong_reason_share_gradcam",
     "test_wrong_reason_share_inputgrad",
+    "annotator_seconds",
 )
 
 
@@ -197,6 +264,7 @@ def compare_models(project: str, runs: dict[str, str]) -> list[dict]:
                 **{m: round(metrics[m], 4) for m in COMPARED if m in metrics},
             }
         )
+    rows = cost_columns(rows)
     create_table_artifact(
         table=rows,
         key="baseline-champion-candidate",

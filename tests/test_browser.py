@@ -146,7 +146,13 @@ def pushed(tmp_path_factory, env):
         wait={"mode": "resume", "target_fraction": ANSWERED / K},
     )
     first = feedback_round_flow(str(project))
-    assert first == {"round": 1, "status": "waiting", "annotated": 0, "total": K}
+    assert first == {
+        "round": 1,
+        "status": "waiting",
+        "annotated": 0,
+        "total": K,
+        "what": "annotations",
+    }
     client = ls.connect()
     project_id = ls.pushed_rounds(client, TITLE).project_id
     tasks = {t["image_id"]: t["task_id"] for t in ls.round_task_data(client, project_id, 1)}

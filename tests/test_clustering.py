@@ -133,7 +133,7 @@ def test_a_cluster_round_queries_one_representative_per_cluster(tmp_path):
     exclude = np.zeros(len(pool), dtype=bool)
     exclude[:5] = True
     cfg = QueryConfig(strategy="cluster", k=3, cluster_pool=120, clusters_max=6)
-    chosen = cluster_round(model, data, probs, exclude, cfg, tmp_path)
+    chosen, extras = cluster_round(model, data, probs, exclude, cfg, tmp_path)
     record = json.loads((tmp_path / "clusters.json").read_text())
     assert len(chosen) == min(3, record["k"]) and len(set(chosen)) == len(chosen)
     assert not exclude[chosen].any()

@@ -339,4 +339,4 @@ def test_the_annotation_budget_counts_answers_and_annotator_seconds(tmp_path):
     )
     second = write_feedback(tmp_path / "round-2", {"img-0": queries["img-0"]}, masks, {}, [], {})
     budget = annotation_budget([str(first), str(second)])
-    assert budget == {"answers": 4, "annotator_seconds": 15.5}
+    assert budget == {"answers": 4, "reviews": 0, "annotator_seconds": 15.5}

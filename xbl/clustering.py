@@ -316,3 +316,25 @@ def mask_agreement(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]
         "recall": float(hit / true) if true else float("nan"),
         "iou": float(hit / union) if union else float("nan"),
     }
+
+
+# ---------------------------------------------------------------- which carried masks train
+SCOPES = ("all", "none", "review")  # a cluster answer applies to all members, none, or after review
+CONFIDENT, REVIEW, DROPPED = "confident", "review", "dropped"
+
+
+def triage(carried: Propagated, scope: str, confidence: float) -> np.ndarray:
+    """Per member, what happens to its carried mask: `confident` trains directly, `review` goes
+    to a one-click review, `dropped` is not used. "all": confident masks train and the doubtful
+    ones are reviewed; "review": every mask is reviewed; "none": nothing is carried. An empty
+    mask (the concept was not found) is never shown: there is nothing to judge."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose one of {list(SCOPES)}")
+    found = carried.masks.any(axis=(1, 2))
+    status = np.full(len(found), DROPPED, dtype=object)
+    if scope == "none":
+        return status
+    status[found] = REVIEW
+    if scope == "all":
+        status[carried.confident(confidence)] = CONFIDENT
+    return status

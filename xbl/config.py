@@ -135,10 +135,22 @@ class QueryConfig(_Section):
     cluster_pool: int | None = None
     clusters_max: int = 10
     cluster_selection: str = field(default="eigengap", metadata=_choices(*K_SELECTION))
+    # carrying a cluster answer to the members (bench/cluster.py chose both on audit): the
+    # concept strength that makes a member's pixel "ignore", and the confidence a member's mask
+    # needs to train without review; members shown per cluster task in its montage
+    propagation_threshold: float = 0.8
+    review_confidence: float = 0.5
+    montage_members: int = 16
 
     def check(self) -> None:
         _positive("query.k", self.k)
         _positive("query.clusters_max", self.clusters_max)
+        _positive("query.montage_members", self.montage_members)
+        for key in ("propagation_threshold", "review_confidence"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(
+                    f"query.{key} is {getattr(self, key)}; allowed: a number in [0, 1]"
+                )
         if self.cluster_pool is not None:
             _positive("query.cluster_pool", self.cluster_pool)
         _positive("query.grid_cell", self.grid_cell)
@@ -153,6 +165,16 @@ class LabelStudioConfig(_Section):
     project_prefix: str = "xbl"
     annotator: str = field(default="oracle", metadata=_choices("oracle", "human"))
     oracle_overlap: float = 0.1
+    # the oracle's answer on a cluster task that marked something: all members (confident
+    # masks train, doubtful ones go to review) | review (every member's mask is reviewed)
+    oracle_scope: str = field(default="all", metadata=_choices("all", "review"))
+    # the oracle's modelled seconds per action, recorded as its lead time (docs/methods.md,
+    # "Annotation cost"): open and read a task, relabel a region, scan a cluster's montage and
+    # choose, review one carried mask
+    oracle_task_s: float = 8.0
+    oracle_region_s: float = 2.0
+    oracle_montage_s: float = 10.0
+    oracle_review_s: float = 3.0
 
     def check(self) -> None:
         if not 0 <= self.oracle_overlap <= 1:
@@ -160,6 +182,20 @@ class LabelStudioConfig(_Section):
                 f"labelstudio.oracle_overlap is {self.oracle_overlap}; "
                 "allowed: a fraction in [0, 1]"
             )
+        for key in ("oracle_task_s", "oracle_region_s", "oracle_montage_s", "oracle_review_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(
+                    f"labelstudio.{key} is {getattr(self, key)}; allowed: 0 or more seconds"
+                )
+
+    def oracle_time_model(self) -> dict[str, float]:
+        """Seconds per action of the simulated annotator, as `oracle_seconds` takes them."""
+        return {
+            "task": self.oracle_task_s,
+            "region": self.oracle_region_s,
+            "montage": self.oracle_montage_s,
+            "review": self.oracle_review_s,
+        }
 
 
 @dataclass(frozen=True)

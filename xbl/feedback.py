@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote
@@ -132,7 +133,10 @@ MANIFEST_FIELDS = [
     "kept_pixels",
     "rating",
     "annotator_seconds",
+    "source",  # answer (the annotator's own) | propagated (a confident carried mask) | reviewed
+    "confidence",  # a carried mask's confidence (empty for answers)
 ]
+SOURCES = ("answer", "propagated", "reviewed")
 
 
 def mask_file_name(image_id: str) -> str:
@@ -158,12 +162,15 @@ def write_feedback(
     problems: list[str],
     keep: dict,
     seconds: dict | None = None,
+    sources: dict | None = None,
+    confidence: dict | None = None,
 ) -> Path:
     """masks/<name> (W, 255 = ignore) and keep/<name> (255 = kept as evidence), named by
     `mask_file_name`, manifest.csv and problems.txt in `out`; images that are not among the
     round's `queries` are skipped. An image missing from `keep` kept nothing; `seconds` is the
-    annotator's time per image, kept so a round's cost travels with its masks."""
-    seconds = seconds or {}
+    annotator's time per image, kept so a round's cost travels with its masks; `sources` says
+    where a mask came from (default: the annotator's answer), `confidence` a carried mask's."""
+    seconds, sources, confidence = seconds or {}, sources or {}, confidence or {}
     for folder in ("masks", "keep"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.csv"
@@ -188,6 +195,10 @@ def write_feedback(
                     "kept_pixels": int(kept.sum()),
                     "rating": ratings.get(image_id) or "",
                     "annotator_seconds": round(float(seconds.get(image_id, 0.0)), 3),
+                    "source": sources.get(image_id, SOURCES[0]),
+                    "confidence": (
+                        round(float(confidence[image_id]), 4) if image_id in confidence else ""
+                    ),
                 }
             )
     (out / "problems.txt").write_text("".join(f"{p}\n" for p in problems))
@@ -217,16 +228,60 @@ def read_feedback(
     return np.array(indices), np.stack(masks), np.stack(kept), ratings
 
 
+COST_FILE = "cost.json"  # beside a round's manifest: every task the round cost, answered or not
+
+
+def task_cost(kind: str, image_id: str, seconds: float, regions: int = 0) -> dict:
+    """One annotator task as the cost record keeps it: kind is image, cluster or review."""
+    return {"task": kind, "image_id": image_id, "seconds": float(seconds), "regions": int(regions)}
+
+
+def round_cost(tasks: list[dict]) -> dict:
+    """A round's annotator actions and seconds (Label Studio's lead time) from its tasks."""
+    reviews = sum(t["task"] == "review" for t in tasks)
+    seconds = float(sum(t["seconds"] for t in tasks))
+    return {
+        "tasks_opened": len(tasks),
+        "answers": len(tasks) - reviews,
+        "members_reviewed": reviews,
+        "regions_relabelled": int(sum(t["regions"] for t in tasks)),
+        "annotator_seconds": seconds,
+        "seconds_per_task": seconds / len(tasks) if tasks else 0.0,
+    }
+
+
+def write_cost(out: Path, tasks: list[dict], extra: dict | None = None) -> Path:
+    """cost.json in the round's feedback folder: the summary, `extra` facts, and each task."""
+    path = out / COST_FILE
+    path.write_text(json.dumps({**round_cost(tasks), **(extra or {}), "per_task": tasks}, indent=1))
+    return path
+
+
+def read_cost(manifest: str | Path) -> dict:
+    """The cost record beside a round's manifest (an empty round's when there is none)."""
+    path = Path(manifest).parent / COST_FILE
+    return json.loads(path.read_text()) if path.is_file() else round_cost([])
+
+
 def annotation_budget(manifests: list[str]) -> dict[str, float]:
-    """What the annotations so far cost: answers, and the annotators' seconds as Label Studio
-    timed them (0 for rounds collected before the time was kept, and for the simulated one)."""
-    answers, seconds = 0, 0.0
+    """What the annotations so far cost: answers, reviews, and the annotators' seconds as Label
+    Studio timed them (the simulated annotator's modelled time). A round with a cost record
+    counts every task it cost, a rejected review too; an older round counts its manifest's
+    answers (0 seconds where the time was not kept yet)."""
+    answers, reviews, seconds = 0, 0, 0.0
     for manifest in manifests:
+        cost = Path(manifest).parent / COST_FILE
+        if cost.is_file():
+            record = json.loads(cost.read_text())
+            answers += record["answers"]
+            reviews += record["members_reviewed"]
+            seconds += record["annotator_seconds"]
+            continue
         with open(manifest, newline="") as fh:
             for row in csv.DictReader(fh):
                 answers += 1
                 seconds += float(row.get("annotator_seconds") or 0.0)
-    return {"answers": answers, "annotator_seconds": seconds}
+    return {"answers": answers, "reviews": reviews, "annotator_seconds": seconds}
 
 
 def finished_rounds(project: Path) -> list[Path]:

@@ -11,6 +11,7 @@ an upscaled copy of the model's input; `height`, `width` and `cell` are in model
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import xml.etree.ElementTree as ET
@@ -26,6 +27,12 @@ RATINGS = ("good", "bad")
 RECTANGLES_NAME = "cells"
 BRUSH_NAME = "brush"
 IMAGE_NAME = "image"
+# a cluster task: does the answer on the representative hold for the cluster's members?
+APPLIES_NAME = "applies_to"
+APPLIES = {"all members": "all", "none": "none", "members after review": "review"}
+# a review task: one click on a mask carried to a member
+REVIEW_NAME = "review"
+REVIEW_CHOICES = ("accept", "reject")
 
 Cell = tuple[int, int]
 
@@ -35,11 +42,15 @@ def annotation_target(total: int, target_fraction: float) -> int:
     return max(1, int(np.ceil(target_fraction * total)))
 
 
-def labeling_config(labels: Sequence[str] = (IGNORE_LABEL, ATTENTION_LABEL)) -> str:
+def labeling_config(
+    labels: Sequence[str] = (IGNORE_LABEL, ATTENTION_LABEL), cluster: bool = False
+) -> str:
     """The annotator's interface: image and explanation side by side, the model's top cells
     pre-drawn as `labels[1]` rectangles on the image; relabel (or paint) what to ignore as
     `labels[0]`; cells left as `labels[1]`, and regions drawn or painted as `labels[1]`, are
-    the evidence the model should look at."""
+    the evidence the model should look at. `cluster`: the image is a cluster's representative;
+    a montage of members follows, and the answer says whom it applies to (Label Studio wants
+    every key of the config in every task, so cluster rounds use this variant)."""
     ignore, attention = labels
     return f"""<View>
   <Header value="Which outlined cells should the model ignore?"/>
@@ -66,9 +77,39 @@ def labeling_config(labels: Sequence[str] = (IGNORE_LABEL, ATTENTION_LABEL)) -> 
   <Choices name="{RATING_NAME}" toName="{IMAGE_NAME}" choice="single" showInline="true">
     <Choice value="{RATINGS[0]}"/>
     <Choice value="{RATINGS[1]}"/>
-  </Choices>
+  </Choices>{_cluster_part() if cluster else ""}
   <TextArea name="comment" toName="{IMAGE_NAME}" placeholder="Comment (optional)" rows="2"
             maxSubmissions="1"/>
+</View>"""
+
+
+def _cluster_part() -> str:
+    """The members' montage beside the question whom the answer applies to, so both stay in
+    view under the representative."""
+    choices = "".join(f'\n        <Choice value="{value}"/>' for value in APPLIES)
+    return f"""
+  <View style="display: flex; gap: 1em; align-items: flex-start;">
+    <View style="flex: 1;">
+      <Header value="Members of this cluster (a sample), with the model's explanation" size="6"/>
+      <Image name="montage" value="$montage"/>
+    </View>
+    <View style="flex: 1;">
+      <Header value="What you marked to ignore applies to:" size="6"/>
+      <Choices name="{APPLIES_NAME}" toName="{IMAGE_NAME}" choice="single">{choices}
+      </Choices>
+    </View>
+  </View>"""
+
+
+def review_labeling_config() -> str:
+    """A review task: one member with the mask carried to it drawn in red; one click."""
+    choices = "".join(f'<Choice value="{value}"/>' for value in REVIEW_CHOICES)
+    return f"""<View>
+  <Header value="Should the model ignore the red region here, as in the cluster's answer?"/>
+  <Text name="summary" value="$summary"/>
+  <Image name="{IMAGE_NAME}" value="$image"/>
+  <Choices name="{REVIEW_NAME}" toName="{IMAGE_NAME}" choice="single" showInline="true"
+           required="true">{choices}</Choices>
 </View>"""
 
 
@@ -102,7 +143,72 @@ def task_payload(query: dict) -> dict:
             f"entropy {entropy:.3f}"
         ),
     }
+    if "members" in query:  # a cluster's representative: its members and their montage
+        data.update(
+            montage=query["montage_url"],
+            cluster=int(query["cluster"]),
+            members=[str(m) for m in query["members"]],
+        )
+        data["summary"] += (
+            f" · represents cluster {query['cluster']} ({len(query['members'])} images)"
+        )
     return {"data": data}
+
+
+def encode_mask(mask: np.ndarray) -> str:
+    """A boolean mask as compact text (base64 of its packed bits) to travel in task data."""
+    return base64.b64encode(np.packbits(np.asarray(mask, dtype=bool).ravel())).decode()
+
+
+def decode_mask(text: str, height: int, width: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))
+    return bits[: height * width].reshape(height, width).astype(bool)
+
+
+def review_payload(member: dict) -> dict:
+    """One review task (its `data`): a member, the mask carried to it, where it came from."""
+    data = {
+        key: member[key]
+        for key in ("image_id", "round", "representative", "cluster", "height", "width", "mask")
+    }
+    data.update(
+        image=member["image_url"],
+        confidence=float(member["confidence"]),
+        summary=(
+            f"image {member['image_id']} · round {int(member['round'])} · carried from "
+            f"{member['representative']} (cluster {member['cluster']}) · confidence "
+            f"{float(member['confidence']):.2f}"
+        ),
+    )
+    return {"data": data}
+
+
+def _choice(result: list[dict], name: str) -> str | None:
+    for region in result or []:
+        if region.get("type") == "choices" and region.get("from_name") == name:
+            choices = (region.get("value") or {}).get("choices") or []
+            return str(choices[0]) if choices else None
+    return None
+
+
+def applies_to(result: list[dict]) -> str | None:
+    """A cluster answer's scope: all, none or review; None when the annotator chose nothing."""
+    return APPLIES.get(_choice(result, APPLIES_NAME))
+
+
+def review_verdict(result: list[dict]) -> bool | None:
+    """True for accept, False for reject, None when the review says neither."""
+    choice = _choice(result, REVIEW_NAME)
+    return None if choice is None else choice == REVIEW_CHOICES[0]
+
+
+def relabelled_regions(result: list[dict]) -> int:
+    """Regions the annotator labelled "ignore": the actions a cost model counts."""
+    return sum(
+        IGNORE_LABEL in ((region.get("value") or {}).get(region.get("type")) or [])
+        for region in result or []
+        if region.get("type") in ("rectanglelabels", "brushlabels")
+    )
 
 
 def cell_region_id(row: int, col: int) -> str:
@@ -390,10 +496,13 @@ def oracle_annotation(
     width: int,
     relevance_mask: np.ndarray,
     max_overlap: float,
+    scope: str | None = None,
 ) -> list[dict]:
     """The result a person would submit: each shown cell relabelled "ignore" or kept as
     "model attention" (so the kept cells are the shown ones on the evidence, and become the
-    keep mask), and the explanation rated "good" only when nothing is to be ignored."""
+    keep mask), and the explanation rated "good" only when nothing is to be ignored. On a
+    cluster task (`scope` given: all or review) the answer applies to the members in that
+    scope when something was marked, to none when nothing was."""
     cells = [(int(r), int(c)) for r, c in cells]
     ignored = set(oracle_ignore_cells(cells, cell, relevance_mask, max_overlap))
     result = [
@@ -411,4 +520,39 @@ def oracle_annotation(
             "value": {"choices": [RATINGS[1] if ignored else RATINGS[0]]},
         }
     )
+    if scope is not None:
+        said = {v: k for k, v in APPLIES.items()}[scope if ignored else "none"]
+        result.append(_choice_region(APPLIES_NAME, said))
     return result
+
+
+def _choice_region(name: str, value: str) -> dict:
+    return {
+        "id": name,
+        "from_name": name,
+        "to_name": IMAGE_NAME,
+        "type": "choices",
+        "value": {"choices": [value]},
+    }
+
+
+def oracle_accepts(mask: np.ndarray, relevance_mask: np.ndarray, max_overlap: float) -> bool:
+    """The simulated reviewer's click: accept a nonempty carried mask when at most
+    `max_overlap` of it lies on the evidence (the rule it applies to cells)."""
+    mask = np.asarray(mask, dtype=bool)
+    on_evidence = (mask & np.asarray(relevance_mask, dtype=bool)).sum()
+    return bool(mask.any() and on_evidence <= max_overlap * mask.sum())
+
+
+def review_result(accept: bool) -> list[dict]:
+    return [_choice_region(REVIEW_NAME, REVIEW_CHOICES[0 if accept else 1])]
+
+
+def oracle_seconds(seconds: dict[str, float], kind: str, relabelled: int = 0) -> float:
+    """The simulated annotator's time on one task by the per-action time model (docs/methods.md,
+    "Annotation cost"): `task` to open and read an image task, plus `region` per region
+    relabelled, plus `montage` on a cluster task; `review` per review task."""
+    if kind == "review":
+        return float(seconds["review"])
+    extra = seconds["montage"] if kind == "cluster" else 0.0
+    return float(seconds["task"] + seconds["region"] * relabelled + extra)

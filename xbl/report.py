@@ -81,15 +81,39 @@ def report_columns(roles: dict[str, str]) -> dict[str, str]:
     return {" = ".join(names): run_id for run_id, names in by_run.items()}
 
 
+def cost_columns(table: list[dict]) -> list[dict]:
+    """Beside each feedback model's annotator seconds (every round it learnt from), the audit
+    accuracy it gained over the baseline per annotator minute: what an annotation buys. The
+    baseline's row names the baseline (alone or with another role)."""
+    base = next((r for r in table if r["role"].split(" = ")[0] == "baseline"), None)
+    out = []
+    for row in table:
+        row = dict(row)
+        seconds = row.get("annotator_seconds") or 0.0
+        if (
+            base is not None
+            and seconds > 0
+            and "audit_accuracy" in row
+            and "audit_accuracy" in base
+        ):
+            gain = row["audit_accuracy"] - base["audit_accuracy"]
+            row["audit_gain_per_annotator_minute"] = round(gain / (seconds / 60.0), 4)
+        out.append(row)
+    return out
+
+
 def _verdict(promotion: dict) -> str:
     return "candidate promoted" if promotion["promoted"] else "champion kept"
 
 
 def _budget_line(budget: dict) -> str:
     minutes = budget["annotator_seconds"] / 60
+    reviews = budget.get("reviews", 0)
     return (
-        f"Annotation budget so far: {budget['answers']} answers, {minutes:.1f} annotator minutes "
-        "(Label Studio's lead time; 0 for simulated answers)."
+        f"Annotation budget so far: {budget['answers']} answers"
+        + (f", {reviews} reviews" if reviews else "")
+        + f", {minutes:.1f} annotator minutes (Label Studio's lead time; for the simulated "
+        "annotator, its time model)."
     )
 
 

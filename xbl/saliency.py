@@ -211,13 +211,16 @@ def _heatmap(attr: np.ndarray) -> np.ndarray:
 
 def image_png(image: torch.Tensor | np.ndarray, path: str | Path, scale: int = 10) -> Path:
     """Write the image alone, upscaled by `scale` (nearest) so a 28 px digit is visible."""
+    return _save_rgb(_upscale(_rgb(image), scale), path)
+
+
+def _rgb(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(C,H,W) -> float (H,W,3) in [0,1]; greyscale is repeated on the three channels."""
     arr = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
     if arr.ndim == 3 and arr.shape[0] == 3:
         rgb = np.moveaxis(arr, 0, -1)
-        rgb = rgb.astype(np.float64) / 255.0 if rgb.dtype == np.uint8 else np.clip(rgb, 0.0, 1.0)
-    else:
-        rgb = np.repeat(_gray(arr)[..., None], 3, axis=-1)
-    return _save_rgb(_upscale(rgb, scale), path)
+        return rgb.astype(np.float64) / 255.0 if rgb.dtype == np.uint8 else np.clip(rgb, 0.0, 1.0)
+    return np.repeat(_gray(arr)[..., None], 3, axis=-1)
 
 
 def overlay_png(
@@ -242,6 +245,51 @@ def overlay_png(
         box = (col * side, row * side, (col + 1) * side - 1, (row + 1) * side - 1)
         draw.rectangle(box, outline=OUTLINE_RGB, width=max(1, scale // 4))
     return _save(canvas, path)
+
+
+def montage_png(
+    images: np.ndarray,
+    attr: torch.Tensor | np.ndarray,
+    path: str | Path,
+    cols: int = 4,
+    tile: int = 140,
+    alpha: float = 0.5,
+) -> Path:
+    """Members of a cluster at a glance: each image blended with its heat map, in a grid of
+    `cols` tiles of about `tile` px, so one look shows whether they share what the model uses."""
+    attr = attr.detach().cpu().numpy() if torch.is_tensor(attr) else np.asarray(attr)
+    height, width = np.asarray(images).shape[-2:]
+    scale = max(1, tile // max(height, width))
+    rows = -(-len(attr) // cols)
+    gap = 4
+    side_h, side_w = height * scale + gap, width * scale + gap
+    canvas = Image.new("RGB", (cols * side_w - gap, max(rows, 1) * side_h - gap), "white")
+    for j, (image, a) in enumerate(zip(images, attr, strict=True)):
+        rgb = (1 - alpha) * _gray(image)[..., None] + alpha * _heatmap(a)
+        tile_img = Image.fromarray(_to_uint8(_upscale(rgb, scale)))
+        canvas.paste(tile_img, ((j % cols) * side_w, (j // cols) * side_h))
+    return _save(canvas, path)
+
+
+def mask_png(
+    image: torch.Tensor | np.ndarray,
+    mask: np.ndarray,
+    path: str | Path,
+    scale: int = 10,
+    alpha: float = 0.45,
+) -> Path:
+    """The image with a proposed "ignore" mask tinted red and outlined: what a reviewer judges."""
+    mask = np.asarray(mask, dtype=bool)
+    rgb = _rgb(image).copy()
+    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * np.array([1.0, 0.0, 0.0])
+    big = _upscale(rgb, scale)
+    edge = _upscale(mask.astype(np.uint8), scale).astype(bool)
+    inner = edge.copy()
+    inner[1:-1, 1:-1] = (
+        edge[1:-1, 1:-1] & edge[:-2, 1:-1] & edge[2:, 1:-1] & edge[1:-1, :-2] & edge[1:-1, 2:]
+    )
+    big[edge & ~inner] = (1.0, 0.0, 0.0)
+    return _save_rgb(big, path)
 
 
 def _to_uint8(rgb: np.ndarray) -> np.ndarray:
