@@ -73,13 +73,17 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 # The benchmarks write bench/results/*.{json,md,png}; on 2 CPU cores efficacy takes ~40 min, cost more
-# than an hour (its last full run did not finish), stream ~10 min and cluster ~15 min.
+# than an hour (its last full run did not finish), stream ~10 min; propagation runs decoy-digits and
+# decoy-lesions side by side (one core each, ~35 min; each writes its part, the report joins them).
 bench: setup
 	$(PY) -m bench.throughput
 	$(PY) -m bench.stream
 	$(PY) -m bench.cost
 	$(PY) -m bench.efficacy
-	$(PY) -m bench.cluster
+	$(PY) -m bench.propagation --datasets decoy-digits & \
+	$(PY) -m bench.propagation --datasets decoy-lesions --tasks 1,5,10 --candidates 0,1,4 \
+		--imperfect-strategies random; wait
+	$(PY) -m bench.propagation --report-only
 
 bench-quick: setup
 	$(PY) -m bench.efficacy --quick --out-dir bench/results/quick
