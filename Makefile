@@ -74,15 +74,17 @@ lint: setup
 
 # The benchmarks write bench/results/*.{json,md,png}; on 2 CPU cores efficacy takes ~40 min, cost more
 # than an hour (its last full run did not finish), stream ~10 min; propagation runs decoy-digits and
-# decoy-lesions side by side (one core each, ~35 min; each writes its part, the report joins them).
+# decoy-lesions side by side (one core each, ~22 min on shared cores, settings cut to fit; each
+# writes its part, the report joins them; the defaults run the full grid).
 bench: setup
 	$(PY) -m bench.throughput
 	$(PY) -m bench.stream
 	$(PY) -m bench.cost
 	$(PY) -m bench.efficacy
-	$(PY) -m bench.propagation --datasets decoy-digits & \
-	$(PY) -m bench.propagation --datasets decoy-lesions --tasks 1,5,10 --candidates 0,1,4 \
-		--imperfect-strategies random; wait
+	$(PY) -m bench.propagation --datasets decoy-digits --tasks 5 --lean-tasks 1 --candidates 0,4 \
+		--imperfect wrong --imperfect-strategies random --no-reference & \
+	$(PY) -m bench.propagation --datasets decoy-lesions --lesion-seeds 0 --tasks 10 --lean-tasks 1 \
+		--candidates 0,4 --imperfect wrong --imperfect-strategies random; wait
 	$(PY) -m bench.propagation --report-only
 
 bench-quick: setup

@@ -34,13 +34,12 @@ the propagation (localisation, reach, τ) with the best mean audit recovery at t
 goal budget (5 tasks on decoy-digits, 10 on decoy-lesions) with the perfect annotator. The test
 split is read once, at the end, for the chosen propagation and the per-image strategies.
 
-    python -m bench.propagation                          # decoy-digits, 3 seeds, and
-    python -m bench.propagation --datasets decoy-lesions --tasks 1,5,10 --candidates 0,1,4 \
-        --imperfect-strategies random    # decoy-lesions, 2 seeds, cut to fit (run both at once
-                                         # on 2 cores: each writes its part, the report joins
-                                         # the parts present)
-    python -m bench.propagation --report-only            # join the parts present
-    python -m bench.propagation --quick --out-dir /tmp/p # a smoke run
+    python -m bench.propagation              # decoy-digits, 3 seeds (~25 min, 1 core)
+    python -m bench.propagation --datasets decoy-lesions --tasks 1,5,10 --candidates 0,4 \
+        --imperfect wrong --imperfect-strategies random    # decoy-lesions, 2 seeds, cut to fit
+    python -m bench.propagation --report-only  # join the parts present (each run writes its
+                                               # own: run the two side by side on 2 cores)
+    python -m bench.propagation --quick --out-dir /tmp/p   # a smoke run
 """
 
 from __future__ import annotations
@@ -427,7 +426,9 @@ def choose(contexts: list[SeedContext], cfg: dict, goal: int, log) -> Propagatio
 def settings_after(chosen: Propagation, cfg: dict, goal: int, pool: int) -> list[Setting]:
     """With the propagation fixed: every strategy at every budget (perfect annotator), the
     imperfect annotators at the goal budget, and every pool image answered (the reference)."""
-    out = [Setting("all", pool)]
+    out = [Setting("all", pool)] if cfg["reference"] else []
+    for tasks in cfg["lean_tasks"]:  # budgets cut to fit the time: cluster and random only
+        out += [Setting("cluster", tasks, propagation=chosen), Setting("random", tasks)]
     for annotator, rate in [("perfect", 0.0), *cfg["imperfect"]]:
         for tasks in cfg["tasks"] if annotator == "perfect" else [goal]:
             out += [
@@ -702,7 +703,9 @@ def plot(result: dict, path: Path) -> Path:
         ax.axhline(goal["share"], color="k", ls=":", lw=1)
         ax.axvline(goal["tasks"], color="k", ls=":", lw=1)
         ax.set_xscale("log")
-        ax.set_xticks(part["settings"]["tasks"], [str(t) for t in part["settings"]["tasks"]])
+        ticks = sorted({*part["settings"]["tasks"], *part["settings"].get("lean_tasks", [])})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("annotator tasks")
         ax.set_ylabel("test recovery (share of the gap)")
         ax.set_title(f"{part['dataset']} ({len(part['references'])} seeds)")
@@ -735,7 +738,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lesion-seeds", default="0,1")
     parser.add_argument("--lesions-per-class", type=int, default=300)
     parser.add_argument("--tasks", default=",".join(map(str, TASKS)))
+    parser.add_argument("--lean-tasks", default="", help="budgets with cluster and random only")
+    parser.add_argument("--no-reference", action="store_true", help="skip every-image answered")
     parser.add_argument("--candidates", default=None, help="indices into CANDIDATES (all)")
+    parser.add_argument("--imperfect", default="wrong,incomplete", help="kinds, at RATE")
     parser.add_argument(
         "--imperfect-strategies", default="entropy,random", help="per-image ones, beside cluster"
     )
@@ -753,11 +759,13 @@ def main(argv: list[str] | None = None) -> dict:
             "decoy-lesions": [int(s) for s in args.lesion_seeds.split(",")],
         },
         "tasks": [int(t) for t in args.tasks.split(",")],
+        "lean_tasks": [int(t) for t in args.lean_tasks.split(",") if t],
+        "reference": not args.no_reference,
         "goal_tasks": {ds: GOAL[ds][0] for ds in DATASETS},
         "candidates": [CANDIDATES[int(i)] for i in args.candidates.split(",")]
         if args.candidates
         else list(CANDIDATES),
-        "imperfect": [list(i) for i in IMPERFECT],
+        "imperfect": [list(i) for i in IMPERFECT if i[0] in args.imperfect.split(",")],
         "imperfect_strategies": args.imperfect_strategies.split(","),
         "digits_cell": 4,
         "lesion_size": 64,
