@@ -73,13 +73,19 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 # The benchmarks write bench/results/*.{json,md,png}; on 2 CPU cores efficacy takes ~40 min, cost more
-# than an hour (its last full run did not finish), stream ~10 min and cluster ~15 min.
+# than an hour (its last full run did not finish), stream ~10 min; propagation runs decoy-digits and
+# decoy-lesions side by side (one core each, ~22 min on shared cores, settings cut to fit; each
+# writes its part, the report joins them; the defaults run the full grid).
 bench: setup
 	$(PY) -m bench.throughput
 	$(PY) -m bench.stream
 	$(PY) -m bench.cost
 	$(PY) -m bench.efficacy
-	$(PY) -m bench.cluster
+	$(PY) -m bench.propagation --datasets decoy-digits --tasks 5 --lean-tasks 1 --candidates 0,4 \
+		--imperfect wrong --imperfect-strategies random --no-reference & \
+	$(PY) -m bench.propagation --datasets decoy-lesions --lesion-seeds 0 --tasks 10 --lean-tasks 1 \
+		--candidates 0,4 --imperfect wrong --imperfect-strategies random; wait
+	$(PY) -m bench.propagation --report-only
 
 bench-quick: setup
 	$(PY) -m bench.efficacy --quick --out-dir bench/results/quick

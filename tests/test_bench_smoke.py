@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from bench import cost, efficacy, lesions, throughput
+from bench import cost, efficacy, lesions, propagation, throughput
 from bench.common import Clicks, imperfect
 
 
@@ -183,3 +183,45 @@ def test_lesions_bench_chooses_on_audit_and_reads_test_once(tmp_path):
     test = result["test"]["per_seed"][0]
     assert set(test["methods"]) == {"rrr_output"}
     assert "## 3. The test split, once" in out.with_suffix(".md").read_text()
+
+
+def test_propagation_bench_counts_tasks_chooses_on_audit_and_reads_test_once(tmp_path):
+    out = tmp_path / "results"
+    args = ["--quick", "--tasks", "1,2", "--threads", "1", "--out-dir", str(out)]
+    propagation.main(
+        [*args, "--datasets", "decoy-digits,decoy-lesions", "--lesions-per-class", "12"]
+    )
+    result = json.loads((out / "propagation.json").read_text())
+    assert [p["dataset"] for p in result["parts"]] == ["decoy-digits", "decoy-lesions"]
+    for part in result["parts"]:
+        candidates = [propagation.Propagation(**c) for c in part["settings"]["candidates"]]
+        chosen = propagation.Propagation(
+            **{k: part["chosen"][k] for k in ("localisation", "reach", "threshold", "confidence")}
+        )
+        assert chosen in candidates
+        for row in part["rows"]:
+            assert "test_accuracy" not in row and 0.0 <= row["audit_accuracy"] <= 1.0
+            if row["strategy"] in ("entropy", "random", "all"):
+                assert row["trained_images"] == row["tasks"]  # one answer, one image
+            else:  # the tasks' answers and at most every other pool image carry a mask
+                assert row["tasks"] <= row["trained_images"] <= max(part["pool_images"])
+                assert row["carried_images"] == row["trained_images"] - row["tasks"]
+                for k in ("carried_precision", "carried_recall", "carried_iou"):
+                    assert row.get(k) is None or 0.0 <= row[k] <= 1.0
+                if not row["strategy"].endswith("review"):
+                    assert row["reviews"] == 0
+                # per task at most 8 concepts (one per shown cell), each a montage click
+                # and at most REVIEW_CAP clicks on its doubtful masks
+                assert row["reviews"] <= 8 * (1 + propagation.REVIEW_CAP) * row["tasks"]
+        # the test split: once per setting run after the choice, for every seed
+        tested = {(t["strategy"], t["tasks"], t["annotator"]) for t in part["tests"]}
+        strategies = {"cluster", "cluster +review", "entropy", "random"}
+        pool = part["pool_images"][0]
+        assert tested == {(s, n, "perfect") for s in strategies for n in (1, 2)} | {
+            (s, 2, "wrong") for s in strategies - {"entropy"}
+        } | {("all", pool, "perfect")}
+        assert all(0.0 <= t["test_accuracy"] <= 1.0 for t in part["tests"])
+        assert part["goal"]["tasks"] == 2 and isinstance(part["goal"]["met"], bool)
+    md = (out / "propagation.md").read_text()
+    assert "## decoy-lesions" in md and "| perfect | cluster | 1 |" in md
+    assert (out / "propagation.png").read_bytes()[:4] == b"\x89PNG"
