@@ -225,3 +225,14 @@ def test_propagation_bench_counts_tasks_chooses_on_audit_and_reads_test_once(tmp
     md = (out / "propagation.md").read_text()
     assert "## decoy-lesions" in md and "| perfect | cluster | 1 |" in md
     assert (out / "propagation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_feedback_epoch_faster_than_plain_marks_the_timings_invalid():
+    rows = [
+        {"model": "m", "method": "plain", "ratio_to_plain": 1.0},
+        {"model": "m", "method": "rrr_output", "ratio_to_plain": 1.3},
+    ]
+    assert cost.timing_valid(rows, "m")
+    rows.append({"model": "m", "method": "rrr", "ratio_to_plain": 0.8})  # less work than none
+    assert not cost.timing_valid(rows, "m")
+    assert cost.timing_valid(rows, "another model")
