@@ -16,7 +16,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 
 .PHONY: setup labelstudio-install labelstudio-start labelstudio-stop demo baseline test lint \
         test-team-faults \
-        bench bench-quick server-start server-stop webhook clean clean-all
+        bench bench-quick bench-lesions server-start server-stop webhook clean clean-all
 
 setup: $(STAMP)
 
@@ -72,8 +72,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The benchmarks write bench/results/*.{json,md,png}; on 2 CPU cores efficacy takes ~40 min, cost more
-# than an hour (its last full run did not finish), stream ~10 min; propagation runs decoy-digits and
+# The benchmarks write bench/results/*.{json,md,png}; on 2 CPU cores efficacy takes ~40 min, cost
+# about 75 min (timings need a quiet machine: bench/cost.py flags a disturbed table), stream ~10 min; propagation runs decoy-digits and
 # decoy-lesions side by side (one core each, ~22 min on shared cores, settings cut to fit; each
 # writes its part, the report joins them; the defaults run the full grid).
 bench: setup
@@ -86,6 +86,10 @@ bench: setup
 	$(PY) -m bench.propagation --datasets decoy-lesions --lesion-seeds 0 --tasks 10 --lean-tasks 1 \
 		--candidates 0,4 --imperfect wrong --imperfect-strategies random; wait
 	$(PY) -m bench.propagation --report-only
+
+# decoy-lesions with a ResNet-18 (bench/lesions.py): about an hour per seed on 2 quiet CPU cores
+bench-lesions: setup
+	$(PY) -m bench.lesions
 
 bench-quick: setup
 	$(PY) -m bench.efficacy --quick --out-dir bench/results/quick
