@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         seeds, methods, args.repeats = seeds[:1], [default, "counterexamples"], 1
     models = [m for m in args.models.split(",") if m in MODELS]
+    earlier = json.loads(Path(args.efficacy_from).read_text()) if args.efficacy_from else None
     result, seconds = timed(
         run,
         seeds,
@@ -415,19 +416,15 @@ def main(argv: list[str] | None = None) -> dict:
         args.epochs,
         args.repeats,
         args.train_epochs,
-        json.loads(Path(args.efficacy_from).read_text()) if args.efficacy_from else None,
+        earlier,
     )
-    if args.efficacy_from:  # say where the recoveries come from
-        result["efficacy_from"] = {"file": args.efficacy_from, "date": reuse_date(args)}
+    if earlier:  # say where the recoveries come from
+        result["efficacy_from"] = {"file": args.efficacy_from, "date": earlier["machine"]["date"]}
     result["seconds"] = seconds
     out = write_json(Path(args.out), result)
     out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     return result
-
-
-def reuse_date(args) -> str:
-    return json.loads(Path(args.efficacy_from).read_text())["machine"]["date"]
 
 
 def run(

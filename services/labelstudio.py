@@ -393,14 +393,18 @@ def round_progress(client: LabelStudioClient, project_id: int, round_: int) -> t
     return sum(1 for t in tasks if (t.total_annotations or 0) > 0), len(tasks)
 
 
+def _latest_annotations(client: LabelStudioClient, project_id: int, round_: int):
+    """(task, its latest submitted annotation) for each annotated task of the round."""
+    for task in _round_tasks(client, project_id, round_, fields="all"):
+        done = _done_annotations(task)
+        if done:
+            yield task, max(done, key=lambda a: (str(_field(a, "updated_at")), _field(a, "id")))
+
+
 def collect_annotations(client: LabelStudioClient, project_id: int, round_: int) -> list[dict]:
     """The latest submitted (not cancelled) annotation of each annotated task in the round."""
     out = []
-    for task in _round_tasks(client, project_id, round_, fields="all"):
-        done = _done_annotations(task)
-        if not done:
-            continue
-        latest = max(done, key=lambda a: (str(_field(a, "updated_at")), _field(a, "id")))
+    for task, latest in _latest_annotations(client, project_id, round_):
         out.append(
             {
                 "image_id": str(task.data["image_id"]),
@@ -535,11 +539,7 @@ def collect_reviews(client: LabelStudioClient, project_id: int, round_: int) -> 
     """The round's answered reviews: member, verdict (True accept, False reject, None
     neither), the carried mask, its confidence and the reviewer's seconds."""
     out = []
-    for task in _round_tasks(client, project_id, round_, fields="all"):
-        done = _done_annotations(task)
-        if not done:
-            continue
-        latest = max(done, key=lambda a: (str(_field(a, "updated_at")), _field(a, "id")))
+    for task, latest in _latest_annotations(client, project_id, round_):
         data = task.data
         out.append(
             {
