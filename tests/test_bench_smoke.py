@@ -134,14 +134,24 @@ def test_cost_writes_ratios_beside_recoveries_for_every_schedule(tmp_path):
     marked = [g["schedule"] for g in result["goals"] if g["default"]]
     assert marked == ["16 every 4th step"] and "16 every 4th step (default)" in text
 
-    # timing again reuses the recoveries instead of retraining, and says so
+    # timing again reuses the recoveries instead of retraining, and says so; a schedule the
+    # earlier run lacks is retrained, and only it
+    newest = schedules[-1]
+    earlier = {**result, "efficacy": [r for r in result["efficacy"] if r["schedule"] != newest]}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
     again = tmp_path / "again.json"
-    args = ["--quick", "--epochs", "1", "--fractions", "0.02,1.0", "--models", "small_cnn"]
-    cost.main([*args, "--efficacy-from", str(out), "--out", str(again)])
+    args = ["--quick", "--epochs", "1", "--train-epochs", "1", "--fractions", "0.02,1.0"]
+    cost.main(
+        [*args, "--models", "small_cnn", "--efficacy-from", str(tmp_path / "earlier.json")]
+        + ["--out", str(again)]
+    )
     reused = json.loads(again.read_text())
-    assert reused["efficacy"] == result["efficacy"]
+    assert reused["efficacy"][: len(earlier["efficacy"])] == earlier["efficacy"]
+    retrained = reused["efficacy"][len(earlier["efficacy"]) :]
+    assert {(r["method"], r["schedule"]) for r in retrained} == {(default, newest)}
+    assert reused["efficacy_from"]["retrained"] == [f"{default}, {newest}"]
     assert reused["efficacy_from"]["date"] == result["machine"]["date"]
-    assert str(out) in again.with_suffix(".md").read_text()
+    assert "earlier.json" in again.with_suffix(".md").read_text()
 
 
 def test_a_schedule_keeps_the_expected_term_of_16_images_per_step():
