@@ -79,6 +79,7 @@ def test_left_out_sections_and_keys_take_the_defaults():
         ({"feedback": {"lr": 0}}, ["feedback.lr", "above 0"]),
         ({"wait": {"min_annotated": -1}}, ["wait.min_annotated", "0 or more"]),
         ({"schedule": {"cron": None}}, ["schedule.cron", "schedule.interval_s"]),
+        ({"data": {"image_size": 26}}, ["data.image_size (26)", "data.decoy_size (4)", "corner"]),
     ],
 )
 def test_a_bad_setting_names_key_value_and_what_is_allowed(params, named):

@@ -38,6 +38,12 @@ def test_loaded_arrays_stay_on_disk_and_read_back_exactly(stored):
         assert np.array_equal(b[3], a[3])
         assert np.array_equal(b[2:9], a[2:9])
         assert np.array_equal(b[mask], a[mask])
+        assert np.array_equal(b[-1], a[-1]) and np.array_equal(b[[-2, 1]], a[[-2, 1]])
+        assert np.array_equal(b[::7], a[::7]) and np.array_equal(b[9:2:-3], a[9:2:-3])
+        assert b[np.array([], dtype=int)].shape == a[np.array([], dtype=int)].shape
+        for bad in ([len(a)], [-len(a) - 1], mask[:-1]):
+            with pytest.raises(IndexError):
+                b[bad]
     for name in ("labels", "split", "ids", "classes"):
         assert np.array_equal(getattr(disk, name), getattr(memory, name))
 

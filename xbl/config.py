@@ -69,6 +69,14 @@ class DataConfig(_Section):
             raise ConfigError(
                 f"data.image_size is {self.image_size}; decoy-lesions needs at least 32 (try 64)"
             )
+        if (
+            self.dataset == "decoy-digits"
+            and self.image_size - self.digit_size < 2 * self.decoy_size
+        ):
+            raise ConfigError(
+                f"data.image_size ({self.image_size}) − data.digit_size ({self.digit_size}) is "
+                f"under 2 × data.decoy_size ({self.decoy_size}): no room for a decoy in a corner"
+            )
         if self.channels not in ("auto", 1, 3):
             raise ConfigError(f"data.channels is {self.channels!r}; allowed: auto, 1 or 3")
         if sorted(self.split) != ["test", "train", "val"]:

@@ -51,13 +51,30 @@ class DiskArray:
         return len(self.shape)
 
     def __getitem__(self, key) -> np.ndarray:
-        rows = np.arange(len(self))[key]  # an int, a slice, an index array or a boolean mask
+        """An int, a slice, an index array or a boolean mask, as numpy indexes rows."""
+        rows = self._positions(key)
         if rows.ndim == 0:
             return self._row(int(rows))
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         for j, r in enumerate(rows):
             out[j] = self._row(int(r))
         return out
+
+    def _positions(self, key) -> np.ndarray:
+        # not np.arange(len(self))[key]: that allocates the whole row range for every batch
+        n = len(self)
+        if isinstance(key, slice):
+            return np.arange(*key.indices(n))
+        key = np.asarray(key)
+        if key.dtype == bool:
+            if key.shape != (n,):
+                raise IndexError(f"{self.path}: a mask of {key.shape} for {n} rows")
+            return np.flatnonzero(key)
+        if not np.issubdtype(key.dtype, np.integer):
+            raise IndexError(f"{self.path}: rows are indexed by integers, not {key.dtype}")
+        if key.size and (key.min() < -n or key.max() >= n):
+            raise IndexError(f"{self.path}: a row index out of range for {n} rows")
+        return np.where(key < 0, key + n, key)
 
     def any(self, chunk: int = 1024) -> bool:
         """Whether any element is nonzero, read a chunk of rows at a time."""
