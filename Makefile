@@ -60,7 +60,7 @@ browser-install:
 	fi
 
 test: lint labelstudio-install browser-install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 # Load and faults on the team path (20 concurrent annotators, a killed worker, a PostgreSQL
 # restart): about 6 minutes, so not part of `make test`.

@@ -113,7 +113,7 @@ def test_cost_writes_ratios_beside_recoveries_for_every_schedule(tmp_path):
     schedules = [s.name for s in cost.SCHEDULES]
     rows = result["cost"]
     expected = [("plain", None, None)] + [
-        (m, f, s) for m in (default, "counterexamples") for f in (0.02, 1.0) for s in schedules
+        (m, f, s) for m in (default, "counterexamples") for s in schedules for f in (0.02, 1.0)
     ]
     assert [(r["method"], r["annotated_fraction"], r["schedule"]) for r in rows] == expected
     plain = rows[0]
