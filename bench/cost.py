@@ -85,6 +85,7 @@ SCHEDULES = (
     Schedule("16 every 12th step", 16, 12),
     # fewer images per term step: the term's cost per step is about linear in them
     Schedule("8 every 4th step", 8, 4),
+    Schedule("6 every 4th step", 6, 4),
     Schedule("4 every 4th step", 4, 4),
 )
 SPARSEST = "16 every 12th step"  # lost recovery on small_cnn: the ResNet is not timed on it

@@ -19,6 +19,7 @@ random); audit recovery = (audit acc − vanilla) / (clean − vanilla).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -194,13 +195,17 @@ def test_once(contexts, choices: dict) -> dict:
     return {"per_seed": out}
 
 
-def _ms(values, sign: bool = False) -> str:
+def _mean_std_text(values, sign: bool = False, spread: bool = True) -> str:
+    """mean ± std; the mean alone for one seed, whose std of 0 would read as a measured one."""
     mean, std = values if isinstance(values, tuple) else mean_std(values)
-    return "–" if not np.isfinite(mean) else f"{mean:{'+' if sign else ''}.2f} ± {std:.2f}"
+    if not np.isfinite(mean):
+        return "–"
+    return f"{mean:{'+' if sign else ''}.2f}" + (f" ± {std:.2f}" if spread else "")
 
 
 def markdown(result: dict) -> str:
     cfg, seeds = result["settings"], result["per_seed"]
+    _ms = functools.partial(_mean_std_text, spread=len(seeds) > 1)
     rows = [r for s in seeds for r in s["runs"]]
     ref = lambda k: _ms([s["reference"][k] for s in seeds])  # noqa: E731
     lines = [
@@ -241,6 +246,9 @@ def markdown(result: dict) -> str:
         "",
         "## 2. Interaction efficiency (audit recovery at the chosen setting)",
         "",
+        "In brackets: the share of the answered images whose mark the annotator marked (it can "
+        "mark only what the shown top cells cover).",
+        "",
         "| method | strategy | 25 | 100 |",
         "|---|---|---|---|",
     ]
@@ -249,12 +257,17 @@ def markdown(result: dict) -> str:
             cells = []
             for budget in (25, 100):
                 found = [
-                    r["audit_recovery"]
+                    r
                     for r in rows
                     if (r["method"], r["lam"], r["init"], r["strategy"], r["budget"])
                     == (m, c["lambda"], c["init"], strategy, budget)
                 ]
-                cells.append(_ms(found, True) if found else "not run")
+                marked = np.mean([r["decoy_marked"] for r in found]) if found else 0.0
+                cells.append(
+                    f"{_ms([r['audit_recovery'] for r in found], True)} ({marked:.0%})"
+                    if found
+                    else "not run"
+                )
             lines.append(f"| {m} | {strategy} | " + " | ".join(cells) + " |")
     test = result["test"]["per_seed"]
     lines += [
