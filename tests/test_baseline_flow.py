@@ -47,6 +47,10 @@ def test_baseline_run_is_tracked_with_its_data_version(baseline_run):
     assert [m.step for m in curve] == list(range(1, len(curve) + 1))
     best = min(m.value for m in curve)
     assert run.data.metrics["min_val_loss"] == pytest.approx(best)
+    # each epoch's training seconds, the price a reviewer weighs a feedback run by
+    seconds = client.get_metric_history(run.info.run_id, "curve/train_seconds")
+    assert [m.step for m in seconds] == [m.step for m in curve]
+    assert all(m.value > 0 for m in seconds)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"dvc.lock", "confusion_matrix.png"} <= artifacts
     assert run.data.params["lr"] == "0.001"
