@@ -153,7 +153,7 @@ def measure_cost(
             epoch_s[c].append(per_epoch)
             setup_s[c].append(setup)
     setup_s[plain_config] = [0.0]
-    plain = min(epoch_s[configs[0]])
+    plain = min(epoch_s[plain_config])
     return [
         {
             "model": model_name,
@@ -438,16 +438,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.train_epochs,
         earlier,
     )
+    retrained = result.pop("retrained")
     if earlier:  # say where the recoveries come from
-        before = {(r["method"], r["schedule"]) for r in earlier["efficacy"]}
         result["efficacy_from"] = {
             "file": args.efficacy_from,
             "date": earlier["machine"]["date"],
-            "retrained": sorted(
-                f"{m}, {s}"
-                for m, s in dict.fromkeys((r["method"], r["schedule"]) for r in result["efficacy"])
-                if (m, s) not in before
-            ),
+            "retrained": retrained,
         }
     result["seconds"] = seconds
     out = write_json(Path(args.out), result)
@@ -490,17 +486,15 @@ def run(
             RESNET_EPOCHS,
             repeats,
         )
+    earlier = reuse["efficacy"] if reuse else []
     schedules_for = _not_yet_measured(
-        {m: SCHEDULES if m == default else SCHEDULES[:1] for m in methods},
-        fractions,
-        reuse["efficacy"] if reuse else [],
+        {m: SCHEDULES if m == default else SCHEDULES[:1] for m in methods}, fractions, earlier
     )
     again = {(m, s.name) for m, schedules in schedules_for.items() for s in schedules}
-    kept = [
-        r for r in (reuse["efficacy"] if reuse else []) if (r["method"], r["schedule"]) not in again
-    ]
+    kept = [r for r in earlier if (r["method"], r["schedule"]) not in again]
     efficacy = kept + measure_efficacy(seeds, methods, fractions, schedules_for, train_epochs)
     return {
+        "retrained": sorted(f"{m}, {s}" for m, s in again),
         "machine": machine(),
         "settings": {
             "seeds": seeds,
