@@ -112,8 +112,10 @@ def test_cost_writes_ratios_beside_recoveries_for_every_schedule(tmp_path):
     default = result["settings"]["default_method"]
     schedules = [s.name for s in cost.SCHEDULES]
     rows = result["cost"]
+    # every schedule for the default method; today's and the pipeline's for the others
+    timed = {default: schedules, "counterexamples": [schedules[0], "16 every 4th step"]}
     expected = [("plain", None, None)] + [
-        (m, f, s) for m in (default, "counterexamples") for s in schedules for f in (0.02, 1.0)
+        (m, f, s) for m in timed for s in timed[m] for f in (0.02, 1.0)
     ]
     assert [(r["method"], r["annotated_fraction"], r["schedule"]) for r in rows] == expected
     plain = rows[0]
@@ -121,6 +123,10 @@ def test_cost_writes_ratios_beside_recoveries_for_every_schedule(tmp_path):
     for r in rows[1:]:
         ratio = r["seconds_per_epoch"] / plain["seconds_per_epoch"]
         assert r["ratio_to_plain"] == pytest.approx(ratio)
+        steps = r["steps_seconds_per_epoch"] / plain["steps_seconds_per_epoch"]
+        assert r["steps_ratio_to_plain"] == pytest.approx(steps)
+        # the training steps alone take less than the epoch with its validation pass
+        assert 0 < r["steps_seconds_per_epoch"] < r["seconds_per_epoch"]
         assert r["annotated_images"] == max(1, round(r["annotated_fraction"] * 1078))
     # every schedule's effect for the default method; today's for the others
     measured = {(r["method"], r["schedule"]) for r in result["efficacy"]}

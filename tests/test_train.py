@@ -14,7 +14,7 @@ from xbl.feedback import Feedback
 from xbl.losses import rrr_penalty
 from xbl.methods import METHODS, RRR, AnnotatedImages
 from xbl.models import SmallCNN
-from xbl.training_loop import FeedbackDiverged, mean_loss, training_loop
+from xbl.training_loop import FeedbackDiverged, _step_losses, mean_loss, training_loop
 
 N_CLASSES = 4
 
@@ -66,14 +66,14 @@ def _feedback(
 
 def _spy_on_rrr(monkeypatch, record) -> None:
     """Call `record(batch)` whenever the RRR term is computed (on the annotated images drawn)."""
-    real = RRR.loss
+    real = RRR.loss_and_logits
 
     def spy(self, model, batch):
-        term = real(self, model, batch)
+        term, logits = real(self, model, batch)
         record(batch, term)
-        return term
+        return term, logits
 
-    monkeypatch.setattr(RRR, "loss", spy)
+    monkeypatch.setattr(RRR, "loss_and_logits", spy)
 
 
 def _same_weights(a: dict, b: dict) -> bool:
@@ -305,6 +305,35 @@ def test_feedback_term_is_computed_on_annotated_rows_only(data, monkeypatch):
             assert yi == annotated.y[match[0]] and torch.equal(Wi, annotated.W[match[0]])
 
 
+@pytest.mark.parametrize("method", ["rrr", "rrr_output"])
+def test_reusing_the_terms_logits_gives_the_step_of_a_second_forward_pass(data, method):
+    """The RRR terms hand back their forward pass's logits and the step takes the annotated
+    images' CE from them: on a model without batch statistics the losses and every parameter
+    gradient equal those of appending the images to the batch and running them again."""
+    (tx, ty), _ = data
+    fb = _feedback(method)
+    fbatch = fb.images.take(torch.arange(4))
+    grads, values = [], []
+    for reuse in (True, False):
+        model = _model()
+        if not reuse:  # the method as one that gives no logits back
+            plain = copy.copy(fb.method)
+            plain.loss_and_logits = lambda m, b: (fb.method.loss(m, b), None)
+            fb_used = Feedback(plain, fb.images, fb.lam)
+        else:
+            fb_used = fb
+        ce, expl, ce_value, expl_value = _step_losses(
+            model, tx[:32], ty[:32], fb_used, fbatch, torch.device("cpu"), False
+        )
+        (ce + 10.0 * expl).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        values.append((ce_value, expl_value))
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+    assert expl_value > 0
+    for reused, again in zip(*grads):
+        torch.testing.assert_close(reused, again, rtol=1e-4, atol=1e-6)
+
+
 def test_an_empty_mask_adds_nothing_beyond_the_extra_rows(data):
     """With W = 0 the RRR term is exactly zero: training equals λ = 0 on the same rows."""
     weights = []
@@ -324,13 +353,13 @@ def test_an_empty_mask_adds_nothing_beyond_the_extra_rows(data):
 
 def test_amp_autocasts_the_cross_entropy_but_not_the_feedback_term(data, monkeypatch):
     autocast_during_term = []
-    real = RRR.loss
+    real = RRR.loss_and_logits
 
     def spy(self, model, batch):
         autocast_during_term.append(torch.is_autocast_enabled("cpu"))
         return real(self, model, batch)
 
-    monkeypatch.setattr(RRR, "loss", spy)
+    monkeypatch.setattr(RRR, "loss_and_logits", spy)
     model = _model()
     logit_dtypes = set()
     model.head.register_forward_hook(lambda _m, _i, out: logit_dtypes.add(out.dtype))

@@ -30,6 +30,12 @@ def input_gradients(
 
     Summed over channels: (N,H,W). x is cloned, so the caller's tensor never gets requires_grad.
     """
+    return _input_gradients_and_logits(model, x, variant, create_graph)[0]
+
+
+def _input_gradients_and_logits(
+    model: nn.Module, x: torch.Tensor, variant: str, create_graph: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)
@@ -42,15 +48,24 @@ def input_gradients(
                 f"unknown input-gradient variant {variant!r}; choose 'logp' or 'output'"
             )
         (grads,) = torch.autograd.grad(score, x, create_graph=create_graph)
-    return grads.sum(dim=1)
+    return grads.sum(dim=1), logits
 
 
 def rrr_penalty(
     model: nn.Module, x: torch.Tensor, W: torch.Tensor, variant: str = "logp"
 ) -> torch.Tensor:
     """Right for the right reasons: sum_n sum_ij W * (input gradient)^2, by double backpropagation."""
-    grads = input_gradients(model, x, variant=variant, create_graph=True)
-    return (_mask_like(W, x) * grads**2).sum()
+    return rrr_penalty_and_logits(model, x, W, variant)[0]
+
+
+def rrr_penalty_and_logits(
+    model: nn.Module, x: torch.Tensor, W: torch.Tensor, variant: str = "logp"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RRR penalty and the logits of the forward pass it differentiated: a training step
+    takes these images' cross-entropy from them instead of running the images through the
+    model a second time (docs/methods.md, "Feedback cost")."""
+    grads, logits = _input_gradients_and_logits(model, x, variant, create_graph=True)
+    return (_mask_like(W, x) * grads**2).sum(), logits
 
 
 def rrr_g_penalty(model: nn.Module, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from xbl.losses import (
     hint_penalty,
     rrr_g_penalty,
     rrr_penalty,
+    rrr_penalty_and_logits,
     select_exemplars,
 )
 
@@ -81,6 +82,14 @@ class FeedbackMethod:
             return batch.x.new_zeros(())
         return self.term(model, batch)
 
+    def loss_and_logits(
+        self, model: nn.Module, batch: AnnotatedImages
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """L_expl on `batch`, and the batch's logits where the term's own forward pass gave
+        them (with their graph), so that the step need not run these images again for their
+        cross-entropy; None where it did not."""
+        return self.loss(model, batch), None
+
     def share(
         self, model: nn.Module, batch: AnnotatedImages, rank: int, world: int
     ) -> torch.Tensor:
@@ -122,6 +131,13 @@ class RRR(FeedbackMethod):
 
     def term(self, model: nn.Module, batch: AnnotatedImages) -> torch.Tensor:
         return rrr_penalty(model, batch.x, batch.W, variant=self.variant)
+
+    def loss_and_logits(
+        self, model: nn.Module, batch: AnnotatedImages
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if len(batch) == 0:
+            return batch.x.new_zeros(()), None
+        return rrr_penalty_and_logits(model, batch.x, batch.W, variant=self.variant)
 
 
 @register

@@ -113,16 +113,23 @@ def _step_losses(
     """One process: the CE over the batch plus the annotated images, and the feedback term.
 
     xb, yb are the batch as stored (it may stay on the CPU); `fbatch` the annotated images
-    drawn for this step, already on the device, or None without feedback.
+    drawn for this step, already on the device, or None without feedback. Where the term's own
+    forward pass gave the annotated images' logits (the RRR terms), their CE comes from those:
+    one forward pass per annotated image, not two.
     """
     xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-    expl = torch.zeros((), device=device)
+    expl, fb_logits = torch.zeros((), device=device), None
     if fbatch is not None:
-        xb, yb = torch.cat([xb, fbatch.x]), torch.cat([yb, fbatch.y])
         # float32 on purpose: a second derivative through fp16 underflows
-        expl = fb.method.loss(model, fbatch).float()
+        expl, fb_logits = fb.method.loss_and_logits(model, fbatch)
+        expl = expl.float()
+        if fb_logits is None:
+            xb = torch.cat([xb, fbatch.x])
+        yb = torch.cat([yb, fbatch.y])
     with autocast(device, use_amp):
         logits = model(xb)
+    if fb_logits is not None:
+        logits = torch.cat([logits.float(), fb_logits.float()])
     ce = F.cross_entropy(logits.float(), yb)
     # one device sync per step for the guard, the normalisation and the history
     ce_value, expl_value = torch.stack([ce.detach(), expl.detach()]).tolist()
