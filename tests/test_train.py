@@ -334,6 +334,36 @@ def test_reusing_the_terms_logits_gives_the_step_of_a_second_forward_pass(data, 
         torch.testing.assert_close(reused, again, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["rrr_output", "hint"])
+def test_fewer_images_a_step_keep_the_terms_expected_gradient(method):
+    """λ means what it means at 16 images a step whatever `per_batch` is: over four draws of 4
+    that cover the 16 images, the weighted term's mean gradient is that of all 16 at once,
+    both for a term that sums over images (rrr_output: weighted 16/4 more) and for one that
+    averages them (hint: not)."""
+    all16 = _feedback(method, n=16, per_batch=16)
+    by4 = _feedback(method, n=16, per_batch=4)
+    model = _model()
+
+    def gradient(fb, rows):
+        model.zero_grad()
+        term = fb.method.loss(model, fb.images.take(rows))
+        (fb.step_weight(fb.lam) * term).backward()
+        # a bias after the last nonlinearity does not move an input gradient: no grad
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+        return torch.cat([g.flatten() for g in grads])
+
+    whole = gradient(all16, torch.arange(16))
+    drawn = torch.stack([gradient(by4, torch.arange(i, i + 4)) for i in range(0, 16, 4)])
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(drawn.mean(0), whole, rtol=1e-3, atol=1e-7)
+
+
+def test_a_normalised_lambda_takes_no_per_batch_factor():
+    fb = _feedback("rrr_output", per_batch=4, normalize=True)
+    assert fb.step_weight(2.0) == 2.0  # measured on the drawn images themselves
+    assert _feedback("rrr_output", per_batch=4).step_weight(2.0) == 8.0
+
+
 def test_an_empty_mask_adds_nothing_beyond_the_extra_rows(data):
     """With W = 0 the RRR term is exactly zero: training equals λ = 0 on the same rows."""
     weights = []

@@ -21,19 +21,19 @@ from xbl.data import PreparedData, to_tensor
 from xbl.methods import METHODS, AnnotatedImages, FeedbackMethod, method_for
 
 FEEDBACK_ROOT = "data/feedback"  # every round's masks, one DVC-tracked folder
+LAMBDA_PER_BATCH = 16  # the summed terms' λ is set as for this many annotated images a step
 
 
 @dataclass
 class Feedback:
     """The annotated images and the method that learns from them.
 
-    Every `every`-th step gets `per_batch` of these mixed in, with the term weighted λ·every,
-    so a handful of annotations act throughout training and the expected gradient does not
-    depend on `every`; the term's cost does, as 1/every (docs/methods.md, "Feedback cost").
+    Every `every`-th step gets `per_batch` of these mixed in, so a handful of annotations act
+    throughout training, with the term weighted so that its expected gradient depends on
+    neither setting while its cost does (`step_weight`; docs/methods.md, "Feedback cost").
     `normalize_lambda` rescales λ at the first batch with a nonzero term, so that the term
     starts at λ times the cross-entropy; it is meant for fine-tuning a trained model (from a
-    fresh start the term is near zero at first and the rescaled λ would be huge). The RRR terms
-    sum over the `per_batch` images: their λ goes with 1/per_batch.
+    fresh start the term is near zero at first and the rescaled λ would be huge).
     """
 
     method: FeedbackMethod
@@ -42,6 +42,16 @@ class Feedback:
     normalize_lambda: bool = False
     per_batch: int = 16
     every: int = 1
+
+    def step_weight(self, lam: float) -> float:
+        """The term's weight on a step that carries it: λ·every; and for a term that sums over
+        the drawn images (the RRR terms), also ·16/per_batch, so λ means what it means at 16
+        images a step whatever `per_batch` is. A normalised λ was measured on the drawn
+        images themselves and needs no such factor."""
+        images = 1.0
+        if self.method.sums_over_images and not self.normalize_lambda:
+            images = LAMBDA_PER_BATCH / self.per_batch
+        return lam * self.every * images
 
     def to(self, device: torch.device) -> Feedback:
         """A copy with the images on `device` (annotations are few: they move once)."""

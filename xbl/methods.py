@@ -61,6 +61,8 @@ class FeedbackMethod:
     name: ClassVar[str]
     default_lambda: ClassVar[float]
     needs_model: ClassVar[bool] = False  # prepare() uses the model the annotators judged
+    # the term is a sum over the drawn images (it grows with `per_batch`), not a mean
+    sums_over_images: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, cfg) -> FeedbackMethod:
@@ -128,6 +130,7 @@ class RRR(FeedbackMethod):
 
     name, default_lambda = "rrr", 0.1
     variant = "logp"
+    sums_over_images = True
 
     def term(self, model: nn.Module, batch: AnnotatedImages) -> torch.Tensor:
         return rrr_penalty(model, batch.x, batch.W, variant=self.variant)
@@ -153,6 +156,7 @@ class RRRG(FeedbackMethod):
     """RRR-G: Σ (W max-pooled to the GradCAM map · the predicted class's GradCAM)²."""
 
     name, default_lambda = "rrr_g", 0.01
+    sums_over_images = True
 
     def term(self, model: nn.Module, batch: AnnotatedImages) -> torch.Tensor:
         return rrr_g_penalty(model, batch.x, batch.W)

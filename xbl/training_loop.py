@@ -272,7 +272,7 @@ class _EpochRunner:
                 bool(self.cfg.amp),
             )
             self._observe(ce_value, expl_value)
-            weight = self.lam * (self.fb.every if fbatch is not None else 0.0)
+            weight = self.fb.step_weight(self.lam) if fbatch is not None else 0.0
             _check_finite(ce_value + weight * expl_value, epoch, "training loss")
             self._update(ce + weight * expl)
             ce_sum, fb_sum, fb_steps = (
