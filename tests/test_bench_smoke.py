@@ -121,9 +121,7 @@ def test_cost_writes_ratios_beside_recoveries_for_every_schedule(tmp_path):
     plain = rows[0]
     assert plain["ratio_to_plain"] == 1.0 and plain["seconds_per_epoch"] > 0
     for r in rows[1:]:
-        # against the plain run timed beside its (method, schedule), none faster than the
-        # fastest plain run of all
-        assert r["plain_seconds_per_epoch"] >= plain["seconds_per_epoch"]
+        # against the plain run timed beside its (method, schedule)
         ratio = r["seconds_per_epoch"] / r["plain_seconds_per_epoch"]
         assert r["ratio_to_plain"] == pytest.approx(ratio)
         steps = r["steps_seconds_per_epoch"] / r["plain_steps_seconds_per_epoch"]

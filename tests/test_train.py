@@ -334,14 +334,15 @@ def test_reusing_the_terms_logits_gives_the_step_of_a_second_forward_pass(data, 
         torch.testing.assert_close(reused, again, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [16, 8])
 @pytest.mark.parametrize("method", ["rrr_output", "hint"])
-def test_fewer_images_a_step_keep_the_terms_expected_gradient(method):
-    """λ means what it means at 16 images a step whatever `per_batch` is: over four draws of 4
-    that cover the 16 images, the weighted term's mean gradient is that of all 16 at once,
-    both for a term that sums over images (rrr_output: weighted 16/4 more) and for one that
-    averages them (hint: not)."""
-    all16 = _feedback(method, n=16, per_batch=16)
-    by4 = _feedback(method, n=16, per_batch=4)
+def test_fewer_images_a_step_keep_the_terms_expected_gradient(method, n):
+    """λ means what it means at 16 images a step whatever `per_batch` is: over draws of 4 that
+    cover the n annotated images, the weighted term's mean gradient is that of 16 a step (all
+    n at once), both for a term that sums over images (rrr_output: weighted n/4 more) and for
+    one that averages them (hint: not)."""
+    all16 = _feedback(method, n=n, per_batch=16)
+    by4 = _feedback(method, n=n, per_batch=4)
     model = _model()
 
     def gradient(fb, rows):
@@ -352,16 +353,43 @@ def test_fewer_images_a_step_keep_the_terms_expected_gradient(method):
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
         return torch.cat([g.flatten() for g in grads])
 
-    whole = gradient(all16, torch.arange(16))
-    drawn = torch.stack([gradient(by4, torch.arange(i, i + 4)) for i in range(0, 16, 4)])
+    whole = gradient(all16, torch.arange(n))
+    drawn = torch.stack([gradient(by4, torch.arange(i, i + 4)) for i in range(0, n, 4)])
     assert whole.abs().max() > 0
     torch.testing.assert_close(drawn.mean(0), whole, rtol=1e-3, atol=1e-7)
 
 
 def test_a_normalised_lambda_takes_no_per_batch_factor():
-    fb = _feedback("rrr_output", per_batch=4, normalize=True)
+    fb = _feedback("rrr_output", n=16, per_batch=4, normalize=True)
     assert fb.step_weight(2.0) == 2.0  # measured on the drawn images themselves
-    assert _feedback("rrr_output", per_batch=4).step_weight(2.0) == 8.0
+    assert _feedback("rrr_output", n=16, per_batch=4).step_weight(2.0) == 8.0
+    # fewer annotated images than a step draws: all of them, as at 16 a step
+    assert _feedback("rrr_output", n=3, per_batch=6).step_weight(2.0) == 2.0
+
+
+def test_the_loop_weights_the_term_by_step_weight(data, monkeypatch):
+    """The loop multiplies the term by what `step_weight` gives: made 0, training with λ 50
+    ends on the weights of training with λ 0; left alone, it does not."""
+    weights = {}
+    for name, lam, zeroed in (
+        ("zeroed", 50.0, True),
+        ("lambda 0", 0.0, False),
+        ("as is", 50.0, False),
+    ):
+        if zeroed:
+            monkeypatch.setattr(Feedback, "step_weight", lambda self, lam: 0.0)
+        else:
+            monkeypatch.undo()
+        model = _model()
+        training_loop(
+            model,
+            *data,
+            TrainConfig(epochs=1, batch_size=32, patience=0),
+            feedback=_feedback(lam=lam, per_batch=4),
+        )
+        weights[name] = model.state_dict()
+    assert _same_weights(weights["zeroed"], weights["lambda 0"])
+    assert not _same_weights(weights["as is"], weights["lambda 0"])
 
 
 def test_an_empty_mask_adds_nothing_beyond_the_extra_rows(data):

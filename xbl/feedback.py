@@ -40,17 +40,19 @@ class Feedback:
     images: AnnotatedImages
     lam: float
     normalize_lambda: bool = False
-    per_batch: int = 16
-    every: int = 1
+    per_batch: int = 16  # these defaults are the term on every step; the pipeline's own
+    every: int = 1  # schedule comes from params.yaml (build_feedback)
 
     def step_weight(self, lam: float) -> float:
         """The term's weight on a step that carries it: λ·every; and for a term that sums over
-        the drawn images (the RRR terms), also ·16/per_batch, so λ means what it means at 16
-        images a step whatever `per_batch` is. A normalised λ was measured on the drawn
-        images themselves and needs no such factor."""
+        the drawn images (the RRR terms), also · min(16, n) / min(per_batch, n) for n annotated
+        images, so λ means what it means at 16 images a step whatever `per_batch` is (with
+        fewer than 16 annotated, 16 a step meant all of them). A normalised λ was measured on
+        the drawn images themselves and needs no such factor."""
         images = 1.0
         if self.method.sums_over_images and not self.normalize_lambda:
-            images = LAMBDA_PER_BATCH / self.per_batch
+            n = len(self.images)
+            images = min(LAMBDA_PER_BATCH, n) / max(min(self.per_batch, n), 1)
         return lam * self.every * images
 
     def to(self, device: torch.device) -> Feedback:
