@@ -218,7 +218,8 @@ def markdown(result: dict) -> str:
         f"{cfg['model']}; "
         f"vanilla and clean models: at most {cfg['baseline']['epochs']} epochs, early-stopped "
         f"on val loss (patience {cfg['baseline']['patience']}); feedback: "
-        f"{cfg['feedback']['epochs']} epochs from the start chosen below, the term on every "
+        f"{cfg['feedback']['epochs']} epochs from the start chosen below, the term on "
+        f"{cfg['feedback']['per_batch']} annotated images on every "
         f"{cfg['feedback']['every']}th batch; grid {cfg['grid']} cells per side. "
         f"Took {result['seconds'] / 60:.0f} min ({len(rows)} retrainings).",
         "",
@@ -303,6 +304,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--feedback-epochs", type=int, default=10)
     parser.add_argument("--every", type=int, default=4, help="the term on every N-th batch")
     parser.add_argument(
+        "--per-batch",
+        type=int,
+        default=FEEDBACK["per_batch"],
+        help="annotated images on a batch that carries the term (params.yaml's by default)",
+    )
+    parser.add_argument(
         "--efficiency",
         type=int,
         default=len(EFFICIENCY),
@@ -328,7 +335,12 @@ def main(argv: list[str] | None = None) -> dict:
         "grid": args.grid,
         "efficiency": args.efficiency,
         "baseline": {**BASELINE, "epochs": args.epochs, "patience": args.patience},
-        "feedback": {**FEEDBACK, "epochs": args.feedback_epochs, "every": args.every},
+        "feedback": {
+            **FEEDBACK,
+            "epochs": args.feedback_epochs,
+            "every": args.every,
+            "per_batch": args.per_batch,
+        },
     }
     if args.quick:
         cfg.update(
