@@ -460,6 +460,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="take the recoveries from an earlier cost.json (they do not depend on the machine's "
         "load, the timings do) and only time",
     )
+    parser.add_argument(
+        "--schedules",
+        help="comma-separated schedule names: retrain only these for the default method "
+        "(with --models none, a check of a few schedules over more seeds)",
+    )
     parser.add_argument("--report-only", action="store_true", help="rebuild .md from --out")
     args = parser.parse_args(argv)
     if args.report_only:
@@ -487,6 +492,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.repeats,
         args.train_epochs,
         earlier,
+        _chosen_schedules(args.schedules),
     )
     retrained = result.pop("retrained")
     if earlier:  # say where the recoveries come from
@@ -502,6 +508,16 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _chosen_schedules(names: str | None) -> tuple:
+    if not names:
+        return SCHEDULES
+    known = {s.name: s for s in SCHEDULES}
+    unknown = [n for n in names.split(",") if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown schedules {unknown}; known: {list(known)}")
+    return tuple(known[n] for n in names.split(","))
+
+
 def _not_yet_measured(schedules_for: dict, fractions, earlier: list[dict]) -> dict:
     """The schedules per method whose recoveries an earlier run lacks at some fraction: a
     schedule added since is retrained, the others are not."""
@@ -513,7 +529,15 @@ def _not_yet_measured(schedules_for: dict, fractions, earlier: list[dict]) -> di
 
 
 def run(
-    seeds, methods, fractions, models, epochs: int, repeats: int, train_epochs=None, reuse=None
+    seeds,
+    methods,
+    fractions,
+    models,
+    epochs: int,
+    repeats: int,
+    train_epochs=None,
+    reuse=None,
+    schedules=SCHEDULES,
 ) -> dict:
     """Cost on small_cnn of every schedule for the default method and of today's and the
     pipeline's for the others, and on resnet18 at 64 px of the default method on every
@@ -533,7 +557,7 @@ def run(
         )
     earlier = reuse["efficacy"] if reuse else []
     schedules_for = _not_yet_measured(
-        {m: SCHEDULES if m == default else SCHEDULES[:1] for m in methods}, fractions, earlier
+        {m: schedules if m == default else SCHEDULES[:1] for m in methods}, fractions, earlier
     )
     again = {(m, s.name) for m, schedules in schedules_for.items() for s in schedules}
     kept = [r for r in earlier if (r["method"], r["schedule"]) not in again]

@@ -174,6 +174,14 @@ def test_a_schedule_sets_the_images_and_steps_and_leaves_lambda_to_the_loop():
     assert every_step.settings("rrr", base) == {"per_batch": 16, "lambda": lam, "every": 1}
 
 
+def test_schedules_are_chosen_by_name_and_a_typo_stops_the_run():
+    chosen = cost._chosen_schedules("6 every 4th step,16 every step")
+    assert [s.name for s in chosen] == ["6 every 4th step", "16 every step"]
+    assert cost._chosen_schedules(None) == cost.SCHEDULES
+    with pytest.raises(SystemExit, match="6 every fourth step"):
+        cost._chosen_schedules("6 every fourth step")
+
+
 def test_throughput_compares_xbl_with_a_bare_loop(tmp_path):
     out = tmp_path / "throughput.json"
     result = throughput.main(["--epochs", "1", "--repeats", "1", "--out", str(out)])
