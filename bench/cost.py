@@ -159,8 +159,6 @@ def measure_cost(
                 # the fastest of all plain runs a schedule would look dearer by chance alone)
                 plain = epoch_seconds(splits, model_name, None, None, FEEDBACK, epochs)
                 plain_s.setdefault((method, schedule), []).append(plain[:2])
-                epoch_s[plain_config].append(plain[0])
-                steps_s[plain_config].append(plain[1])
             settings = schedule.settings(method, FEEDBACK)
             per_epoch, per_steps, setup = epoch_seconds(
                 splits, model_name, method, annotated[fraction], settings, epochs
@@ -169,6 +167,8 @@ def measure_cost(
             steps_s[c].append(per_steps)
             setup_s[c].append(setup)
     setup_s[plain_config] = [0.0]
+    every_plain = [run for runs in plain_s.values() for run in runs]
+    epoch_s[plain_config], steps_s[plain_config] = (list(col) for col in zip(*every_plain))
     fastest_plain = {
         group: tuple(min(col) for col in zip(*runs)) for group, runs in plain_s.items()
     }
@@ -541,9 +541,9 @@ def run(
 ) -> dict:
     """Cost on small_cnn of every schedule for the default method and of today's and the
     pipeline's for the others, and on resnet18 at 64 px of the default method on every
-    schedule but the sparsest (a ResNet epoch takes seconds per 256 images); efficacy of the reference schedule for every method and of every schedule for the
-    default method (full retrainings are what takes the time), reusing `reuse`'s where it has
-    them."""
+    schedule but the sparsest (a ResNet epoch takes seconds per 256 images); efficacy of the
+    reference schedule for every method and of `schedules` for the default method (full
+    retrainings are what takes the time), reusing `reuse`'s where it has them."""
     default = CONFIG.feedback.method
     cost = []
     if "small_cnn" in models:

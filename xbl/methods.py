@@ -78,19 +78,26 @@ class FeedbackMethod:
     def term(self, model: nn.Module, batch: AnnotatedImages) -> torch.Tensor:
         raise NotImplementedError
 
+    def term_and_logits(
+        self, model: nn.Module, batch: AnnotatedImages
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The term, and the batch's logits where its own forward pass gave them (by default
+        it gives none)."""
+        return self.term(model, batch), None
+
     def loss(self, model: nn.Module, batch: AnnotatedImages) -> torch.Tensor:
         """L_expl on `batch` (a scalar; zero for an empty batch)."""
-        if len(batch) == 0:
-            return batch.x.new_zeros(())
-        return self.term(model, batch)
+        return self.loss_and_logits(model, batch)[0]
 
     def loss_and_logits(
         self, model: nn.Module, batch: AnnotatedImages
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """L_expl on `batch`, and the batch's logits where the term's own forward pass gave
         them (with their graph), so that the step need not run these images again for their
-        cross-entropy; None where it did not."""
-        return self.loss(model, batch), None
+        cross-entropy; None where it did not, and for an empty batch (whose term is zero)."""
+        if len(batch) == 0:
+            return batch.x.new_zeros(()), None
+        return self.term_and_logits(model, batch)
 
     def share(
         self, model: nn.Module, batch: AnnotatedImages, rank: int, world: int
@@ -135,11 +142,9 @@ class RRR(FeedbackMethod):
     def term(self, model: nn.Module, batch: AnnotatedImages) -> torch.Tensor:
         return rrr_penalty(model, batch.x, batch.W, variant=self.variant)
 
-    def loss_and_logits(
+    def term_and_logits(
         self, model: nn.Module, batch: AnnotatedImages
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if len(batch) == 0:
-            return batch.x.new_zeros(()), None
         return rrr_penalty_and_logits(model, batch.x, batch.W, variant=self.variant)
 
 
