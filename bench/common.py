@@ -24,21 +24,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xbl.checkpoint import initial_model
 from xbl.config import FeedbackConfig, TrainConfig, as_params, build_config, load_config
-from xbl.data import PreparedData, decoy_digits, to_tensor
-from xbl.feedback import Feedback, build_feedback, retraining_schedule
-from xbl.labelstudio import oracle_ignore_cells
-from xbl.methods import METHODS
-from xbl.saliency import cells_to_mask, saliency_map, top_cells
-from xbl.sampling import select_queries
-from xbl.training_loop import FeedbackDiverged, TrainResult, predict_proba, training_loop
+from xbl.data.digits import decoy_digits
+from xbl.data.images import to_tensor
+from xbl.data.prepared import PreparedData
+from xbl.explain.cells import cells_to_mask, top_cells
+from xbl.explain.saliency import saliency_map
+from xbl.feedback.methods import METHODS
+from xbl.feedback.schedule import Feedback, build_feedback, retraining_schedule
+from xbl.labelstudio.oracle import oracle_ignore_cells
+from xbl.query.sampling import select_queries
+from xbl.train.checkpoint import initial_model
+from xbl.train.loop import FeedbackDiverged, TrainResult, predict_proba, training_loop
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # The pipeline's own settings (params.yaml), so the benchmark measures what a round runs:
 # the feedback retrains from a fresh initialisation (`init: scratch`) with the term on from the
-# first step, with each method's λ given directly (see params.yaml and xbl/methods.py).
+# first step, with each method's λ given directly (see params.yaml and xbl/feedback/methods.py).
 CONFIG = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
 BASELINE = {k: getattr(CONFIG.train, k) for k in ("lr", "epochs", "batch_size", "patience")}
 QUERY = {k: getattr(CONFIG.query, k) for k in ("saliency", "blur_sigma", "grid_cell", "top_cells")}

@@ -55,11 +55,12 @@ from bench.common import (
     train_plain,
     write_json,
 )
-from xbl.checkpoint import initial_model
-from xbl.data import decoy_digits, to_tensor
-from xbl.feedback import build_feedback, retraining_schedule
-from xbl.methods import METHODS
-from xbl.models import MODELS
+from xbl.data.digits import decoy_digits
+from xbl.data.images import to_tensor
+from xbl.feedback.methods import METHODS
+from xbl.feedback.schedule import build_feedback, retraining_schedule
+from xbl.train.checkpoint import initial_model
+from xbl.train.models import MODELS
 
 BATCH = 64
 RESNET_EPOCHS = 3  # 12 steps on its 256 images: every 12th step then means 1 step in 12

@@ -65,7 +65,7 @@ from bench.common import (
     train_plain,
     write_json,
 )
-from xbl.methods import METHODS
+from xbl.feedback.methods import METHODS
 
 EXPERIMENT = "xbl-bench-efficacy"
 PROJECT = Path(__file__).resolve().parent.parent

@@ -46,7 +46,7 @@ from bench.common import (
     train_plain,
     write_json,
 )
-from xbl.lesions import decoy_lesions
+from xbl.data.lesions import decoy_lesions
 
 STUDY = ("entropy", 25)
 EFFICIENCY = (("random", 25), ("entropy", 100), ("random", 100))

@@ -79,7 +79,8 @@ from bench.common import (
     train_plain,
     write_json,
 )
-from xbl.clustering import (
+from xbl.data.lesions import decoy_lesions
+from xbl.query.clustering import (
     Clusters,
     Propagated,
     cluster_explanations,
@@ -93,7 +94,6 @@ from xbl.clustering import (
     marked_cells,
     mask_agreement,
 )
-from xbl.lesions import decoy_lesions
 
 METHOD = FEEDBACK["method"]
 DATASETS = ("decoy-digits", "decoy-lesions")

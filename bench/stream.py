@@ -33,10 +33,10 @@ from PIL import Image
 
 from bench.common import RESULTS, machine, machine_line, timed, write_json
 from xbl.config import TrainConfig
-from xbl.data import PreparedData
-from xbl.images import ShuffledBatches, batches, in_order
-from xbl.models import build_model
-from xbl.training_loop import predict_proba, training_loop
+from xbl.data.images import ShuffledBatches, batches, in_order
+from xbl.data.prepared import PreparedData
+from xbl.train.loop import predict_proba, training_loop
+from xbl.train.models import build_model
 
 SIZE, CLASSES, BATCH = 64, 3, 64
 

@@ -28,7 +28,7 @@ from bench.common import (
     train_config,
     write_json,
 )
-from xbl.training_loop import training_loop
+from xbl.train.loop import training_loop
 
 
 def bare_loop(

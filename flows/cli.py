@@ -133,7 +133,7 @@ def cmd_annotate(args) -> int:
     from flows.loop import project_title
     from services import labelstudio as ls
     from xbl.config import load_config
-    from xbl.data import PreparedData
+    from xbl.data.prepared import PreparedData
 
     project = Path(args.project).resolve()
     cfg = load_config(project / args.params)

@@ -65,9 +65,9 @@ from tasks.runs import (
 )
 from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedback
 from xbl.config import Config, as_params, load_config
-from xbl.feedback import FEEDBACK_ROOT, finished_rounds
-from xbl.labelstudio import annotation_target
-from xbl.report import report_columns
+from xbl.feedback.masks import FEEDBACK_ROOT, finished_rounds
+from xbl.labelstudio.results import annotation_target
+from xbl.report.page import report_columns
 
 
 def crash_point(step: str) -> None:

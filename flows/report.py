@@ -13,8 +13,8 @@ from tasks.report import round_report
 from tasks.rounds import restore_checkpoint
 from tasks.runs import compare_models, current_model, feedback_run_facts
 from xbl.config import load_config
-from xbl.feedback import FEEDBACK_ROOT
-from xbl.report import report_columns
+from xbl.feedback.masks import FEEDBACK_ROOT
+from xbl.report.page import report_columns
 
 
 @flow(name="xbl-round-report", log_prints=True)

@@ -29,7 +29,16 @@ import numpy as np
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
-from xbl import labelstudio as mapping
+from xbl.labelstudio.interface import labeling_config, review_labeling_config
+from xbl.labelstudio.oracle import oracle_accepts, oracle_annotation, oracle_seconds, review_result
+from xbl.labelstudio.payloads import (
+    cell_predictions,
+    cells_from_prediction,
+    decode_mask,
+    review_payload,
+    task_payload,
+)
+from xbl.labelstudio.results import relabelled_regions, review_verdict
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +198,7 @@ def ensure_project(
     sdk = client.sdk
     project_id = _find_project(client, title)
     settings = dict(
-        label_config=mapping.labeling_config(cluster=cluster),
+        label_config=labeling_config(cluster=cluster),
         show_collab_predictions=True,
         show_skip_button=False,
     )  # a skipped task would never count as annotated
@@ -290,7 +299,7 @@ def round_task_data(client: LabelStudioClient, project_id: int, round_: int) -> 
     for task in _round_tasks(client, project_id, round_, fields="all"):
         data, predictions = dict(task.data), _field(task, "predictions") or []
         cells = (
-            mapping.cells_from_prediction(
+            cells_from_prediction(
                 _field(predictions[-1], "result"), data["cell"], data["height"], data["width"]
             )
             if predictions
@@ -336,9 +345,9 @@ def _task(client: LabelStudioClient, images_id: int, query: dict, model_version:
     }
     if "montage_path" in query:
         urls["montage_url"] = upload_file(client, images_id, query["montage_path"])
-    task = mapping.task_payload({**query, **urls})
+    task = task_payload({**query, **urls})
     task["predictions"] = [
-        mapping.cell_predictions(
+        cell_predictions(
             query["cells"],
             query["cell"],
             query["height"],
@@ -441,11 +450,11 @@ def oracle_annotate(
                 "oracle: no relevance mask for image %s (task %s)", data["image_id"], task.id
             )
             continue
-        cells = mapping.cells_from_prediction(
+        cells = cells_from_prediction(
             _field(predictions[-1], "result"), data["cell"], data["height"], data["width"]
         )
         kind = "cluster" if "members" in data else "image"
-        result = mapping.oracle_annotation(
+        result = oracle_annotation(
             cells,
             data["cell"],
             data["height"],
@@ -454,11 +463,7 @@ def oracle_annotate(
             max_overlap,
             scope=scope if kind == "cluster" else None,
         )
-        lead = (
-            mapping.oracle_seconds(seconds, kind, mapping.relabelled_regions(result))
-            if seconds
-            else 0.0
-        )
+        lead = oracle_seconds(seconds, kind, relabelled_regions(result)) if seconds else 0.0
         _submit(client, task.id, result, lead)
         created += 1
     return created
@@ -485,7 +490,7 @@ def ensure_review_project(client: LabelStudioClient, title: str) -> int:
     """The experiment's review project (`review_title`), created when missing."""
     name = review_title(title)
     settings = dict(
-        label_config=mapping.review_labeling_config(),
+        label_config=review_labeling_config(),
         show_skip_button=False,
         description="xbl: masks carried from a cluster's answer to its members; accept or reject",
     )
@@ -503,9 +508,7 @@ def push_reviews(client: LabelStudioClient, project_id: int, members: list[dict]
     if new:
         images_id = _images_project(client, project_id)
         tasks = [
-            mapping.review_payload(
-                {**m, "image_url": upload_file(client, images_id, m["image_path"])}
-            )
+            review_payload({**m, "image_url": upload_file(client, images_id, m["image_path"])})
             for m in new
         ]
         _retry(lambda: client.sdk.projects.import_tasks(project_id, request=tasks), write=True)
@@ -527,10 +530,10 @@ def oracle_review(
         data = task.data
         if _done_annotations(task) or data["image_id"] not in relevance_masks:
             continue
-        mask = mapping.decode_mask(data["mask"], data["height"], data["width"])
-        accept = mapping.oracle_accepts(mask, relevance_masks[data["image_id"]], max_overlap)
-        lead = mapping.oracle_seconds(seconds, "review") if seconds else 0.0
-        _submit(client, task.id, mapping.review_result(accept), lead)
+        mask = decode_mask(data["mask"], data["height"], data["width"])
+        accept = oracle_accepts(mask, relevance_masks[data["image_id"]], max_overlap)
+        lead = oracle_seconds(seconds, "review") if seconds else 0.0
+        _submit(client, task.id, review_result(accept), lead)
         created += 1
     return created
 
@@ -545,8 +548,8 @@ def collect_reviews(client: LabelStudioClient, project_id: int, round_: int) -> 
             {
                 "image_id": str(data["image_id"]),
                 "task_id": task.id,
-                "accepted": mapping.review_verdict(_field(latest, "result") or []),
-                "mask": mapping.decode_mask(data["mask"], data["height"], data["width"]),
+                "accepted": review_verdict(_field(latest, "result") or []),
+                "mask": decode_mask(data["mask"], data["height"], data["width"]),
                 "confidence": float(data["confidence"]),
                 "representative": str(data["representative"]),
                 "lead_time": float(_field(latest, "lead_time") or 0.0),

@@ -50,7 +50,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from services.labelstudio import ACTIONS, SECRET_HEADER
-from xbl.labelstudio import annotation_target
+from xbl.labelstudio.results import annotation_target
 
 log = logging.getLogger("services.webhook")
 

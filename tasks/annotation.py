@@ -10,9 +10,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from services import labelstudio as ls
 from xbl.config import WaitConfig
-from xbl.data import PreparedData
-from xbl.feedback import task_cost, write_cost, write_feedback
-from xbl.labelstudio import annotation_target, masks_from_annotations, relabelled_regions
+from xbl.data.prepared import PreparedData
+from xbl.feedback.cost import task_cost, write_cost
+from xbl.feedback.masks import write_feedback
+from xbl.labelstudio.results import annotation_target, masks_from_annotations, relabelled_regions
 
 
 class RoundIncomplete(RuntimeError):

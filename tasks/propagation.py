@@ -12,21 +12,21 @@ from prefect import get_run_logger, task
 
 from services import labelstudio as ls
 from tasks.annotation import load_queries
-from xbl.checkpoint import load_model
-from xbl.clustering import CONFIDENT, REVIEW, propagate, triage
 from xbl.config import QueryConfig
-from xbl.data import PreparedData, to_tensor
-from xbl.feedback import task_cost, write_cost, write_feedback
-from xbl.labelstudio import (
+from xbl.data.images import to_tensor
+from xbl.data.prepared import PreparedData
+from xbl.explain.render import display_scale, mask_png
+from xbl.feedback.cost import task_cost, write_cost
+from xbl.feedback.masks import write_feedback
+from xbl.labelstudio.payloads import decode_mask, encode_mask, upload_stem
+from xbl.labelstudio.results import (
     annotation_to_mask,
     applies_to,
-    decode_mask,
-    encode_mask,
     masks_from_annotations,
     relabelled_regions,
-    upload_stem,
 )
-from xbl.saliency import display_scale, mask_png
+from xbl.query.clustering import CONFIDENT, REVIEW, propagate, triage
+from xbl.train.checkpoint import load_model
 
 
 def is_cluster_round(queries_json: str) -> bool:

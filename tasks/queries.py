@@ -9,21 +9,17 @@ import numpy as np
 import torch
 from prefect import task
 
-from xbl.checkpoint import load_model
-from xbl.clustering import cluster_explanations, cluster_suspicion
 from xbl.config import QueryConfig
-from xbl.data import PreparedData, to_tensor
-from xbl.labelstudio import upload_stem
-from xbl.saliency import (
-    display_scale,
-    image_png,
-    montage_png,
-    overlay_png,
-    saliency_map,
-    top_cells,
-)
-from xbl.sampling import cluster_queries, predictive_entropy, select_queries
-from xbl.training_loop import predict_proba
+from xbl.data.images import to_tensor
+from xbl.data.prepared import PreparedData
+from xbl.explain.cells import top_cells
+from xbl.explain.render import display_scale, image_png, montage_png, overlay_png
+from xbl.explain.saliency import saliency_map
+from xbl.labelstudio.payloads import upload_stem
+from xbl.query.clustering import cluster_explanations, cluster_suspicion
+from xbl.query.sampling import cluster_queries, predictive_entropy, select_queries
+from xbl.train.checkpoint import load_model
+from xbl.train.loop import predict_proba
 
 
 def query_records(

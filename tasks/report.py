@@ -10,10 +10,9 @@ import numpy as np
 from prefect import task
 
 from services import screenshot, tracking
-from xbl.checkpoint import load_model
-from xbl.data import PreparedData
-from xbl.feedback import annotation_budget
-from xbl.report import (
+from xbl.data.prepared import PreparedData
+from xbl.feedback.cost import annotation_budget
+from xbl.report.page import (
     crop_white_bottom,
     page_height,
     probe_indices,
@@ -21,6 +20,7 @@ from xbl.report import (
     report_html,
     saliency_grid,
 )
+from xbl.train.checkpoint import load_model
 
 QUERIES_SHOWN = 8
 PAGE_WIDTH = 1100  # the page's own max-width

@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 
 from services import labelstudio as ls
 from services import tracking
-from xbl.data import PreparedData
+from xbl.data.prepared import PreparedData
 
 
 @dataclass(frozen=True)

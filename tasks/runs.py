@@ -10,12 +10,12 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from services import tracking
-from xbl.checkpoint import load_model
 from xbl.config import PromotionConfig
-from xbl.feedback import annotation_budget, read_cost
-from xbl.promotion import promotion_decision
-from xbl.report import cost_columns, report_columns
-from xbl.training_loop import TrainResult
+from xbl.feedback.cost import annotation_budget, read_cost
+from xbl.judge.promotion import promotion_decision
+from xbl.report.page import cost_columns, report_columns
+from xbl.train.checkpoint import load_model
+from xbl.train.loop import TrainResult
 
 HEADLINE = (
     "audit_accuracy",

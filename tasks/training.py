@@ -6,15 +6,16 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from xbl.checkpoint import load_model
 from xbl.config import FeedbackConfig, TrainConfig
-from xbl.data import PreparedData
-from xbl.evaluate import evaluate
-from xbl.feedback import build_feedback, read_feedback, retraining_schedule
-from xbl.methods import METHODS
-from xbl.runtime import resolve_device
-from xbl.train import fit
-from xbl.training_loop import TrainResult
+from xbl.data.prepared import PreparedData
+from xbl.feedback.masks import read_feedback
+from xbl.feedback.methods import METHODS
+from xbl.feedback.schedule import build_feedback, retraining_schedule
+from xbl.judge.evaluate import evaluate
+from xbl.train.checkpoint import load_model
+from xbl.train.fit import fit
+from xbl.train.loop import TrainResult
+from xbl.train.runtime import resolve_device
 
 
 def _log_epoch(row: dict) -> None:

@@ -33,7 +33,7 @@ def prefect_harness(tmp_path_factory):
 def make_project(root: Path, **overrides) -> Path:
     """A copy of this repo's pipeline files in a fresh git repo, with settings overridden.
 
-    The DVC stage runs `python -m xbl.prepare` inside the project: it imports the project's
+    The DVC stage runs `python -m xbl.data.prepare` inside the project: it imports the project's
     copy of the whole xbl package, not only the files dvc.yaml lists as dependencies."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "xbl", root / "xbl", ignore=shutil.ignore_patterns("__pycache__"))

@@ -33,8 +33,8 @@ from services import labelstudio as ls
 from services import tracking
 from tests.conftest import TINY_TRAIN, make_project
 from tests.ls_server import free_port, read_env_file
-from xbl.data import PreparedData
-from xbl.feedback import mask_file_name
+from xbl.data.prepared import PreparedData
+from xbl.feedback.masks import mask_file_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
 

@@ -1,5 +1,5 @@
 """Cluster rounds: one answer on a cluster's representative, carried to its members, the masks in
-doubt reviewed in Label Studio (xbl/labelstudio.py, services/labelstudio.py, tasks/propagation.py,
+doubt reviewed in Label Studio (xbl/labelstudio/interface.py, services/labelstudio.py, tasks/propagation.py,
 flows/loop.py)."""
 
 from __future__ import annotations
@@ -15,11 +15,20 @@ from PIL import Image
 
 from services import labelstudio as ls
 from tasks.propagation import collect_cluster_feedback
-from xbl import labelstudio as mapping
-from xbl.clustering import Propagated, triage
-from xbl.data import PreparedData
-from xbl.feedback import annotation_budget
-from xbl.saliency import cells_to_mask, mask_png, montage_png
+from xbl.data.prepared import PreparedData
+from xbl.explain.cells import cells_to_mask
+from xbl.explain.render import mask_png, montage_png
+from xbl.feedback.cost import annotation_budget
+from xbl.labelstudio.interface import (
+    APPLIES,
+    labeling_config,
+    review_labeling_config,
+    validate_labeling_config,
+)
+from xbl.labelstudio.oracle import oracle_accepts, oracle_annotation, oracle_seconds, review_result
+from xbl.labelstudio.payloads import decode_mask, encode_mask
+from xbl.labelstudio.results import applies_to, relabelled_regions, review_verdict
+from xbl.query.clustering import Propagated, triage
 
 SIZE, CELL = 28, 4
 SHOWN = [(0, 0), (0, 6), (3, 3), (6, 0)]
@@ -37,52 +46,52 @@ def relevance_mask() -> np.ndarray:
 def test_the_cluster_and_review_interfaces_accept_what_the_oracle_submits():
     from label_studio_sdk.label_interface import LabelInterface
 
-    root = ET.fromstring(mapping.labeling_config(cluster=True))
+    root = ET.fromstring(labeling_config(cluster=True))
     images = {tag.get("name"): tag.get("value") for tag in root.iter("Image")}
     assert images == {"image": "$image", "overlay": "$overlay", "montage": "$montage"}
     applies = root.find(".//Choices[@name='applies_to']")
-    assert [c.get("value") for c in applies.iter("Choice")] == list(mapping.APPLIES)
-    assert mapping.validate_labeling_config(mapping.labeling_config(cluster=True)) == []
-    answer = mapping.oracle_annotation(SHOWN, CELL, SIZE, SIZE, relevance_mask(), 0.1, "review")
-    interface = LabelInterface(mapping.labeling_config(cluster=True))
+    assert [c.get("value") for c in applies.iter("Choice")] == list(APPLIES)
+    assert validate_labeling_config(labeling_config(cluster=True)) == []
+    answer = oracle_annotation(SHOWN, CELL, SIZE, SIZE, relevance_mask(), 0.1, "review")
+    interface = LabelInterface(labeling_config(cluster=True))
     assert interface.validate_prediction({"result": answer}, return_errors=True) == []
-    review = LabelInterface(mapping.review_labeling_config())
+    review = LabelInterface(review_labeling_config())
     for accept in (True, False):
-        result = mapping.review_result(accept)
+        result = review_result(accept)
         assert review.validate_prediction({"result": result}, return_errors=True) == []
-        assert mapping.review_verdict(result) is accept
+        assert review_verdict(result) is accept
 
 
 def test_a_cluster_answer_applies_to_its_scope_only_when_something_was_marked():
-    marked = mapping.oracle_annotation(SHOWN, CELL, SIZE, SIZE, relevance_mask(), 0.1, "all")
-    assert mapping.applies_to(marked) == "all"
-    assert mapping.relabelled_regions(marked) == len(IGNORED)
-    on_digit = mapping.oracle_annotation([(3, 3)], CELL, SIZE, SIZE, relevance_mask(), 0.1, "all")
-    assert mapping.applies_to(on_digit) == "none"  # nothing to ignore: nothing to carry
-    assert mapping.applies_to([]) is None  # a person who chose nothing
-    per_image = mapping.oracle_annotation(SHOWN, CELL, SIZE, SIZE, relevance_mask(), 0.1)
-    assert mapping.applies_to(per_image) is None
+    marked = oracle_annotation(SHOWN, CELL, SIZE, SIZE, relevance_mask(), 0.1, "all")
+    assert applies_to(marked) == "all"
+    assert relabelled_regions(marked) == len(IGNORED)
+    on_digit = oracle_annotation([(3, 3)], CELL, SIZE, SIZE, relevance_mask(), 0.1, "all")
+    assert applies_to(on_digit) == "none"  # nothing to ignore: nothing to carry
+    assert applies_to([]) is None  # a person who chose nothing
+    per_image = oracle_annotation(SHOWN, CELL, SIZE, SIZE, relevance_mask(), 0.1)
+    assert applies_to(per_image) is None
 
 
 def test_masks_travel_in_task_data_unchanged():
     mask = np.random.default_rng(0).random((SIZE, 30)) > 0.7
-    assert np.array_equal(mapping.decode_mask(mapping.encode_mask(mask), SIZE, 30), mask)
+    assert np.array_equal(decode_mask(encode_mask(mask), SIZE, 30), mask)
 
 
 def test_the_simulated_reviewer_accepts_only_masks_off_the_evidence():
     off = cells_to_mask([(0, 0)], CELL, SIZE, SIZE)
     on = cells_to_mask([(3, 3)], CELL, SIZE, SIZE)
-    assert mapping.oracle_accepts(off, relevance_mask(), 0.1)
-    assert not mapping.oracle_accepts(on, relevance_mask(), 0.1)
-    assert not mapping.oracle_accepts(off | on, relevance_mask(), 0.1)  # half on the digit
-    assert mapping.oracle_accepts(off | on, relevance_mask(), 0.5)
-    assert not mapping.oracle_accepts(np.zeros((SIZE, SIZE), bool), relevance_mask(), 1.0)
+    assert oracle_accepts(off, relevance_mask(), 0.1)
+    assert not oracle_accepts(on, relevance_mask(), 0.1)
+    assert not oracle_accepts(off | on, relevance_mask(), 0.1)  # half on the digit
+    assert oracle_accepts(off | on, relevance_mask(), 0.5)
+    assert not oracle_accepts(np.zeros((SIZE, SIZE), bool), relevance_mask(), 1.0)
 
 
 def test_the_time_model_counts_each_action():
-    assert mapping.oracle_seconds(SECONDS, "image", relabelled=3) == 8 + 3 * 2
-    assert mapping.oracle_seconds(SECONDS, "cluster", relabelled=1) == 8 + 2 + 10
-    assert mapping.oracle_seconds(SECONDS, "review") == 3
+    assert oracle_seconds(SECONDS, "image", relabelled=3) == 8 + 3 * 2
+    assert oracle_seconds(SECONDS, "cluster", relabelled=1) == 8 + 2 + 10
+    assert oracle_seconds(SECONDS, "review") == 3
 
 
 def test_triage_follows_the_answers_scope_and_the_masks_confidence():
@@ -146,7 +155,7 @@ def carried(tmp_path, image_id: str, index: int, cells, status: str, conf: float
         "representative": "rep",
         "confidence": conf,
         "status": status,
-        "mask": mapping.encode_mask(mask),
+        "mask": encode_mask(mask),
         "height": SIZE,
         "width": SIZE,
     }
@@ -170,7 +179,7 @@ def test_review_verdicts_reach_the_masks(labelstudio, tmp_path, monkeypatch):
     assert pushed["members"] == ["rep", "sure", "good", "bad"] and pushed["montage"]
     assert ls.oracle_annotate(client, project, 1, {"rep": relevance_mask()}, 0.1, "all", SECONDS)
     [answer] = ls.collect_annotations(client, project, 1)
-    assert mapping.applies_to(answer["result"]) == "all"
+    assert applies_to(answer["result"]) == "all"
     assert answer["lead_time"] == 8 + 2 * len(IGNORED) + 10  # the time model, as LS keeps it
 
     members = [
@@ -269,7 +278,7 @@ def test_one_cluster_task_per_chosen_cluster_with_its_montage_and_members(
     assert ls.round_progress(client, pid, 1) == (3, 3)  # the oracle answered each
     # the project shows the cluster interface: the montage and whom the answer applies to
     config = client.sdk.projects.get(pid).label_config
-    assert config == mapping.labeling_config(cluster=True)
+    assert config == labeling_config(cluster=True)
 
 
 def test_only_confident_or_accepted_carried_masks_train(cluster_round, labelstudio):
@@ -290,9 +299,9 @@ def test_only_confident_or_accepted_carried_masks_train(cluster_round, labelstud
     assert set(reviews) == {m["image_id"] for m in in_review}  # every doubtful mask reviewed
     accepted = 0
     for m in members:
-        proposed = mapping.decode_mask(m["mask"], m["height"], m["width"])
+        proposed = decode_mask(m["mask"], m["height"], m["width"])
         if m["status"] == "review":
-            verdict = mapping.oracle_accepts(proposed, data.relevance[m["index"]], 0.1)
+            verdict = oracle_accepts(proposed, data.relevance[m["index"]], 0.1)
             assert reviews[m["image_id"]]["accepted"] is verdict
             if not verdict:
                 assert m["image_id"] not in rows  # rejected: no mask

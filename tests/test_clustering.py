@@ -1,5 +1,5 @@
 """Explanation clustering, propagation by localisation, and the cluster query strategy
-(xbl/clustering.py, xbl/sampling.py, tasks/queries.py)."""
+(xbl/query/clustering.py, xbl/query/sampling.py, tasks/queries.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
 from tasks.queries import cluster_round
-from xbl.checkpoint import initial_model
-from xbl.clustering import (
+from xbl.config import QueryConfig
+from xbl.data.digits import decoy_digits
+from xbl.query.clustering import (
     cluster_explanations,
     cluster_suspicion,
     fit_concept,
@@ -21,9 +22,8 @@ from xbl.clustering import (
     mask_agreement,
     propagate,
 )
-from xbl.config import QueryConfig
-from xbl.data import decoy_digits
-from xbl.sampling import cluster_queries, select_queries
+from xbl.query.sampling import cluster_queries, select_queries
+from xbl.train.checkpoint import initial_model
 
 
 def planted_maps(n_per: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

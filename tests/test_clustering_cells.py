@@ -1,12 +1,12 @@
-"""Localisation on the annotation grid (xbl.clustering.localise_cells): a concept planted at a
+"""Localisation on the annotation grid (xbl.query.clustering.localise_cells): a concept planted at a
 known cell is found there, with the extent the annotator marked."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from xbl.clustering import fit_concept, localise_cells, marked_cells
-from xbl.saliency import cells_to_mask
+from xbl.explain.cells import cells_to_mask
+from xbl.query.clustering import fit_concept, localise_cells, marked_cells
 
 
 def planted(cell_rc: tuple[int, int] | None, rng, strength: float = 3.0) -> np.ndarray:

@@ -18,7 +18,7 @@ from xbl.config import (
     build_config,
     load_config,
 )
-from xbl.methods import METHODS
+from xbl.feedback.methods import METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 

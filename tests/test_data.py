@@ -7,15 +7,11 @@ import pytest
 from PIL import Image
 
 from xbl.config import DataConfig
-from xbl.data import (
-    ManifestError,
-    build_dataset,
-    decoy_digits,
-    radiography_manifest,
-    read_manifest,
-)
-from xbl.feedback import read_feedback, write_feedback
-from xbl.images import DiskArray
+from xbl.data.build import build_dataset
+from xbl.data.digits import decoy_digits
+from xbl.data.images import DiskArray
+from xbl.data.manifest import ManifestError, radiography_manifest, read_manifest
+from xbl.feedback.masks import read_feedback, write_feedback
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from xbl.checkpoint import initial_model, load_checkpoint, save_checkpoint
 from xbl.config import FeedbackConfig, TrainConfig
-from xbl.data import PreparedData, decoy_digits
-from xbl.distributed import launch
-from xbl.feedback import build_feedback
-from xbl.methods import METHODS
-from xbl.models import build_model
-from xbl.train import fit
-from xbl.training_loop import FeedbackDiverged, training_loop
+from xbl.data.digits import decoy_digits
+from xbl.data.prepared import PreparedData
+from xbl.feedback.methods import METHODS
+from xbl.feedback.schedule import build_feedback
+from xbl.train.checkpoint import initial_model, load_checkpoint, save_checkpoint
+from xbl.train.distributed import launch
+from xbl.train.fit import fit
+from xbl.train.loop import FeedbackDiverged, training_loop
+from xbl.train.models import build_model
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from xbl.metrics import activation_recall, wrong_reason_share
+from xbl.explain.metrics import activation_recall, wrong_reason_share
 
 # 2x2 images; M marks the left column
 M = np.array([[[1, 0], [1, 0]]] * 4, dtype=float)
@@ -54,9 +54,9 @@ def test_evaluation_of_data_without_confounder_masks_scores_attribution_off_the_
     """A user's manifest has relevance masks but no confounder masks: the evaluation used to
     crash on the empty selection; it reports activation recall, the share of attribution off
     the relevance masks, and no wrong-reason share; the score rests on DeepLIFT."""
-    from xbl.data import decoy_digits
-    from xbl.evaluate import evaluate
-    from xbl.models import SmallCNN
+    from xbl.data.digits import decoy_digits
+    from xbl.judge.evaluate import evaluate
+    from xbl.train.models import SmallCNN
 
     data = decoy_digits(seed=0)
     keep = np.concatenate([data.indices(split)[:40] for split in ("train", "val", "test")])
@@ -75,7 +75,7 @@ def test_evaluation_of_data_without_confounder_masks_scores_attribution_off_the_
 
 
 def test_outside_share_counts_attribution_off_the_evidence_and_skips_uninformative_masks():
-    from xbl.metrics import outside_share
+    from xbl.explain.metrics import outside_share
 
     M = np.array([[[1, 0], [0, 0]]] * 4, dtype=bool)
     M[2] = True  # a mask over the whole image says nothing: NaN

@@ -11,13 +11,15 @@ import torch
 from PIL import Image
 
 from xbl.config import ConfigError, FeedbackConfig, build_config
-from xbl.data import decoy_digits, to_tensor
-from xbl.feedback import build_feedback, read_feedback, write_feedback
-from xbl.losses import explanation
-from xbl.methods import METHODS
-from xbl.metrics import activation_recall
-from xbl.models import SmallCNN
-from xbl.saliency import gradcam
+from xbl.data.digits import decoy_digits
+from xbl.data.images import to_tensor
+from xbl.explain.metrics import activation_recall
+from xbl.explain.saliency import gradcam
+from xbl.feedback.losses import explanation
+from xbl.feedback.masks import read_feedback, write_feedback
+from xbl.feedback.methods import METHODS
+from xbl.feedback.schedule import build_feedback
+from xbl.train.models import SmallCNN
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +240,7 @@ def test_params_yaml_gives_every_method_a_lambda():
 
 def test_retraining_runs_a_fixed_schedule_from_the_chosen_start():
     from xbl.config import TrainConfig
-    from xbl.feedback import retraining_schedule
+    from xbl.feedback.schedule import retraining_schedule
 
     train = TrainConfig(lr=0.01, epochs=50, patience=5, batch_size=32)
     schedule = retraining_schedule(train, FeedbackConfig(lr=0.001, epochs=20))
@@ -330,7 +332,8 @@ def test_a_manifest_without_keep_masks_reads_with_empty_ones(tmp_path, data, mod
 
 
 def test_the_annotation_budget_counts_answers_and_annotator_seconds(tmp_path):
-    from xbl.feedback import annotation_budget, write_feedback
+    from xbl.feedback.cost import annotation_budget
+    from xbl.feedback.masks import write_feedback
 
     queries = {f"img-{i}": {"index": i, "round": 1} for i in range(3)}
     masks = {k: np.zeros((4, 4), bool) for k in queries}

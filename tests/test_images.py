@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from xbl.config import TrainConfig
-from xbl.data import PreparedData, decoy_digits
-from xbl.images import DiskArray
-from xbl.models import SmallCNN
-from xbl.training_loop import predict_proba, training_loop
+from xbl.data.digits import decoy_digits
+from xbl.data.images import DiskArray
+from xbl.data.prepared import PreparedData
+from xbl.train.loop import predict_proba, training_loop
+from xbl.train.models import SmallCNN
 
 
 @pytest.fixture(scope="module")

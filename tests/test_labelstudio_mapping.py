@@ -1,4 +1,4 @@
-"""xbl/labelstudio.py: config, payloads, pre-drawn cells and annotations -> masks (no server)."""
+"""xbl/labelstudio/interface.py: config, payloads, pre-drawn cells and annotations -> masks (no server)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,18 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from xbl import labelstudio as ls
-from xbl.saliency import cells_to_mask
+from xbl.explain.cells import cells_to_mask
+from xbl.labelstudio.interface import (
+    ATTENTION_LABEL,
+    BRUSH_NAME,
+    IGNORE_LABEL,
+    IMAGE_NAME,
+    labeling_config,
+    validate_labeling_config,
+)
+from xbl.labelstudio.oracle import oracle_annotation, oracle_ignore_cells
+from xbl.labelstudio.payloads import cell_predictions, cells_from_prediction, task_payload
+from xbl.labelstudio.results import annotation_to_mask, decode_rle, masks_from_annotations
 
 
 def encode_rle(values, word_size=8, run_sizes=(3, 4, 8, 16)) -> list[int]:
@@ -65,11 +75,11 @@ def rgba_of(mask: np.ndarray) -> np.ndarray:
     return rgba.ravel()
 
 
-def brush_region(mask: np.ndarray, rle: list[int], label: str = ls.IGNORE_LABEL) -> dict:
+def brush_region(mask: np.ndarray, rle: list[int], label: str = IGNORE_LABEL) -> dict:
     return {
         "id": "paint",
-        "from_name": ls.BRUSH_NAME,
-        "to_name": ls.IMAGE_NAME,
+        "from_name": BRUSH_NAME,
+        "to_name": IMAGE_NAME,
         "type": "brushlabels",
         "original_height": mask.shape[0],
         "original_width": mask.shape[1],
@@ -97,7 +107,7 @@ QUERY = {
 
 
 def test_labeling_config_parses_and_has_what_the_annotator_needs():
-    root = ET.fromstring(ls.labeling_config())
+    root = ET.fromstring(labeling_config())
     images = {tag.get("name"): tag.get("value") for tag in root.iter("Image")}
     assert images == {"image": "$image", "overlay": "$overlay"}
     rect = root.find(".//RectangleLabels")
@@ -109,25 +119,25 @@ def test_labeling_config_parses_and_has_what_the_annotator_needs():
     assert {choice.get("value") for choice in rating.iter("Choice")} == {"good", "bad"}
     assert root.find(".//TextArea") is not None
     assert root.find(".//Text").get("value") == "$summary"
-    assert ls.validate_labeling_config(ls.labeling_config()) == []
-    assert ls.validate_labeling_config("<View><Image name='image' value='$image'/></View>")
+    assert validate_labeling_config(labeling_config()) == []
+    assert validate_labeling_config("<View><Image name='image' value='$image'/></View>")
 
 
 def test_label_studio_accepts_the_predictions_for_this_config():
     from label_studio_sdk.label_interface import LabelInterface
 
-    interface = LabelInterface(ls.labeling_config())
-    prediction = ls.cell_predictions(QUERY["cells"], 4, 28, 28, "model-3")
+    interface = LabelInterface(labeling_config())
+    prediction = cell_predictions(QUERY["cells"], 4, 28, 28, "model-3")
     assert interface.validate_prediction(prediction, return_errors=True) == []
     evidence = np.zeros((28, 28), bool)
     evidence[5:9, 5:9] = True
-    painted = brush_region(evidence, encode_rle(rgba_of(evidence).tolist()), ls.ATTENTION_LABEL)
+    painted = brush_region(evidence, encode_rle(rgba_of(evidence).tolist()), ATTENTION_LABEL)
     painted = {**prediction, "result": [painted]}  # the evidence, painted by the annotator
     assert interface.validate_prediction(painted, return_errors=True) == []
 
 
 def test_task_payload_carries_ids_labels_entropy_and_urls():
-    data = ls.task_payload(QUERY)["data"]
+    data = task_payload(QUERY)["data"]
     assert data["image_id"] == "train-17" and data["round"] == 2
     assert (data["image"], data["overlay"]) == (QUERY["image_url"], QUERY["overlay_url"])
     assert (data["true_label"], data["predicted_label"]) == ("3", "8")
@@ -140,32 +150,32 @@ def test_task_payload_carries_ids_labels_entropy_and_urls():
 def test_predicted_cells_round_trip_to_exactly_the_cell_mask(size, cell):
     grid = -(-size // cell)  # edge cells of a size not divisible by cell are clipped
     cells = [(0, 0), (grid - 1, grid - 1), (grid // 2, 0), (1, grid - 1)]
-    prediction = ls.cell_predictions(cells, cell, size, size, "m")
+    prediction = cell_predictions(cells, cell, size, size, "m")
     assert prediction["model_version"] == "m"
     for region in prediction["result"]:
         assert region["value"]["rectanglelabels"] == ["model attention"]
         assert (region["original_width"], region["original_height"]) == (size, size)
-    left, kept, _, problems = ls.annotation_to_mask(prediction["result"], size, size)
+    left, kept, _, problems = annotation_to_mask(prediction["result"], size, size)
     assert not left.any() and problems == []  # "model attention" = the annotator left it ...
     np.testing.assert_array_equal(kept, cells_to_mask(cells, cell, size, size))  # ... as evidence
-    mask, kept, _, problems = ls.annotation_to_mask(
+    mask, kept, _, problems = annotation_to_mask(
         relabel(prediction["result"], "ignore"), size, size
     )
     assert problems == [] and not kept.any()
     np.testing.assert_array_equal(mask, cells_to_mask(cells, cell, size, size))
-    assert ls.cells_from_prediction(prediction["result"], cell, size, size) == cells
+    assert cells_from_prediction(prediction["result"], cell, size, size) == cells
 
 
 def test_percent_coordinates_do_not_depend_on_the_shown_size():
     """Label Studio may report the upscaled image's size; percent coordinates still map exactly."""
-    region = ls.cell_predictions([(2, 3)], 4, 28, 28, "m")["result"][0]
+    region = cell_predictions([(2, 3)], 4, 28, 28, "m")["result"][0]
     region = {
         **region,
         "original_width": 224,
         "original_height": 224,
         "value": {**region["value"], "rectanglelabels": ["ignore"]},
     }
-    mask = ls.annotation_to_mask([region], 28, 28).ignore
+    mask = annotation_to_mask([region], 28, 28).ignore
     np.testing.assert_array_equal(mask, cells_to_mask([(2, 3)], 4, 28, 28))
 
 
@@ -185,7 +195,7 @@ def test_rotated_rectangle_turns_clockwise_about_its_top_left_corner():
         "to_name": "image",
         "value": value,
     }
-    mask, _, _, problems = ls.annotation_to_mask([region], 8, 8)
+    mask, _, _, problems = annotation_to_mask([region], 8, 8)
     expected = np.zeros((8, 8), bool)
     expected[2:4, 3:4] = True  # width 2 px now runs down from (x=4, y=2); height 1 px to the left
     assert problems == []
@@ -200,10 +210,8 @@ def test_rle_from_label_studios_own_encoder_decodes_exactly():
     mask[3:11, 5:20] = True
     mask[rng.random((28, 28)) < 0.05] = True  # single pixels give runs of length 1
     rgba = rgba_of(mask)
-    np.testing.assert_array_equal(ls.decode_rle(ls_encode_rle(rgba)), rgba)
-    painted, _, _, problems = ls.annotation_to_mask(
-        [brush_region(mask, ls_encode_rle(rgba))], 28, 28
-    )
+    np.testing.assert_array_equal(decode_rle(ls_encode_rle(rgba)), rgba)
+    painted, _, _, problems = annotation_to_mask([brush_region(mask, ls_encode_rle(rgba))], 28, 28)
     assert problems == []
     np.testing.assert_array_equal(painted, mask)
 
@@ -211,14 +219,14 @@ def test_rle_from_label_studios_own_encoder_decodes_exactly():
 def test_rle_with_literal_chunks_and_long_runs_decodes_exactly():
     rng = np.random.default_rng(1)
     values = np.concatenate([rng.integers(0, 256, 300), np.full(70000, 7), [1, 2, 3], np.zeros(20)])
-    np.testing.assert_array_equal(ls.decode_rle(encode_rle(values.tolist())), values)
+    np.testing.assert_array_equal(decode_rle(encode_rle(values.tolist())), values)
 
 
 def test_brush_painted_on_the_upscaled_image_is_resized_to_the_model_input():
     small = np.zeros((28, 28), bool)
     small[4:12, 16:28] = True
     big = np.kron(small, np.ones((4, 4), bool))  # what the annotator painted on the 112 px image
-    mask, _, _, problems = ls.annotation_to_mask(
+    mask, _, _, problems = annotation_to_mask(
         [brush_region(big, encode_rle(rgba_of(big).tolist()))], 28, 28
     )
     assert problems == []
@@ -228,9 +236,9 @@ def test_brush_painted_on_the_upscaled_image_is_resized_to_the_model_input():
 def test_evidence_painted_or_drawn_as_model_attention_is_kept():
     painted = np.zeros((28, 28), bool)
     painted[6:22, 10:16] = True
-    drawn = ls.cell_predictions([(1, 5)], 4, 28, 28, "m")["result"][0]  # a box the annotator added
-    brush = brush_region(painted, encode_rle(rgba_of(painted).tolist()), ls.ATTENTION_LABEL)
-    mask, kept, _, problems = ls.annotation_to_mask([brush, drawn], 28, 28)
+    drawn = cell_predictions([(1, 5)], 4, 28, 28, "m")["result"][0]  # a box the annotator added
+    brush = brush_region(painted, encode_rle(rgba_of(painted).tolist()), ATTENTION_LABEL)
+    mask, kept, _, problems = annotation_to_mask([brush, drawn], 28, 28)
     assert problems == [] and not mask.any()
     np.testing.assert_array_equal(kept, painted | cells_to_mask([(1, 5)], 4, 28, 28))
 
@@ -238,20 +246,20 @@ def test_evidence_painted_or_drawn_as_model_attention_is_kept():
 def test_ignore_wins_over_keep_where_they_overlap():
     """A kept cell partly painted "ignore", and a painted evidence stroke with an "ignore" box
     drawn over it: W is what was struck, exactly as without the keep, and keep is the rest."""
-    cell = ls.cell_predictions([(3, 3)], 4, 28, 28, "m")["result"]  # left as "model attention"
+    cell = cell_predictions([(3, 3)], 4, 28, 28, "m")["result"]  # left as "model attention"
     painted = np.zeros((28, 28), bool)
     painted[13:15, 0:28] = True  # crosses cell (3, 3) and cell (3, 5)
     strike = brush_region(painted, encode_rle(rgba_of(painted).tolist()))
     evidence = np.zeros((28, 28), bool)
     evidence[20:24, 0:12] = True
     stroke = {
-        **brush_region(evidence, encode_rle(rgba_of(evidence).tolist()), ls.ATTENTION_LABEL),
+        **brush_region(evidence, encode_rle(rgba_of(evidence).tolist()), ATTENTION_LABEL),
         "id": "evidence",
     }
-    box = relabel(ls.cell_predictions([(5, 1)], 4, 28, 28, "m")["result"], "ignore")
+    box = relabel(cell_predictions([(5, 1)], 4, 28, 28, "m")["result"], "ignore")
     ignored = painted | cells_to_mask([(5, 1)], 4, 28, 28)
     for result in (cell + [strike, stroke] + box, box + [stroke, strike] + cell):  # any order
-        mask, kept, _, problems = ls.annotation_to_mask(result, 28, 28)
+        mask, kept, _, problems = annotation_to_mask(result, 28, 28)
         assert problems == []
         np.testing.assert_array_equal(mask, ignored)
         expected = (cells_to_mask([(3, 3)], 4, 28, 28) | evidence) & ~ignored
@@ -260,12 +268,12 @@ def test_ignore_wins_over_keep_where_they_overlap():
 
 
 def test_masks_from_annotations_give_each_image_its_keep_mask():
-    shown = ls.cell_predictions([(2, 2), (4, 4)], 4, 28, 28, "m")["result"]
+    shown = cell_predictions([(2, 2), (4, 4)], 4, 28, 28, "m")["result"]
     annotations = [
         {"image_id": "a", "task_id": 1, "annotation_id": 1, "result": shown},
         {"image_id": "b", "task_id": 2, "annotation_id": 2, "result": relabel(shown, "ignore")},
     ]
-    masks, keep, _, problems, _ = ls.masks_from_annotations(annotations, 28, 28)
+    masks, keep, _, problems, _ = masks_from_annotations(annotations, 28, 28)
     assert problems == []
     np.testing.assert_array_equal(keep["a"], cells_to_mask([(2, 2), (4, 4)], 4, 28, 28))
     assert not masks["a"].any() and not keep["b"].any()
@@ -273,13 +281,13 @@ def test_masks_from_annotations_give_each_image_its_keep_mask():
 
 
 def test_empty_result_means_nothing_to_ignore_and_nothing_kept():
-    mask, kept, rating, problems = ls.annotation_to_mask([], 28, 28)
+    mask, kept, rating, problems = annotation_to_mask([], 28, 28)
     assert mask.shape == kept.shape == (28, 28) and not mask.any() and not kept.any()
     assert rating is None and problems == []
 
 
 def test_malformed_regions_are_reported_by_name_and_the_rest_is_kept():
-    good = relabel(ls.cell_predictions([(1, 1)], 4, 28, 28, "m")["result"], "ignore")
+    good = relabel(cell_predictions([(1, 1)], 4, 28, 28, "m")["result"], "ignore")
     outside = {
         "id": "far-away",
         "type": "rectanglelabels",
@@ -308,7 +316,7 @@ def test_malformed_regions_are_reported_by_name_and_the_rest_is_kept():
         "to_name": "image",
         "value": {"choices": ["bad"]},
     }
-    mask, kept, got_rating, problems = ls.annotation_to_mask(
+    mask, kept, got_rating, problems = annotation_to_mask(
         good + [outside, unknown, truncated, rating], 28, 28
     )
     assert not kept.any()  # the unreadable regions add no evidence either
@@ -332,7 +340,7 @@ def test_masks_from_annotations_name_the_task_of_each_problem():
         {"image_id": "a", "task_id": 11, "annotation_id": 5, "result": [bad]},
         {"image_id": "b", "task_id": 12, "annotation_id": 6, "result": []},
     ]
-    masks, keep, ratings, problems, _ = ls.masks_from_annotations(annotations, 28, 28)
+    masks, keep, ratings, problems, _ = masks_from_annotations(annotations, 28, 28)
     assert set(masks) == set(keep) == {"a", "b"} and ratings == {"a": None, "b": None}
     assert problems == [
         "task 11 (image a, annotation 5): region r9: unknown label 'dog' "
@@ -346,9 +354,9 @@ def test_oracle_ignores_the_shown_cells_off_the_relevance_mask():
     relevance[0, 0] = True  # 1 of 16 pixels of cell (0, 0): below a 0.1 overlap
     relevance[7, 8:12] = True  # 4 of 16 pixels of cell (1, 2)
     shown = [(0, 0), (3, 3), (6, 6), (1, 2)]  # (1, 2): overlap 0.25
-    assert ls.oracle_ignore_cells(shown, 4, relevance, 0.1) == [(0, 0), (6, 6)]
-    assert ls.oracle_ignore_cells(shown, 4, relevance, 0.3) == [(0, 0), (6, 6), (1, 2)]
-    result = ls.oracle_annotation(shown, 4, 28, 28, relevance, 0.1)
+    assert oracle_ignore_cells(shown, 4, relevance, 0.1) == [(0, 0), (6, 6)]
+    assert oracle_ignore_cells(shown, 4, relevance, 0.3) == [(0, 0), (6, 6), (1, 2)]
+    result = oracle_annotation(shown, 4, 28, 28, relevance, 0.1)
     labels = {
         r["id"]: r["value"].get("rectanglelabels") for r in result if r["type"] == "rectanglelabels"
     }
@@ -358,7 +366,7 @@ def test_oracle_ignores_the_shown_cells_off_the_relevance_mask():
         "cell-6-6": ["ignore"],
         "cell-1-2": ["model attention"],
     }
-    mask, kept, rating, problems = ls.annotation_to_mask(result, 28, 28)
+    mask, kept, rating, problems = annotation_to_mask(result, 28, 28)
     np.testing.assert_array_equal(mask, cells_to_mask([(0, 0), (6, 6)], 4, 28, 28))
     np.testing.assert_array_equal(kept, cells_to_mask([(3, 3), (1, 2)], 4, 28, 28))  # on the digit
     assert rating == "bad" and problems == []
@@ -366,15 +374,15 @@ def test_oracle_ignores_the_shown_cells_off_the_relevance_mask():
 
 def test_oracle_rates_an_explanation_on_the_evidence_good():
     relevance = np.ones((28, 28), bool)
-    mask, kept, rating, _ = ls.annotation_to_mask(
-        ls.oracle_annotation([(2, 2)], 4, 28, 28, relevance, 0.1), 28, 28
+    mask, kept, rating, _ = annotation_to_mask(
+        oracle_annotation([(2, 2)], 4, 28, 28, relevance, 0.1), 28, 28
     )
     assert not mask.any() and rating == "good"
     np.testing.assert_array_equal(kept, cells_to_mask([(2, 2)], 4, 28, 28))
 
 
 def test_upload_stems_are_safe_to_serve_and_stay_unique():
-    from xbl.labelstudio import upload_stem
+    from xbl.labelstudio.payloads import upload_stem
 
     assert upload_stem("digit-0042") == "digit-0042"  # safe ids are kept
     cat, dog = upload_stem("cat/001.png"), upload_stem("dog/001.png")
@@ -384,7 +392,7 @@ def test_upload_stems_are_safe_to_serve_and_stay_unique():
 
 
 def test_annotator_seconds_come_from_label_studios_lead_time():
-    read = ls.masks_from_annotations(
+    read = masks_from_annotations(
         [
             {"image_id": "a", "result": [], "lead_time": 7.25},
             {"image_id": "b", "result": []},  # a simulated answer carries none
@@ -396,7 +404,7 @@ def test_annotator_seconds_come_from_label_studios_lead_time():
 
 
 def test_report_columns_give_a_model_in_two_roles_one_column():
-    from xbl.report import report_columns
+    from xbl.report.page import report_columns
 
     roles = {"baseline": "r1", "champion": "r1", "candidate": "r2"}
     assert report_columns(roles) == {"baseline = champion": "r1", "candidate": "r2"}

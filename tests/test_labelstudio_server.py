@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from services import labelstudio as client_api
-from xbl import labelstudio as mapping
-from xbl.saliency import cells_to_mask
+from xbl.explain.cells import cells_to_mask
+from xbl.labelstudio.oracle import oracle_annotation
+from xbl.labelstudio.results import masks_from_annotations
 
 from .ls_server import REPO, free_port
 
@@ -96,7 +97,7 @@ def test_push_oracle_collect_gives_exactly_the_ignored_and_kept_cells(
     assert client_api.round_progress(client, project, 1) == (3, 3)
 
     annotations = client_api.collect_annotations(client, project, 1)
-    masks, keep, ratings, problems, _ = mapping.masks_from_annotations(annotations, SIZE, SIZE)
+    masks, keep, ratings, problems, _ = masks_from_annotations(annotations, SIZE, SIZE)
     assert problems == [] and set(masks) == set(keep) == {"img-a", "img-b", "img-c"}
     expected = cells_to_mask(IGNORED, CELL, SIZE, SIZE)
     on_digit = cells_to_mask([c for c in SHOWN if c not in IGNORED], CELL, SIZE, SIZE)
@@ -170,7 +171,7 @@ def test_malformed_annotation_is_reported_by_task_and_the_rest_is_kept(client, t
     queries = make_queries(tmp_path, ["img-a", "img-b"])
     client_api.push_round(client, project, queries, "model-1")
     tasks = {t.data["image_id"]: t.id for t in client.sdk.tasks.list(project=project)}
-    kept = mapping.oracle_annotation([(0, 0)], CELL, SIZE, SIZE, relevance_mask(), 0.1)[:1]
+    kept = oracle_annotation([(0, 0)], CELL, SIZE, SIZE, relevance_mask(), 0.1)[:1]
     outside = {
         "id": "far-away",
         "from_name": "cells",
@@ -197,7 +198,7 @@ def test_malformed_annotation_is_reported_by_task_and_the_rest_is_kept(client, t
     )
     assert client_api.oracle_annotate(client, project, 1, {"img-b": relevance_mask()}, 0.1) == 1
 
-    masks, _, _, problems, _ = mapping.masks_from_annotations(
+    masks, _, _, problems, _ = masks_from_annotations(
         client_api.collect_annotations(client, project, 1), SIZE, SIZE
     )
     assert len(problems) == 2

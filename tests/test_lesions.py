@@ -9,9 +9,10 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from xbl.config import DataConfig
-from xbl.data import AUDIT, build_dataset
+from xbl.data.build import build_dataset
+from xbl.data.lesions import decoy_lesions
+from xbl.data.prepared import AUDIT
 from xbl.errors import ConfigError
-from xbl.lesions import decoy_lesions
 
 SECONDS = {}  # CPU seconds the default dataset took to generate
 

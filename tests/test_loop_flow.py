@@ -20,9 +20,9 @@ from services.checkout import checkout_run_data
 from tasks.annotation import RoundIncomplete
 from tasks.rounds import read_round_state
 from tests.conftest import make_project
-from xbl.data import PreparedData
-from xbl.labelstudio import oracle_ignore_cells
-from xbl.saliency import cells_to_mask
+from xbl.data.prepared import PreparedData
+from xbl.explain.cells import cells_to_mask
+from xbl.labelstudio.oracle import oracle_ignore_cells
 
 pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
 

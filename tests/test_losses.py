@@ -10,7 +10,9 @@ from captum.attr import LayerGradCam
 from torch import nn
 
 from tests.toy_models import CornerNet
-from xbl.losses import (
+from xbl.explain.metrics import activation_recall
+from xbl.explain.saliency import gradcam, upsample_map
+from xbl.feedback.losses import (
     counterexamples,
     exbl_triplet,
     explanation,
@@ -20,10 +22,8 @@ from xbl.losses import (
     rrr_penalty,
     select_exemplars,
 )
-from xbl.methods import EXBL, METHODS, AnnotatedImages
-from xbl.metrics import activation_recall
-from xbl.models import SmallCNN
-from xbl.saliency import gradcam, upsample_map
+from xbl.feedback.methods import EXBL, METHODS, AnnotatedImages
+from xbl.train.models import SmallCNN
 
 GRADIENT_METHODS = ("rrr", "rrr_output", "rrr_g", "hint", "exbl")
 

@@ -8,12 +8,12 @@ import torch
 from captum.attr import LayerGradCam
 
 from xbl.config import build_config
-from xbl.data import decoy_digits
-from xbl.feedback import build_feedback
-from xbl.methods import METHODS, AnnotatedImages, FeedbackMethod, register
-from xbl.models import SmallCNN
-from xbl.saliency import eval_mode, gradcam, upsample_map
-from xbl.train import fit
+from xbl.data.digits import decoy_digits
+from xbl.explain.saliency import eval_mode, gradcam, upsample_map
+from xbl.feedback.methods import METHODS, AnnotatedImages, FeedbackMethod, register
+from xbl.feedback.schedule import build_feedback
+from xbl.train.fit import fit
+from xbl.train.models import SmallCNN
 
 
 class ResponseToForbidden(FeedbackMethod):

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xbl.checkpoint import checkpoint_meta, initial_model, load_model, save_checkpoint
-from xbl.data import PreparedData
+from xbl.data.prepared import PreparedData
 from xbl.errors import ConfigError
-from xbl.models import (
+from xbl.explain.saliency import deeplift_blurred, gradcam
+from xbl.train.checkpoint import checkpoint_meta, initial_model, load_model, save_checkpoint
+from xbl.train.models import (
     SmallCNN,
     build_model,
     freeze_stages,
@@ -22,7 +23,6 @@ from xbl.models import (
     load_weights,
     resnet18,
 )
-from xbl.saliency import deeplift_blurred, gradcam
 
 
 def tiny_data(channels: int, size: int, n: int = 6, classes: int = 2) -> PreparedData:
@@ -101,7 +101,7 @@ def test_pretrained_rgb_weights_fold_to_one_channel_and_get_a_new_head(tmp_path,
     source, path = imagenet_like_file(tmp_path)
     model = resnet18(in_channels=1, n_classes=2, image_size=64)
     fresh_head = model.fc.weight.detach().clone()
-    with caplog.at_level(logging.WARNING, logger="xbl.models"):
+    with caplog.at_level(logging.WARNING, logger="xbl.train.models"):
         load_pretrained(model, path)
     assert torch.allclose(model.conv1.weight, source.conv1.weight.sum(dim=1, keepdim=True))
     assert torch.equal(model.layer3[1].conv2.weight, source.layer3[1].conv2.weight)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from xbl.config import PromotionConfig
-from xbl.promotion import promotion_decision
+from xbl.judge.promotion import promotion_decision
 
 RULE = PromotionConfig()
 

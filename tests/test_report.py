@@ -15,10 +15,10 @@ from PIL import Image
 
 from services import screenshot, tracking
 from tasks.report import PAGE_WIDTH, report_png, round_report
-from xbl.checkpoint import initial_model, save_checkpoint
 from xbl.config import DataConfig
-from xbl.data import build_dataset
-from xbl.report import report_html
+from xbl.data.build import build_dataset
+from xbl.report.page import report_html
+from xbl.train.checkpoint import initial_model, save_checkpoint
 
 TABLE = [
     {"role": "baseline = champion", "model": "baseline", "audit_accuracy": 0.75, "test": 0.74},

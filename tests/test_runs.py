@@ -8,9 +8,9 @@ import torch
 
 from services import tracking
 from tasks.runs import log_model_run
-from xbl.checkpoint import save_checkpoint
-from xbl.models import SmallCNN
-from xbl.train import TrainResult
+from xbl.train.checkpoint import save_checkpoint
+from xbl.train.loop import TrainResult
+from xbl.train.models import SmallCNN
 
 META = {"model": "small_cnn", "in_channels": 1, "n_classes": 10, "image_size": 28}
 

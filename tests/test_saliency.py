@@ -10,21 +10,11 @@ import torch
 from PIL import Image
 
 from tests.toy_models import CornerNet
-from xbl.metrics import wrong_reason_share
-from xbl.models import SmallCNN
-from xbl.saliency import (
-    OUTLINE_RGB,
-    cell_scores,
-    cells_to_mask,
-    deeplift_blurred,
-    eval_mode,
-    gaussian_blur,
-    gradcam,
-    image_png,
-    overlay_png,
-    saliency_map,
-    top_cells,
-)
+from xbl.explain.cells import cell_scores, cells_to_mask, top_cells
+from xbl.explain.metrics import wrong_reason_share
+from xbl.explain.render import OUTLINE_RGB, image_png, overlay_png
+from xbl.explain.saliency import deeplift_blurred, eval_mode, gaussian_blur, gradcam, saliency_map
+from xbl.train.models import SmallCNN
 
 CORNER = np.zeros((28, 28))
 CORNER[:4, :4] = 1
@@ -286,7 +276,7 @@ def test_overlay_png_accepts_uint8_like_float(tmp_path):
 def test_what_the_annotator_sees_fits_the_screen_whole(tmp_path, side):
     """Small images are upscaled to be seen, large ones shrunk to show whole (image and
     overlay side by side in a 1600×1000 window)."""
-    from xbl.saliency import MAX_SIDE, display_scale
+    from xbl.explain.render import MAX_SIDE, display_scale
 
     rgb = np.random.default_rng(0).integers(0, 255, (3, side, side), dtype=np.uint8)
     scale = display_scale(side, side)

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from xbl.sampling import STRATEGIES, predictive_entropy, select_queries
+from xbl.query.sampling import STRATEGIES, predictive_entropy, select_queries
 
 
 @pytest.fixture

@@ -34,9 +34,10 @@ from services import labelstudio as ls
 from services import team as native
 from services import tracking
 from tests.conftest import as_worker_project, make_project
-from xbl import labelstudio as mapping
-from xbl.data import PreparedData
-from xbl.feedback import mask_file_name
+from xbl.data.prepared import PreparedData
+from xbl.feedback.masks import mask_file_name
+from xbl.labelstudio.oracle import oracle_annotation
+from xbl.labelstudio.results import masks_from_annotations
 
 # Three worker-run rounds take about 6 minutes here, which `make test` cannot afford beside the
 # rest of the suite (it stays under 20 minutes on 2 cores): `make test-team-faults` runs them.
@@ -176,7 +177,7 @@ def _assert_round_is_whole(team, project: Path, n: int, submitted: list[dict]) -
     # the round's masks and manifest: exactly the submitted answers, one per image
     root = project / "data" / "feedback" / f"round-{n}"
     first = submitted[0]
-    read = mapping.masks_from_annotations(submitted, first["height"], first["width"])
+    read = masks_from_annotations(submitted, first["height"], first["width"])
     names = {mask_file_name(s["image_id"]): s["image_id"] for s in submitted}
     assert sorted(p.name for p in (root / "masks").iterdir()) == sorted(names)
     for name, image_id in names.items():
@@ -294,7 +295,7 @@ def _annotate_at_once(project: Path, n: int) -> list[dict]:
             "height": t["height"],
             "width": t["width"],
             "lead_time": 10.0 + i,
-            "result": mapping.oracle_annotation(
+            "result": oracle_annotation(
                 t["cells"],
                 t["cell"],
                 t["height"],

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from xbl.config import TrainConfig, build_config
-from xbl.feedback import Feedback
-from xbl.losses import rrr_penalty
-from xbl.methods import METHODS, RRR, AnnotatedImages
-from xbl.models import SmallCNN
-from xbl.training_loop import FeedbackDiverged, _step_losses, mean_loss, training_loop
+from xbl.feedback.losses import rrr_penalty
+from xbl.feedback.methods import METHODS, RRR, AnnotatedImages
+from xbl.feedback.schedule import Feedback
+from xbl.train.loop import FeedbackDiverged, _step_losses, mean_loss, training_loop
+from xbl.train.models import SmallCNN
 
 N_CLASSES = 4
 

@@ -22,12 +22,12 @@ from typing import Any, ClassVar
 
 import yaml
 
-from xbl.clustering import K_SELECTION
 from xbl.errors import ConfigError
-from xbl.methods import METHODS
-from xbl.models import FREEZE, MODELS
-from xbl.saliency import SALIENCY_METHODS
-from xbl.sampling import QUERY_STRATEGIES
+from xbl.explain.saliency import SALIENCY_METHODS
+from xbl.feedback.methods import METHODS
+from xbl.query.clustering import K_SELECTION
+from xbl.query.sampling import QUERY_STRATEGIES
+from xbl.train.models import FREEZE, MODELS
 
 
 def _choices(*allowed: str) -> dict:

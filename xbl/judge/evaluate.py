@@ -6,18 +6,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from xbl.data import AUDIT, PreparedData, to_tensor
-from xbl.losses import input_gradients
-from xbl.metrics import (
-    activation_recall,
-    classification_metrics,
-    confusion_matrix,
-    outside_share,
-    wrong_reason_share,
-)
-from xbl.runtime import model_device
-from xbl.saliency import deeplift_blurred, eval_mode, gradcam
-from xbl.training_loop import nll, predict_proba
+from xbl.data.images import to_tensor
+from xbl.data.prepared import AUDIT, PreparedData
+from xbl.explain.metrics import activation_recall, outside_share, wrong_reason_share
+from xbl.explain.saliency import deeplift_blurred, eval_mode, gradcam
+from xbl.feedback.losses import input_gradients
+from xbl.judge.metrics import classification_metrics, confusion_matrix
+from xbl.train.loop import nll, predict_proba
+from xbl.train.runtime import model_device
 
 
 def evaluate_split(model: nn.Module, data: PreparedData, split: str) -> tuple[dict, np.ndarray]:

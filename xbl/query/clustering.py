@@ -33,7 +33,7 @@ from sklearn.metrics import silhouette_score
 from sklearn.neighbors import kneighbors_graph
 from torch import nn
 
-from xbl.saliency import eval_mode, upsample_map
+from xbl.explain.saliency import eval_mode, upsample_map
 
 K_SELECTION = ("eigengap", "silhouette")
 _EPS = 1e-12

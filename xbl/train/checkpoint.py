@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xbl.data import PreparedData
-from xbl.models import build_model, freeze_stages, load_pretrained, load_weights
-from xbl.runtime import seed_everything
+from xbl.data.prepared import PreparedData
+from xbl.train.models import build_model, freeze_stages, load_pretrained, load_weights
+from xbl.train.runtime import seed_everything
 
 
 def checkpoint_meta(name: str, data: PreparedData) -> dict:

@@ -15,9 +15,10 @@ import matplotlib
 import numpy as np
 from torch import nn
 
-from xbl.data import AUDIT, PreparedData, to_tensor
-from xbl.saliency import deeplift_blurred
-from xbl.training_loop import predict_proba
+from xbl.data.images import to_tensor
+from xbl.data.prepared import AUDIT, PreparedData
+from xbl.explain.saliency import deeplift_blurred
+from xbl.train.loop import predict_proba
 
 PROBES = 8  # held-out images shown every round
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from xbl.losses import (
+from xbl.feedback.losses import (
     counterexamples,
     exbl_triplet,
     explanation,

@@ -1,8 +1,8 @@
 """Data-parallel training: one process per GPU (or several on a CPU) under torchrun with DDP.
 
 `xbl.train.fit` calls `launch` when `train.devices` > 1: it writes a job file and runs
-`python -m torch.distributed.run --standalone --nproc_per_node=N -m xbl.distributed JOB`.
-Every process runs the ordinary `xbl.training_loop.training_loop`: all draw the same seeded global
+`python -m torch.distributed.run --standalone --nproc_per_node=N -m xbl.train.distributed JOB`.
+Every process runs the ordinary `xbl.train.loop.training_loop`: all draw the same seeded global
 batches and the same annotated images, each trains on its own slice of both, and the
 gradients are averaged by DistributedDataParallel. SmallCNN has no dropout and no batchnorm,
 so this is the single-process training on the same global batch, up to float rounding.
@@ -10,7 +10,7 @@ Validation runs in full on every process: the weights are identical everywhere (
 gradients, same Adam step), so every process reaches the same early-stopping decision
 without talking; the training-loss guard sees values summed over processes, so a divergence
 stops all of them at the same step. Process 0 writes the checkpoint and the TrainResult as JSON.
-How each feedback term splits across processes is the method's own `share` (xbl/methods.py).
+How each feedback term splits across processes is the method's own `share` (xbl/feedback/methods.py).
 
 Plain torch on purpose: the workers import no Prefect, MLflow or DVC.
 """
@@ -39,14 +39,14 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 
 import xbl
-from xbl.checkpoint import checkpoint_meta, initial_model, save_checkpoint, save_last_good
 from xbl.config import TrainConfig
-from xbl.data import PreparedData
-from xbl.feedback import Feedback
-from xbl.images import DiskArray
-from xbl.methods import AnnotatedImages
-from xbl.runtime import autocast, resolve_device
-from xbl.training_loop import FeedbackDiverged, TrainResult, training_loop
+from xbl.data.images import DiskArray
+from xbl.data.prepared import PreparedData
+from xbl.feedback.methods import AnnotatedImages
+from xbl.feedback.schedule import Feedback
+from xbl.train.checkpoint import checkpoint_meta, initial_model, save_checkpoint, save_last_good
+from xbl.train.loop import FeedbackDiverged, TrainResult, training_loop
+from xbl.train.runtime import autocast, resolve_device
 
 
 # ---------------------------------------------------------------- one process's share of a step
@@ -343,7 +343,7 @@ def _run(
         "--standalone",
         f"--nproc_per_node={devices}",
         "-m",
-        "xbl.distributed",
+        "xbl.train.distributed",
         str(workdir / "job.pt"),
     ]
     with log.open("w") as fh:

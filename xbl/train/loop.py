@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from xbl.config import TrainConfig
-from xbl.feedback import Feedback
-from xbl.images import Images, ShuffledBatches, as_images, batches, in_order
-from xbl.methods import AnnotatedImages
-from xbl.runtime import autocast, model_device, seed_everything
+from xbl.data.images import Images, ShuffledBatches, as_images, batches, in_order
+from xbl.feedback.methods import AnnotatedImages
+from xbl.feedback.schedule import Feedback
+from xbl.train.runtime import autocast, model_device, seed_everything
 
 EXPLOSION = 1e12  # a finite loss above this is treated as diverged, like NaN
 
@@ -162,7 +162,7 @@ def training_loop(
     With `cfg.patience` 0 every epoch counts as the best, so the last epoch's weights are kept.
     On divergence (NaN or a loss above 1e12, in training or on validation) the best weights so
     far are restored before FeedbackDiverged is raised, naming the method, λ and epoch.
-    `step` computes each step's losses; None is one process, xbl.distributed passes its
+    `step` computes each step's losses; None is one process, xbl.train.distributed passes its
     data-parallel share.
     """
     seed_everything(cfg.seed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from xbl.config import PromotionConfig
-from xbl.evaluate import explanation_score
+from xbl.judge.evaluate import explanation_score
 
 
 def promotion_decision(champion: dict, candidate: dict, rule: PromotionConfig) -> tuple[bool, str]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from xbl.checkpoint import checkpoint_meta, initial_model, save_checkpoint, save_last_good
 from xbl.config import TrainConfig
-from xbl.data import PreparedData
-from xbl.distributed import launch
-from xbl.feedback import Feedback
-from xbl.runtime import resolve_device
-from xbl.training_loop import FeedbackDiverged, TrainResult, training_loop
+from xbl.data.prepared import PreparedData
+from xbl.feedback.schedule import Feedback
+from xbl.train.checkpoint import checkpoint_meta, initial_model, save_checkpoint, save_last_good
+from xbl.train.distributed import launch
+from xbl.train.loop import FeedbackDiverged, TrainResult, training_loop
+from xbl.train.runtime import resolve_device
 
 
 def fit(

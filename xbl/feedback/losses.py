@@ -1,5 +1,5 @@
 """Explanation-feedback penalties: L = CE + λ·L_expl on annotated images (docs/methods.md,
-"Feedback losses"). The methods that combine them live in xbl/methods.py.
+"Feedback losses"). The methods that combine them live in xbl/feedback/methods.py.
 
 Masks are (N,H,W): W = 1 where the model must NOT look, M = 1 where the evidence is. Every term
 keeps the autograd graph (create_graph=True where a gradient sits inside the loss), otherwise
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xbl.metrics import activation_recall
-from xbl.saliency import gradcam
+from xbl.explain.metrics import activation_recall
+from xbl.explain.saliency import gradcam
 
 
 def _mask_like(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

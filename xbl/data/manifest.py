@@ -1,16 +1,4 @@
-"""Datasets: the built-in decoy-digits (and decoy-lesions, in xbl/lesions.py), user manifests,
-and the prepared format.
-
-A prepared dataset is a folder (DVC-tracked as one output):
-  images.npy      (N,C,H,W) uint8, C 1 (greyscale) or 3 (RGB)
-  relevance.npy   (N,H,W) bool  where the evidence is (the digit; a user's mask, else all ones)
-  confounder.npy  (N,H,W) bool  the known shortcut (the decoy; a user's confounder_mask, else
-                                empty)
-  index.npz       labels (N,) int64, split (N,) str in {train,val,test,audit}, ids (N,) str
-                  (unique; for user data the image's path in the dataset folder), classes (K,)
-Loaded, the three image-sized arrays stay on disk and are read row by row (xbl.images); the
-index is small and held in memory.
-"""
+"""A user's images through a manifest CSV or a folder layout, checked row by row and written in the prepared format."""
 
 from __future__ import annotations
 
@@ -22,154 +10,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from xbl.config import DataConfig
-from xbl.images import ArrayImages, DiskArray, RowWriter, to_tensor
-
-__all__ = ["AUDIT", "SPLITS", "ManifestError", "PreparedData", "build_dataset", "to_tensor"]
-
-SPLITS = ("train", "val", "test")
-# Optional held-out images free of the shortcut (decoy-digits: the validation digits with their
-# decoys re-drawn at random). Promotion is judged there; training and early stopping never see it.
-AUDIT = "audit"
-
-
-@dataclass
-class PreparedData:
-    images: np.ndarray
-    labels: np.ndarray
-    split: np.ndarray
-    relevance: np.ndarray
-    confounder: np.ndarray
-    ids: np.ndarray
-    classes: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def indices(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.split == split)
-
-    def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The split's images as float in [0,1] and its labels, all in memory (small data)."""
-        idx = self.indices(split)
-        return to_tensor(self.images[idx]), torch.from_numpy(self.labels[idx])
-
-    def split_images(self, split: str) -> ArrayImages:
-        """The split as labelled images read from disk batch by batch."""
-        return ArrayImages(self.images, self.labels, self.indices(split))
-
-    def save(self, folder: Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in IMAGE_SIZED:
-            np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
-        np.savez(folder / INDEX, **{name: getattr(self, name) for name in INDEXED})
-
-    @classmethod
-    def load(cls, folder: Path) -> PreparedData:
-        folder = Path(folder)
-        if not (folder / INDEX).is_file():
-            raise FileNotFoundError(
-                f"prepared dataset not found: {folder} has no {INDEX} (run the prepare stage)"
-            )
-        with np.load(folder / INDEX, allow_pickle=False) as z:
-            index = {name: z[name] for name in INDEXED}
-        arrays = {name: DiskArray(folder / f"{name}.npy") for name in IMAGE_SIZED}
-        data = cls(**index, **arrays)
-        if any(len(a) != len(data.labels) for a in arrays.values()):
-            raise ValueError(f"{folder}: the arrays and {INDEX} disagree on the number of images")
-        return data
-
-
-IMAGE_SIZED = ("images", "relevance", "confounder")
-INDEXED = ("labels", "split", "ids", "classes")
-INDEX = "index.npz"
-
-
-# ---------------------------------------------------------------- decoy-digits
-def _stratified_split(labels: np.ndarray, fractions: dict, rng: np.random.Generator) -> np.ndarray:
-    split = np.empty(len(labels), dtype="<U5")
-    cut_train = fractions["train"]
-    cut_val = cut_train + fractions["val"]
-    for k in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == k))
-        a, b = round(len(idx) * cut_train), round(len(idx) * cut_val)
-        split[idx[:a]], split[idx[a:b]], split[idx[b:]] = "train", "val", "test"
-    return split
-
-
-def add_decoys(
-    images: np.ndarray, code: np.ndarray, size: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Stamp a size x size patch of value 255 - 25*code in a random corner (Decoy-MNIST).
-
-    Returns the confounder masks; `images` (N,1,H,W) is modified in place.
-    """
-    n, _, h, w = images.shape
-    masks = np.zeros((n, h, w), dtype=bool)
-    top = rng.integers(0, 2, n).astype(bool)
-    left = rng.integers(0, 2, n).astype(bool)
-    for i in range(n):
-        r = 0 if top[i] else h - size
-        c = 0 if left[i] else w - size
-        images[i, :, r : r + size, c : c + size] = 255 - 25 * int(code[i])
-        masks[i, r : r + size, c : c + size] = True
-    return masks
-
-
-def decoy_digits(
-    image_size: int = 28,
-    digit_size: int = 20,
-    decoy_size: int = 4,
-    split: dict | None = None,
-    seed: int = 0,
-    decoys: bool = True,
-) -> PreparedData:
-    """scikit-learn's bundled digits drawn large in a frame, with the Decoy-MNIST confounder.
-
-    The patch value encodes the label in train and val (so a validation-based early stop
-    cannot see the shortcut, as a real user's would not), and a random class in test and in
-    the audit split: a copy of the validation digits whose decoys are re-drawn at random, the
-    shortcut-free evidence promotion is judged on. The seed fixes the split, the decoys'
-    corners and the random codes.
-    """
-    split = split or {"train": 0.6, "val": 0.2, "test": 0.2}
-    if image_size - digit_size < 2 * decoy_size:
-        raise ValueError("image_size must leave room for the decoy patch in each corner")
-    rng = np.random.default_rng(seed)
-    images, labels = _framed_digits(image_size, digit_size)
-    splits = _stratified_split(labels, split, rng)
-    ids = np.array([f"digit-{i:04d}" for i in range(len(labels))])
-    val = np.flatnonzero(splits == "val")
-    images = np.concatenate([images, images[val]])
-    labels = np.concatenate([labels, labels[val]])
-    splits = np.concatenate([splits, np.full(len(val), AUDIT)])
-    ids = np.concatenate([ids, np.char.add(ids[val], "-audit")])
-    relevance = images[:, 0] > 32
-    n = len(labels)
-    code = np.where(np.isin(splits, ("test", AUDIT)), rng.integers(0, 10, n), labels)
-    confounder = add_decoys(images, code, decoy_size, rng) if decoys else np.zeros_like(relevance)
-    return PreparedData(
-        images, labels, splits, relevance, confounder, ids, np.array([str(k) for k in range(10)])
-    )
-
-
-def _framed_digits(image_size: int, digit_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The 1,797 8x8 digits resized to `digit_size`, centred in an `image_size` frame."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    off = (image_size - digit_size) // 2
-    images = np.zeros((len(digits.target), 1, image_size, image_size), dtype=np.uint8)
-    for i, small in enumerate(digits.images):
-        big = Image.fromarray((small * (255 / 16)).astype(np.uint8)).resize(
-            (digit_size, digit_size), Image.BILINEAR
-        )
-        images[i, 0, off : off + digit_size, off : off + digit_size] = np.asarray(big)
-    return images, digits.target.astype(np.int64)
+from xbl.data.images import DiskArray, RowWriter
+from xbl.data.prepared import AUDIT, IMAGE_SIZED, INDEX, SPLITS, PreparedData, stratified_split
 
 
 # ---------------------------------------------------------------- user manifests
@@ -178,6 +22,8 @@ class ManifestError(ValueError):
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 _GREY_MODES = ("1", "L", "LA", "I", "F") + tuple(m for m in Image.MODES if m.startswith("I;16"))
 
 
@@ -440,7 +286,7 @@ def _class_dirs(folder: Path) -> list[Path]:
 def _write_split_manifest(rows: list[dict], out: Path, split: dict, seed: int) -> Path:
     """Rows (image, label, mask) with a split stratified by class and fixed by the seed."""
     labels = np.array([r["label"] for r in rows])
-    splits = _stratified_split(labels, split, np.random.default_rng(seed))
+    splits = stratified_split(labels, split, np.random.default_rng(seed))
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["image", "label", "split", "mask"])
@@ -505,37 +351,3 @@ def folder_manifest(folder: Path, split: dict, seed: int) -> Path:
         f"{folder} matches no dataset layout: expected <class>/*.png|jpg|jpeg, or "
         "<class>/images/*.png with <class>/masks/ (COVID-19 Radiography); or give a manifest CSV"
     )
-
-
-def build_dataset(cfg: DataConfig, root: Path = Path("."), out: Path | None = None) -> PreparedData:
-    """The dataset named in params' `data` section; with `out`, written there as the prepared
-    folder and read back from it (a user's images one at a time, never all in memory)."""
-    if cfg.dataset not in ("decoy-digits", "decoy-lesions"):
-        source = root / cfg.dataset
-        manifest = folder_manifest(source, cfg.split, cfg.seed) if source.is_dir() else source
-        return read_manifest(manifest, cfg.image_size, _channels(cfg), out)
-    data = _built_in(cfg)
-    if out is None:
-        return data
-    data.save(out)
-    return PreparedData.load(out)
-
-
-def _built_in(cfg: DataConfig) -> PreparedData:
-    """The generated datasets: a few thousand small images, made in memory."""
-    if cfg.dataset == "decoy-digits":
-        data = decoy_digits(cfg.image_size, cfg.digit_size, cfg.decoy_size, cfg.split, cfg.seed)
-        if cfg.channels == 3:  # greyscale digits on R, G and B, e.g. for RGB-pretrained weights
-            data.images = np.repeat(data.images, 3, axis=1)
-        return data
-    from xbl.lesions import decoy_lesions  # xbl.lesions imports this module
-
-    data = decoy_lesions(cfg.image_size, split=cfg.split, seed=cfg.seed)
-    if cfg.channels == 1:  # PIL's luma, as for a user's colour images
-        luma = np.tensordot([0.299, 0.587, 0.114], data.images.astype(float), axes=(0, 1))
-        data.images = luma.round().astype(np.uint8)[:, None]
-    return data
-
-
-def _channels(cfg: DataConfig) -> int | None:
-    return None if cfg.channels == "auto" else int(cfg.channels)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from xbl.config import ConfigError, load_config
-from xbl.data import ManifestError, build_dataset
+from xbl.data.build import build_dataset
+from xbl.data.manifest import ManifestError
 
 
 def summary(data) -> dict:

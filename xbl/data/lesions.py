@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from xbl.data import AUDIT, PreparedData, _stratified_split
+from xbl.data.prepared import AUDIT, PreparedData, stratified_split
 
 CLASSES = ("nevus-like", "irregular", "halo")
 CONFOUNDERS = ("blue patch", "ruler", "yellow patch")  # the code k draws CONFOUNDERS[k]
@@ -60,7 +60,7 @@ def decoy_lesions(
     n_per_class = n_per_class or 4200 // classes
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(classes, dtype=np.int64), n_per_class)
-    splits = _stratified_split(labels, split, rng)
+    splits = stratified_split(labels, split, rng)
     lesions = [_draw_lesion(rng, int(y), image_size) for y in labels]
     ids = np.array([f"lesion-{i:04d}" for i in range(len(labels))])
     val = np.flatnonzero(splits == "val")

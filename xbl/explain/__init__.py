@@ -1,0 +1,1 @@
+"""Explanations: saliency maps, their grid cells, explanation metrics and the PNGs shown."""

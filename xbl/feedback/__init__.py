@@ -1,0 +1,1 @@
+"""Feedback: the explanation losses and methods, the retraining schedule, the masks and their cost."""

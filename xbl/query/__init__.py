@@ -1,0 +1,1 @@
+"""Queries: which training images go to the annotator (sampling, clustering, propagation)."""

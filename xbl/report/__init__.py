@@ -1,0 +1,1 @@
+"""The round report: the page a reviewer reads."""

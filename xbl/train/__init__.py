@@ -1,0 +1,1 @@
+"""Training: models, the loop, data-parallel runs, checkpoints, devices and seeds."""
