@@ -14,8 +14,8 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: setup labelstudio-install labelstudio-start labelstudio-stop demo baseline test lint \
-        test-team-faults \
+.PHONY: setup labelstudio-install labelstudio-start labelstudio-stop demo baseline test test-unit \
+        test-integration lint test-team-faults \
         bench bench-quick bench-lesions server-start server-stop webhook clean clean-all
 
 setup: $(STAMP)
@@ -44,7 +44,7 @@ baseline: setup
 demo: setup labelstudio-install
 	$(VENV)/bin/xbl demo $(if $(DATASET),--dataset $(DATASET))
 
-# Chromium for tests/test_browser.py, from the system's packages: Playwright downloads no
+# Chromium for tests/integration/test_browser.py, from the system's packages: Playwright downloads no
 # browser. Nothing to do when /usr/bin/chromium exists. Without root and apt-get, or when the
 # install fails, the test skips; under CI a failed install stops `make test`.
 .PHONY: browser-install
@@ -54,18 +54,26 @@ browser-install:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends chromium fonts-liberation; } \
-		|| { [ -z "$$CI" ] && echo "browser-install: apt-get could not install chromium: tests/test_browser.py will skip"; }; \
+		|| { [ -z "$$CI" ] && echo "browser-install: apt-get could not install chromium: tests/integration/test_browser.py will skip"; }; \
 	else \
-		echo "browser-install: no /usr/bin/chromium, and installing it needs root and apt-get: tests/test_browser.py will skip"; \
+		echo "browser-install: no /usr/bin/chromium, and installing it needs root and apt-get: tests/integration/test_browser.py will skip"; \
 	fi
 
+# make test: lint, then tests/unit/ and tests/integration/ (the latter start Prefect, MLflow, DVC,
+# Label Studio, PostgreSQL and a browser). make test-unit: the code alone, for the inner loop.
 test: lint labelstudio-install browser-install
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+
+test-unit: setup
+	$(PY) -m pytest -q -p no:cacheprovider --durations=5 tests/unit
+
+test-integration: setup labelstudio-install browser-install
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests/integration
 
 # Load and faults on the team path (20 concurrent annotators, a killed worker, a PostgreSQL
 # restart): about 6 minutes, so not part of `make test`.
 test-team-faults: labelstudio-install
-	XBL_TEAM_FAULTS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_team_faults.py
+	XBL_TEAM_FAULTS=1 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_team_faults.py
 
 # ruff: lint rules and the formatter's check, as configured in pyproject.toml
 lint: setup

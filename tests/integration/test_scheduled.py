@@ -17,8 +17,8 @@ from mlflow import MlflowClient
 
 from services import labelstudio as ls
 from services import tracking
-from tests.conftest import REPO, make_project
-from tests.ls_server import free_port
+from tests.integration.ls_server import free_port
+from tests.integration.project import REPO, make_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
 

@@ -231,7 +231,7 @@ def test_review_verdicts_reach_the_masks(labelstudio, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def cluster_round(tmp_path_factory, labelstudio):
     from flows.loop import feedback_round_flow
-    from tests.conftest import make_project
+    from tests.integration.project import make_project
 
     mp = pytest.MonkeyPatch()
     mp.setenv("LABEL_STUDIO_URL", labelstudio.url)
@@ -375,7 +375,7 @@ def test_a_cluster_round_waits_for_its_reviews_across_runs(tmp_path, labelstudio
     import sys
 
     from flows.loop import feedback_round_flow
-    from tests.conftest import make_project
+    from tests.integration.project import make_project
 
     monkeypatch.setenv("LABEL_STUDIO_URL", labelstudio.url)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", labelstudio.token)
@@ -426,7 +426,7 @@ def test_a_cluster_task_and_a_review_task_render_in_the_browser(
     (cells relabelled, scope chosen), the explanation, the members' montage; then a review."""
     from playwright.sync_api import expect, sync_playwright
 
-    from tests.test_browser import CHROMIUM_ARGS, ERRORS, assert_not_blank, log_in
+    from tests.integration.test_browser import CHROMIUM_ARGS, ERRORS, assert_not_blank, log_in
 
     shots = tmp_path_factory.mktemp("cluster-screenshots")
     client = ls.connect(labelstudio.url, labelstudio.token)

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from flows.loop import feedback_round_flow
 from services import tracking
-from tests.conftest import make_project
+from tests.integration.project import make_project
 from xbl.data.prepared import PreparedData
 
 pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]

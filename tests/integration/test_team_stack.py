@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 COMPOSE_FILE = INFRA / "compose.yaml"
 EXAMPLE_FILE = INFRA / "team.env.example"

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from services import labelstudio as ls
 from services import tracking
-from tests.conftest import REPO, make_project
+from tests.integration.project import REPO, make_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
 

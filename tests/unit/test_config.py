@@ -20,7 +20,7 @@ from xbl.config import (
 )
 from xbl.feedback.methods import METHODS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_params_state_exactly_the_code_defaults():

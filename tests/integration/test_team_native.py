@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from services import labelstudio as ls
 from services import team as native
 from services import tracking
-from tests.conftest import REPO, as_worker_project, make_project
+from tests.integration.project import REPO, as_worker_project, make_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
 

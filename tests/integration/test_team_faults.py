@@ -33,7 +33,7 @@ from PIL import Image
 from services import labelstudio as ls
 from services import team as native
 from services import tracking
-from tests.conftest import as_worker_project, make_project
+from tests.integration.project import as_worker_project, make_project
 from xbl.data.prepared import PreparedData
 from xbl.feedback.masks import mask_file_name
 from xbl.labelstudio.oracle import oracle_annotation

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.toy_models import CornerNet
+from tests.unit.toy_models import CornerNet
 from xbl.explain.cells import cell_scores, cells_to_mask, top_cells
 from xbl.explain.metrics import wrong_reason_share
 from xbl.explain.render import OUTLINE_RGB, image_png, overlay_png

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from captum.attr import LayerGradCam
 from torch import nn
 
-from tests.toy_models import CornerNet
+from tests.unit.toy_models import CornerNet
 from xbl.explain.metrics import activation_recall
 from xbl.explain.saliency import gradcam, upsample_map
 from xbl.feedback.losses import (

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def baseline_run(tmp_path_factory):
-    from tests.conftest import TINY_TRAIN, make_project
+    from tests.integration.project import TINY_TRAIN, make_project
 
     project = make_project(tmp_path_factory.mktemp("baseline") / "project", train=TINY_TRAIN)
     result = baseline_flow(str(project))

@@ -1,4 +1,4 @@
-"""services/labelstudio.py against a real Label Studio server (fixture `labelstudio`, tests/ls_server.py)."""
+"""services/labelstudio.py against a real Label Studio server (fixture `labelstudio`, tests/integration/ls_server.py)."""
 
 from __future__ import annotations
 

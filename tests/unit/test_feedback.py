@@ -233,7 +233,7 @@ def test_params_yaml_gives_every_method_a_lambda():
 
     from xbl.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml").feedback
+    cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml").feedback
     assert cfg.method in METHODS
     assert all(cfg.lam(m) >= 0 for m in METHODS)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "infra" / "labelstudio.sh"
 LS_VENV = Path(os.environ.get("XBL_LABEL_STUDIO_VENV", REPO / ".labelstudio" / "venv"))
 TEMPLATE = REPO / ".labelstudio" / "template"

@@ -31,8 +31,8 @@ from PIL import Image
 from flows.loop import feedback_round_flow
 from services import labelstudio as ls
 from services import tracking
-from tests.conftest import TINY_TRAIN, make_project
-from tests.ls_server import free_port, read_env_file
+from tests.integration.ls_server import free_port, read_env_file
+from tests.integration.project import TINY_TRAIN, make_project
 from xbl.data.prepared import PreparedData
 from xbl.feedback.masks import mask_file_name
 

@@ -19,7 +19,7 @@ from services import tracking
 from services.checkout import checkout_run_data
 from tasks.annotation import RoundIncomplete
 from tasks.rounds import read_round_state
-from tests.conftest import make_project
+from tests.integration.project import make_project
 from xbl.data.prepared import PreparedData
 from xbl.explain.cells import cells_to_mask
 from xbl.labelstudio.oracle import oracle_ignore_cells

@@ -88,7 +88,7 @@ def test_a_demo_project_takes_the_repository_settings_with_its_profile(tmp_path,
     repo = load_config(cli.REPO / "params.yaml")
     assert (cfg.data.dataset, cfg.data.image_size, cfg.query.grid_cell) == ("decoy-lesions", 64, 8)
     assert cfg.data.split == repo.data.split and cfg.train == repo.train  # the rest unchanged
-    assert (root / "xbl" / "prepare.py").is_file() and (root / "dvc.yaml").is_file()
+    assert (root / "xbl" / "data" / "prepare.py").is_file() and (root / "dvc.yaml").is_file()
     assert (root / ".git").is_dir()
     assert cli.demo_project("lesions") == root  # a second call reuses it
     with pytest.raises(ConfigError, match="available: lesions"):
