@@ -65,8 +65,8 @@ from tasks.runs import (
 )
 from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedback
 from xbl.config import Config, as_params, load_config
-from xbl.feedback.masks import FEEDBACK_ROOT, finished_rounds
 from xbl.labelstudio.results import annotation_target
+from xbl.paths import FEEDBACK_ROOT, feedback_dir, feedback_manifest, round_dir, round_name
 from xbl.report.page import report_columns
 
 
@@ -81,10 +81,10 @@ def project_title(cfg: Config) -> str:
     return f"{cfg.labelstudio.project_prefix}-{cfg.mlflow.experiment}"
 
 
-def earlier_feedback(project: Path, completed: tuple[int, ...]) -> list[str]:
-    return [
-        str(m) for m in finished_rounds(project) if int(m.parent.name.split("-")[1]) in completed
-    ]
+def earlier_feedback(project: Path, completed: tuple[int, ...]) -> dict[int, str]:
+    """The masks of the completed rounds that were collected, oldest first, by round."""
+    manifests = {k: feedback_manifest(project, k) for k in sorted(completed)}
+    return {k: str(m) for k, m in manifests.items() if m.is_file()}
 
 
 @dataclass
@@ -99,7 +99,7 @@ class _Round:
 
     @property
     def rounds_dir(self) -> str:
-        return str(self.root / "data" / "rounds" / f"round-{self.n}")
+        return str(round_dir(self.root, self.n))
 
 
 @dataclass
@@ -173,7 +173,7 @@ def _open_round(rnd: _Round, state: RoundState) -> _Opened:
     """Select queries with the current model and push them to Label Studio."""
     root, data, cfg = str(rnd.root), rnd.data, rnd.cfg
     discard_unpushed(root, cfg.mlflow.experiment, cfg.mlflow.model_name, rnd.n)
-    parent = open_parent_run(root, cfg.mlflow.experiment, f"round-{rnd.n}", data.version)
+    parent = open_parent_run(root, cfg.mlflow.experiment, round_name(rnd.n), data.version)
     baseline, checkpoint = _baseline(rnd, parent)
     chooser = query_model(
         root, cfg.mlflow.experiment, cfg.mlflow.model_name, data.version, cfg.query.model
@@ -279,16 +279,17 @@ def _propagate_and_review(rnd: _Round, opened: _Opened) -> dict | None:
 def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dict:
     """Masks → DVC → retrain on every round's feedback → MLflow → promotion → comparison."""
     root, n, cfg = str(rnd.root), rnd.n, rnd.cfg
-    out = str(rnd.root / FEEDBACK_ROOT / f"round-{n}")
+    out = str(feedback_dir(rnd.root, n))
     if opened.propagation is not None:
         manifest = collect_cluster_feedback(
             opened.project_id, opened.review_project_id, n, opened.queries, opened.propagation, out
         )
     else:
         manifest = collect_feedback_masks(opened.project_id, n, opened.queries, out)
-    orphans = [_orphan_feedback(rnd, opened.project_id, k) for k in state.orphaned]
+    orphans = {k: _orphan_feedback(rnd, opened.project_id, k) for k in state.orphaned}
     feedback_version = version_feedback(root, FEEDBACK_ROOT)
-    manifests = [*earlier_feedback(rnd.root, state.completed), *orphans, manifest]
+    by_round = {**earlier_feedback(rnd.root, state.completed), **orphans, n: manifest}
+    manifests = list(by_round.values())
     tuned = train_with_feedback(
         rnd.data.path,
         opened.checkpoint,
@@ -309,9 +310,7 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
         extra_tags={
             tracking.FEEDBACK_VERSION_TAG: feedback_version,
             tracking.ROUND_TAG: str(n),
-            tracking.FEEDBACK_ROUNDS_TAG: ",".join(
-                Path(m).parent.name.removeprefix("round-") for m in manifests
-            ),
+            tracking.FEEDBACK_ROUNDS_TAG: ",".join(str(k) for k in by_round),
         },
         extra_files=(str(rnd.root / f"{FEEDBACK_ROOT}.dvc"),),
     )
@@ -398,12 +397,8 @@ def _report(
 def _orphan_feedback(rnd: _Round, project_id: int, k: int) -> str:
     """The masks of orphaned round `k`, collected from Label Studio: what annotators said there
     still holds, though the model that showed them the images is gone."""
-    queries = queries_from_labelstudio(
-        project_id, k, rnd.data.path, str(rnd.root / "data" / "rounds" / f"round-{k}")
-    )
-    return collect_feedback_masks(
-        project_id, k, queries, str(rnd.root / FEEDBACK_ROOT / f"round-{k}")
-    )
+    queries = queries_from_labelstudio(project_id, k, rnd.data.path, str(round_dir(rnd.root, k)))
+    return collect_feedback_masks(project_id, k, queries, str(feedback_dir(rnd.root, k)))
 
 
 def _feedback_params(cfg: Config) -> dict:

@@ -13,7 +13,7 @@ from tasks.report import round_report
 from tasks.rounds import restore_checkpoint
 from tasks.runs import compare_models, current_model, feedback_run_facts
 from xbl.config import load_config
-from xbl.feedback.masks import FEEDBACK_ROOT
+from xbl.paths import feedback_manifest, round_dir
 from xbl.report.page import report_columns
 
 
@@ -40,8 +40,8 @@ def report_flow(run_id: str, project: str = ".", params_file: str = "params.yaml
         for title, run in report_columns(roles).items()
     }
     n = facts["round"]
-    manifests = [root / FEEDBACK_ROOT / f"round-{k}" / "manifest.csv" for k in facts["rounds"]]
-    rounds = root / "data" / "rounds" / f"round-{n}"
+    manifests = [feedback_manifest(root, k) for k in facts["rounds"]]
+    rounds = round_dir(root, n)
     return round_report(
         str(root),
         str(root / cfg.data.out),

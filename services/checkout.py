@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from services import dvc, tracking
-from xbl.feedback.masks import FEEDBACK_ROOT
+from xbl.paths import FEEDBACK_ROOT
 
 FEEDBACK_POINTER = "feedback.dvc"  # as logged on a feedback run
 

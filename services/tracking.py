@@ -15,6 +15,7 @@ import numpy as np
 from mlflow import MlflowClient
 
 from services import offline as _offline  # noqa: F401
+from xbl.paths import round_name
 
 DATA_VERSION_TAG = "xbl.data_version"
 TRAIN_SETTINGS_TAG = "xbl.train_settings"  # fingerprint of params' train section (a baseline's)
@@ -231,14 +232,14 @@ def round_parent(client: MlflowClient, exp_id: str, round_number: int, query_run
     """The parent run of an open round: the one named for it that carries its query model."""
     runs = client.search_runs(
         [exp_id],
-        f"attributes.run_name = 'round-{round_number}' and attributes.status != 'FAILED' and "
+        f"attributes.run_name = '{round_name(round_number)}' and attributes.status != 'FAILED' and "
         f"tags.`{QUERY_MODEL_TAG}` = '{query_run}'",
         order_by=["attributes.start_time DESC"],
     )
     if not runs:
         raise LookupError(
             f"round {round_number} is open in Label Studio, but the tracking store has no "
-            f"parent run 'round-{round_number}' tagged {QUERY_MODEL_TAG}={query_run}"
+            f"parent run '{round_name(round_number)}' tagged {QUERY_MODEL_TAG}={query_run}"
         )
     return runs[0].info.run_id
 
@@ -294,7 +295,8 @@ def discard_unpushed_round(
     that no task points to: fail them and unregister it, so the rerun's baseline is the only
     one. Returns how many such attempts were discarded."""
     parents = client.search_runs(
-        [exp_id], f"attributes.run_name = 'round-{round_number}' and attributes.status = 'RUNNING'"
+        [exp_id],
+        f"attributes.run_name = '{round_name(round_number)}' and attributes.status = 'RUNNING'",
     )
     for parent in parents:
         children = client.search_runs(

@@ -9,11 +9,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from services import labelstudio as ls
+from tasks import SERVICE_RETRIES
 from xbl.config import WaitConfig
 from xbl.data.prepared import PreparedData
 from xbl.feedback.cost import task_cost, write_cost
 from xbl.feedback.masks import write_feedback
 from xbl.labelstudio.results import annotation_target, masks_from_annotations, relabelled_regions
+from xbl.paths import round_name
 
 
 class RoundIncomplete(RuntimeError):
@@ -24,7 +26,7 @@ def load_queries(queries_json: str) -> list[dict]:
     return json.loads(Path(queries_json).read_text())
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def push_queries(queries_json: str, title: str, model_version: str) -> dict:
     """Create (or find) the experiment's project, with the interface the round's tasks need,
     and push them, idempotently; returns the project's id and link with the counts."""
@@ -43,7 +45,7 @@ def push_queries(queries_json: str, title: str, model_version: str) -> dict:
     return {"project_id": project_id, "url": url, **counts}
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def oracle_answers(
     project_id: int,
     round_number: int,
@@ -62,7 +64,7 @@ def oracle_answers(
     )
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def round_progress(project_id: int, round_number: int) -> tuple[int, int]:
     """(annotated, total) tasks of the round, as Label Studio has them now."""
     return ls.round_progress(ls.connect(), project_id, round_number)
@@ -80,7 +82,7 @@ def wait_for_annotations(
     target = annotation_target(total, cfg.target_fraction)
     artifact = create_progress_artifact(
         0.0,
-        key=f"round-{round_number}-{what}",
+        key=f"{round_name(round_number)}-{what}",
         description=f"round {round_number}: {what} done",
     )
 
@@ -110,7 +112,7 @@ def wait_for_annotations(
     )
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def collect_feedback_masks(
     project_id: int, round_number: int, queries_json: str, out_dir: str
 ) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import task
 
 from services import dvc
-from xbl.feedback.masks import FEEDBACK_ROOT
+from xbl.paths import FEEDBACK_ROOT
 
 PREPARE_STAGE = "prepare"
 

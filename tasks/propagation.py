@@ -11,6 +11,7 @@ import numpy as np
 from prefect import get_run_logger, task
 
 from services import labelstudio as ls
+from tasks import SERVICE_RETRIES
 from tasks.annotation import load_queries
 from xbl.config import QueryConfig
 from xbl.data.images import to_tensor
@@ -102,7 +103,7 @@ def _cluster_answer(model, data, index, query, result, cfg, out: Path) -> tuple[
     return cluster, records
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def propagate_answers(
     project_id: int,
     round_number: int,
@@ -150,7 +151,7 @@ def _reviews(propagation_json: str) -> list[dict]:
     return [m for m in members if m["status"] == REVIEW]
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def push_review_tasks(propagation_json: str, title: str) -> dict:
     """The review project, with one task per carried mask that needs review (idempotent)."""
     client = ls.connect()
@@ -165,7 +166,7 @@ def push_review_tasks(propagation_json: str, title: str) -> dict:
     return {"project_id": project_id, **counts}
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def oracle_reviews(
     review_project_id: int,
     round_number: int,
@@ -182,7 +183,7 @@ def oracle_reviews(
     )
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def collect_cluster_feedback(
     project_id: int,
     review_project_id: int | None,

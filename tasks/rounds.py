@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 
 from services import labelstudio as ls
 from services import tracking
+from tasks import SERVICE_RETRIES
 from xbl.data.prepared import PreparedData
 
 
@@ -27,7 +28,7 @@ class RoundState:
     orphaned: tuple[int, ...] = ()  # pushed rounds whose baseline this MLflow store lacks
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def read_round_state(project: str, experiment: str, title: str) -> RoundState:
     """Which round this run works on, from what Label Studio and MLflow hold.
 
@@ -76,7 +77,7 @@ def _discard_logged(
     return discarded
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def discard_unpushed(project: str, experiment: str, registered_name: str, round_number: int) -> int:
     """Before a new round trains its baseline: clear what an earlier attempt at this round left
     in MLflow when it died before the push (Label Studio has no task of it)."""
@@ -91,7 +92,7 @@ def discard_unpushed(project: str, experiment: str, registered_name: str, round_
     )
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def resume_round(
     project: str, experiment: str, registered_name: str, n: int, query_run: str
 ) -> str:
@@ -108,7 +109,7 @@ def resume_round(
     return tracking.round_parent(client, exp_id, n, query_run)
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def query_model(
     project: str, experiment: str, registered_name: str, data_version: str, which: str
 ) -> dict | None:
@@ -121,7 +122,7 @@ def query_model(
     return tracking.model_record(client, registered_name, "champion", data_version)
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def model_of_run(project: str, run_id: str) -> dict:
     """A logged model's record (run id, version, metrics), by its run."""
     client = tracking.client_for(Path(project))
@@ -131,7 +132,7 @@ def model_of_run(project: str, run_id: str) -> dict:
     )
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def restore_checkpoint(project: str, run_id: str, out_dir: str) -> str:
     """A logged model's checkpoint, downloaded from its run."""
     client = tracking.client_for(Path(project))
@@ -139,7 +140,7 @@ def restore_checkpoint(project: str, run_id: str, out_dir: str) -> str:
     return str(next(checkpoint.glob("*.pt")))
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def queries_from_labelstudio(project_id: int, round_number: int, dataset: str, out_dir: str) -> str:
     """Rebuild a resumed (or orphaned) round's queries.json from its tasks: what annotators
     actually saw."""

@@ -10,6 +10,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from services import tracking
+from tasks import SERVICE_RETRIES
 from xbl.config import PromotionConfig
 from xbl.feedback.cost import annotation_budget, read_cost
 from xbl.judge.promotion import promotion_decision
@@ -30,7 +31,7 @@ HEADLINE = (
 )
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def open_parent_run(project: str, experiment: str, name: str, data_version: str) -> str:
     """One MLflow parent run per flow run; children hang under it."""
     client = tracking.client_for(Path(project))
@@ -38,7 +39,7 @@ def open_parent_run(project: str, experiment: str, name: str, data_version: str)
     return tracking.start_run(client, exp_id, name, tags={tracking.DATA_VERSION_TAG: data_version})
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def log_model_run(
     project: str,
     parent_id: str,
@@ -96,7 +97,7 @@ def _cluster_params(clusters_json: str) -> dict:
     }
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def log_round_clusters(project: str, run_id: str, clusters_json: str) -> None:
     """A cluster round's clusters (k, how k was chosen, members) on the round's run."""
     client = tracking.client_for(Path(project))
@@ -120,7 +121,7 @@ ROUND_COST = (
 )
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def log_round_annotation(
     project: str, run_id: str, manifests: list[str], clusters_json: str | None = None
 ) -> dict:
@@ -151,12 +152,12 @@ def log_round_annotation(
     return cost
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def set_model_alias(project: str, registered_name: str, alias: str, version: str) -> None:
     tracking.set_alias(tracking.client_for(Path(project)), registered_name, alias, version)
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def close_run(project: str, run_id: str) -> None:
     tracking.client_for(Path(project)).set_terminated(run_id)
 
@@ -172,7 +173,7 @@ def publish_table(rows: dict[str, dict], key: str, description: str) -> list[dic
     return table
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def current_model(
     project: str,
     registered_name: str,
@@ -185,14 +186,14 @@ def current_model(
     return tracking.model_record(client, registered_name, alias, data_version, tags)
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def tag_run(project: str, run_id: str, tags: dict[str, str]) -> None:
     client = tracking.client_for(Path(project))
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def promote(
     project: str,
     registered_name: str,
@@ -216,7 +217,7 @@ def promote(
     return {"promoted": promoted, "reason": reason, "champion": champion}
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def feedback_run_facts(project: str, run_id: str) -> dict:
     """What a finished feedback run recorded about its round: number, data version, the
     rounds it learnt from, the champion it was judged against and the decision."""
@@ -248,7 +249,7 @@ COMPARED = (
 )
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**SERVICE_RETRIES)
 def compare_models(project: str, runs: dict[str, str]) -> list[dict]:
     """Models side by side as MLflow has them: `runs` maps a role (baseline, champion,
     candidate) to a run id; a run in two roles is shown once, under both names."""

@@ -9,9 +9,6 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-FEEDBACK_ROOT = "data/feedback"  # every round's masks, one DVC-tracked folder
-
-
 # ---------------------------------------------------------------- manifests, one per round
 MANIFEST_FIELDS = [
     "image_id",
@@ -118,9 +115,3 @@ def read_feedback(
         empty = np.zeros((0, 0, 0), dtype=bool)
         return np.zeros(0, dtype=int), empty, empty.copy(), {}
     return np.array(indices), np.stack(masks), np.stack(kept), ratings
-
-
-def finished_rounds(project: Path) -> list[Path]:
-    """Feedback manifests of the rounds already collected, oldest first."""
-    manifests = (project / FEEDBACK_ROOT).glob("round-*/manifest.csv")
-    return sorted(manifests, key=lambda p: int(p.parent.name.split("-")[1]))
