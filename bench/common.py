@@ -1,11 +1,12 @@
-"""What the benchmarks share: decoy-digits tensors, a baseline, the simulated annotator's
-answers to a round of queries, retraining with feedback, and where and how results are written.
+"""What the benchmarks share: the pipeline's settings, decoy-digits tensors, a baseline, the
+simulated annotator's answers to a round of queries and the pipeline's retraining with feedback
+(`retrain`). The protocol that judges them is bench/protocol.py; bench/render.py writes results.
 
-The annotator is simulated exactly as in the pipeline: the model's saliency map is cut into
-grid cells, the top cells are shown, and `oracle_ignore_cells` marks "ignore" on the shown cells
-that lie (almost) off the digit. The true decoy mask is never handed to the learner. An
-imperfect annotator is the same answers perturbed on purpose (`imperfect`): evidence cells
-marked "ignore" (wrong) or ignore marks left out (incomplete).
+The annotator is the pipeline's own (xbl/labelstudio/oracle.py): the model's saliency map is
+cut into grid cells, the top cells are shown, and `oracle_marks` marks "ignore" on the shown
+cells that lie (almost) off the digit. The true decoy mask is never handed to the learner. An
+imperfect annotator is the same answers perturbed on purpose (`imperfect_marks`): evidence
+cells marked "ignore" (wrong) or ignore marks left out (incomplete).
 
 The seed varies the data as well as the initial weights: `decoy_splits(seed=...)` draws the
 split, the decoys' corners and the test and audit decoys from it.
@@ -13,10 +14,7 @@ split, the decoys' corners and the test and audit decoys from it.
 
 from __future__ import annotations
 
-import copy
-import json
-import os
-import platform
+import argparse
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,15 +27,15 @@ from xbl.data.digits import decoy_digits
 from xbl.data.images import to_tensor
 from xbl.data.prepared import PreparedData
 from xbl.explain.cells import cells_to_mask, top_cells
+from xbl.explain.pool import pool_saliency as _pool_saliency
 from xbl.explain.saliency import saliency_map
 from xbl.feedback.methods import METHODS
-from xbl.feedback.schedule import Feedback, build_feedback, retraining_schedule
-from xbl.labelstudio.oracle import oracle_ignore_cells
+from xbl.feedback.schedule import Feedback, method_lambda
+from xbl.labelstudio.oracle import imperfect_marks, oracle_marks
 from xbl.query.sampling import select_queries
 from xbl.train.checkpoint import initial_model
 from xbl.train.loop import FeedbackDiverged, TrainResult, predict_proba, training_loop
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from xbl.train.retrain import retraining
 
 # The pipeline's own settings (params.yaml), so the benchmark measures what a round runs:
 # the feedback retrains from a fresh initialisation (`init: scratch`) with the term on from the
@@ -46,7 +44,7 @@ CONFIG = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
 BASELINE = {k: getattr(CONFIG.train, k) for k in ("lr", "epochs", "batch_size", "patience")}
 QUERY = {k: getattr(CONFIG.query, k) for k in ("saliency", "blur_sigma", "grid_cell", "top_cells")}
 ORACLE_OVERLAP = CONFIG.labelstudio.oracle_overlap
-METHOD_LAMBDA = {m: CONFIG.feedback.lam(m) for m in METHODS}
+METHOD_LAMBDA = {m: method_lambda(CONFIG.feedback, m) for m in METHODS}
 FEEDBACK = {**as_params(CONFIG.feedback), "lambda": METHOD_LAMBDA[CONFIG.feedback.method]}
 
 
@@ -105,22 +103,9 @@ def splits_of(data: PreparedData, model: str = "small_cnn") -> Splits:
 
 
 def decoy_splits(decoys: bool = True, seed: int = 0) -> Splits:
-    """Decoy-digits drawn with `seed` (split, decoy corners, test and audit decoys).
-
-    The audit split is the dataset's own (`decoy_digits` adds it); for data without one it is
-    built here from val, as the pipeline does."""
-    data = decoy_digits(seed=seed, decoys=decoys)
-    parts = []
-    for split in ("train", "val", "test"):
-        idx = data.indices(split)
-        parts += [to_tensor(data.images[idx]), torch.from_numpy(data.labels[idx])]
-    audit = data.indices("audit")
-    if len(audit):
-        audit_x, audit_y = to_tensor(data.images[audit]), torch.from_numpy(data.labels[audit])
-    else:
-        audit_x = to_tensor(decoy_randomized(data, "val", seed))
-        audit_y = torch.from_numpy(data.labels[data.indices("val")])
-    return Splits(data, *parts, audit_x, audit_y)
+    """Decoy-digits drawn with `seed` (split, decoy corners, test and audit decoys); the audit
+    split is the dataset's own (`decoy_digits` adds it)."""
+    return splits_of(decoy_digits(seed=seed, decoys=decoys))
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -184,25 +169,12 @@ class Clicks:
 
 
 def pool_saliency(
-    model: torch.nn.Module,
-    data: PreparedData,
-    indices: np.ndarray,
-    query: dict | None = None,
-    batch_size: int = 256,
+    model: torch.nn.Module, data: PreparedData, indices: np.ndarray, query: dict | None = None
 ) -> torch.Tensor:
-    """The saliency maps (n,H,W) the annotator is shown for the images `indices`."""
+    """The saliency maps (n,H,W) the annotator is shown for the images `indices`: the
+    pipeline's `pool_saliency` with its query settings and the benchmark's overrides."""
     q = {**QUERY, **(query or {})}
-    return torch.cat(
-        [
-            saliency_map(
-                model,
-                to_tensor(data.images[indices[s : s + batch_size]]),
-                q["saliency"],
-                float(q["blur_sigma"]),
-            )
-            for s in range(0, len(indices), batch_size)
-        ]
-    )
+    return _pool_saliency(model, data.images, indices, q["saliency"], float(q["blur_sigma"]))
 
 
 def oracle_clicks(
@@ -217,30 +189,14 @@ def oracle_clicks(
     cell = int(q["grid_cell"])
     cells = top_cells(attr, cell, int(q["top_cells"]), signed=bool(q.get("signed", False)))
     cells = cells.numpy()
-    ignored = np.zeros(cells.shape[:2], dtype=bool)
-    for n, i in enumerate(indices):
-        marked = set(oracle_ignore_cells(cells[n].tolist(), cell, data.relevance[i], overlap))
-        ignored[n] = [(int(r), int(c)) in marked for r, c in cells[n]]
+    ignored = oracle_marks(cells, cell, data.relevance[np.asarray(indices)], overlap)
     return Clicks(np.asarray(indices), cells, ignored, cell)
 
 
-IMPERFECTIONS = ("wrong", "incomplete")
-
-
 def imperfect(clicks: Clicks, kind: str, rate: float, seed: int) -> Clicks:
-    """The oracle's answers with a share `rate` of them spoilt, as a careless person might.
-
-    `wrong`: each shown cell the oracle kept as evidence is marked "ignore" with probability
-    `rate`. `incomplete`: each cell it marked "ignore" (the decoy's among them) is left
-    unmarked with probability `rate`. One uniform draw per shown cell, from (seed, kind): a
-    higher rate spoils a superset of the answers a lower one spoils.
-    """
-    if kind not in IMPERFECTIONS:
-        raise ValueError(f"unknown imperfection {kind!r}; choose one of {IMPERFECTIONS}")
-    draw = np.random.default_rng([seed, IMPERFECTIONS.index(kind)]).random(clicks.ignored.shape)
-    hit = draw < rate
-    ignored = clicks.ignored | hit if kind == "wrong" else clicks.ignored & ~hit
-    return replace(clicks, ignored=ignored)
+    """The oracle's answers with a share `rate` of them spoilt (`imperfect_marks`: `kind` is
+    one of IMPERFECTIONS)."""
+    return replace(clicks, ignored=imperfect_marks(clicks.ignored, kind, rate, seed))
 
 
 @dataclass
@@ -293,71 +249,22 @@ def retrain(
     seed: int,
     settings: dict | None = None,
 ) -> tuple[torch.nn.Module, TrainResult | None, Feedback]:
-    """Train with feedback on the annotated images as the pipeline does (`retraining_schedule`,
-    `feedback.init`). HINT and eXBL learn from what the annotator affirmed (`keep`); eXBL's
-    exemplars are the baseline's explanations either way: those are what annotators judged.
+    """The pipeline's retraining (`retraining`: the feedback's schedule, `feedback.init`) on
+    the annotated images `ann` (its indices, W and keep), with `base` as the model annotators
+    judged. HINT and eXBL learn from what the annotator affirmed (`keep`).
 
     A diverged training (the pipeline would stop with `FeedbackDiverged`) returns the model
     with its last good weights and no result."""
     fb_cfg = feedback_config({**FEEDBACK, **(settings or {})}, method)
-    feedback = build_feedback(
-        fb_cfg, splits.data, ann.indices, ann.W, seed, model=base, keep=ann.keep
-    )
-    model = new_model(splits, seed) if fb_cfg.init == "scratch" else copy.deepcopy(base)
-    cfg = retraining_schedule(train_config({**BASELINE, "seed": seed}), fb_cfg)
+    train = train_config({**BASELINE, "seed": seed})
+    plan = retraining(splits.data, train, fb_cfg, ann.indices, ann.W, ann.keep, judged=base)
+    # the splits' own model (`train.model` is the pipeline's), from the seed or warm
+    model = initial_model(splits.model, splits.data, seed, plan.init)
     try:
-        result = train_on(splits, model, cfg, feedback)
+        result = train_on(splits, model, plan.train, plan.feedback)
     except FeedbackDiverged:
-        return model, None, feedback
-    return model, result, feedback
-
-
-def recovery(acc: float, vanilla: float, clean: float) -> float:
-    """(acc - vanilla) / (clean - vanilla): the share of the shortcut's accuracy gap closed."""
-    gap = clean - vanilla
-    return float((acc - vanilla) / gap) if gap > 0 else float("nan")
-
-
-def mean_std(values) -> tuple[float, float]:
-    a = np.asarray(list(values), dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-
-def machine() -> dict:
-    """Where the numbers come from: they only compare within one machine and one run."""
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
-def machine_line(info: dict) -> str:
-    return (
-        f"{info['date']} · {info['platform']} · {info['cpu_count']} CPU(s), "
-        f"{info['torch_threads']} torch thread(s) · torch {info['torch']}"
-    )
-
-
-def _strict(value):
-    """NaN and infinities become null: the file stays valid JSON for any reader."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
-
-
-def write_json(path: Path, payload: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_strict(payload), indent=1, allow_nan=False) + "\n")
-    return path
+        return model, None, plan.feedback
+    return model, result, plan.feedback
 
 
 def timed(fn, *args, **kwargs):
@@ -365,6 +272,19 @@ def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
+
+
+def listed(option: str, kind: type = str) -> list:
+    """A comma-separated command-line option (`--seeds 0,1,2`) as a list of `kind`."""
+    return [kind(v) for v in option.split(",")]
+
+
+def timing_options(parser: argparse.ArgumentParser, out: Path) -> None:
+    """What a timing benchmark is asked: how often to repeat (the machine is shared, medians
+    are compared), on how many torch threads, and where to write."""
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(out))
 
 
 def decoy_visibility(

@@ -40,25 +40,22 @@ from bench.common import (
     CONFIG,
     FEEDBACK,
     METHOD_LAMBDA,
-    RESULTS,
+    Annotations,
     Splits,
-    accuracy,
     decoy_splits,
     feedback_config,
-    machine,
-    machine_line,
-    mean_std,
-    recovery,
+    listed,
+    retrain,
     timed,
     train_config,
     train_on,
-    train_plain,
-    write_json,
 )
+from bench.protocol import mean_std, references
+from bench.render import RESULTS, machine, machine_line, write_json
 from xbl.data.digits import decoy_digits
 from xbl.data.images import to_tensor
 from xbl.feedback.methods import METHODS
-from xbl.feedback.schedule import build_feedback, retraining_schedule
+from xbl.feedback.schedule import build_feedback
 from xbl.train.checkpoint import initial_model
 from xbl.train.models import MODELS
 
@@ -102,11 +99,23 @@ def _model(name: str, splits: Splits, seed: int) -> torch.nn.Module:
     return initial_model(name, splits.data, seed)
 
 
-def _feedback(splits: Splits, method: str, indices: np.ndarray, settings: dict, model, seed):
+def perfect_answers(splits: Splits, indices: np.ndarray) -> Annotations:
+    """The true decoy masks as W and the digit minus W as kept evidence."""
     W = splits.data.confounder[indices]
-    keep = splits.data.relevance[indices] & ~W  # the perfect answer: the digit kept
+    keep = splits.data.relevance[indices] & ~W
+    return Annotations(indices, W, keep, 0.0, 0.0, 0.0)  # no cells shown: no shares
+
+
+def _feedback(splits: Splits, method: str, indices: np.ndarray, settings: dict, model, seed):
+    a = perfect_answers(splits, indices)
     return build_feedback(
-        feedback_config(settings, method), splits.data, indices, W, seed, model=model, keep=keep
+        feedback_config(settings, method),
+        splits.data,
+        a.indices,
+        a.W,
+        seed,
+        model=model,
+        keep=a.keep,
     )
 
 
@@ -226,24 +235,18 @@ def measure_efficacy(
         return []
     for seed in seeds:
         progress(f"efficacy, seed {seed}")
-        splits, clean = decoy_splits(True, seed), decoy_splits(False, seed)
-        base, _ = train_plain(splits, seed, plain)
-        vanilla = accuracy(base, splits.audit_x, splits.audit_y)
-        clean_acc = accuracy(train_plain(clean, seed, plain)[0], splits.audit_x, splits.audit_y)
-        annotated = annotated_sets(splits, fractions, seed)
+        ref = references(decoy_splits(True, seed), decoy_splits(False, seed), seed, plain)
+        annotated = annotated_sets(ref.splits, fractions, seed)
         for method in methods:
             for fraction in fractions:
+                answers = perfect_answers(ref.splits, annotated[fraction])
                 for schedule in schedules_for[method]:
+                    # from scratch whatever params.yaml's feedback.init: the cost of a full run
                     settings = schedule.settings(method, {**FEEDBACK, **(plain or {})})
-                    model = _model(EFFICACY_MODEL, splits, seed)
-                    fb = _feedback(splits, method, annotated[fraction], settings, base, seed)
-                    cfg = retraining_schedule(
-                        train_config({"seed": seed}), feedback_config(settings, method)
-                    )
-                    train_on(splits, model, cfg, fb)
-                    acc = accuracy(model, splits.audit_x, splits.audit_y)
+                    settings["init"] = "scratch"
+                    model, _, _ = retrain(ref.vanilla, ref.splits, method, answers, seed, settings)
                     key = (method, fraction, schedule.name)
-                    per_config.setdefault(key, []).append(recovery(acc, vanilla, clean_acc))
+                    per_config.setdefault(key, []).append(ref.audit(model)[1])
     return [
         {
             "method": m,
@@ -475,9 +478,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(Path(args.out), result).with_suffix(".md").write_text(markdown(result))
         return result
     torch.set_num_threads(args.threads)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    methods = args.methods.split(",")
-    fractions = [float(f) for f in args.fractions.split(",")]
+    seeds, methods = listed(args.seeds, int), listed(args.methods)
+    fractions = listed(args.fractions, float)
     default = CONFIG.feedback.method
     if args.quick:
         seeds, methods, args.repeats = seeds[:1], [default, "counterexamples"], 1

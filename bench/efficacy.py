@@ -39,40 +39,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import protocol, render
 from bench.common import (
     BASELINE,
     FEEDBACK,
-    IMPERFECTIONS,
     METHOD_LAMBDA,
     ORACLE_OVERLAP,
     QUERY,
-    RESULTS,
     Clicks,
-    Splits,
     accuracy,
     annotations,
     decoy_splits,
     decoy_visibility,
     imperfect,
-    machine,
-    machine_line,
-    mean_std,
+    listed,
     oracle_clicks,
     pool_saliency,
     query_round,
-    recovery,
-    retrain,
-    train_plain,
-    write_json,
 )
 from xbl.feedback.methods import METHODS
+from xbl.labelstudio.oracle import IMPERFECTIONS
 
 EXPERIMENT = "xbl-bench-efficacy"
 PROJECT = Path(__file__).resolve().parent.parent
 BUDGETS = (10, 25, 50, 100)
 STRATEGIES = ("entropy", "random")
 LAMBDA_FACTORS = (0.1, 1.0, 10.0)
-INITS = ("scratch", "warm")
 GRIDS = (4, 7)  # 4 px: the 4×4 decoy is exactly one cell; 7 px: it sits inside a larger cell
 RATES = (0.1, 0.3, 0.5)
 EFFICIENCY_TOP = 3  # methods in the interaction-efficiency grid: the best by audit recovery
@@ -138,10 +130,7 @@ class SeedContext:
     """One seed's data, reference models and the annotator's answers, shared by every run."""
 
     seed: int
-    splits: Splits
-    base: torch.nn.Module
-    clean: torch.nn.Module
-    clean_splits: Splits  # the same split without decoys
+    ref: protocol.Reference  # the splits, the same without decoys, the vanilla and clean models
     reference: dict
     clicks: dict[int, Clicks]  # per grid cell size: the answers on the whole pool
     queries: dict[tuple[str, int], np.ndarray]  # (strategy, budget) -> sorted dataset indices
@@ -197,16 +186,15 @@ class Tracker:
 # ---------------------------------------------------------------- running
 def prepare_seed(seed: int, budgets, strategies, baseline: dict, log, tracker) -> SeedContext:
     """Data, vanilla and clean models, and the oracle's answers on the whole pool per grid."""
-    splits, clean_splits = decoy_splits(True, seed), decoy_splits(False, seed)
-    base, base_result = train_plain(splits, seed, baseline)
-    clean, _ = train_plain(clean_splits, seed, baseline)
+    ref = protocol.references(decoy_splits(True, seed), decoy_splits(False, seed), seed, baseline)
+    splits, base = ref.splits, ref.vanilla
     reference = {
         "vanilla": {
-            "audit_accuracy": accuracy(base, splits.audit_x, splits.audit_y),
+            "audit_accuracy": ref.vanilla_audit,
             "val_accuracy": accuracy(base, splits.val_x, splits.val_y),
-            "best_epoch": base_result.best_epoch,
+            "best_epoch": ref.vanilla_result.best_epoch,
         },
-        "clean": {"audit_accuracy": accuracy(clean, splits.audit_x, splits.audit_y)},
+        "clean": {"audit_accuracy": ref.clean_audit},
     }
     log(
         f"seed {seed}: audit accuracy vanilla {reference['vanilla']['audit_accuracy']:.3f}, "
@@ -223,19 +211,19 @@ def prepare_seed(seed: int, budgets, strategies, baseline: dict, log, tracker) -
     queries = {
         (s, b): np.sort(query_round(base, splits, b, s, seed)) for s in strategies for b in budgets
     }
-    return SeedContext(seed, splits, base, clean, clean_splits, reference, clicks, queries)
+    return SeedContext(seed, ref, reference, clicks, queries)
 
 
 def run(ctx: SeedContext, setting: Setting, feedback: dict, log, tracker) -> dict:
     """One retraining, judged on the audit split (cached: a setting runs once per seed)."""
     if setting in ctx.rows:
         return ctx.rows[setting]
-    splits = ctx.splits
+    splits, base = ctx.ref.splits, ctx.ref.vanilla
     key = (setting.strategy, setting.budget)
     chosen = (
         ctx.queries[key]
         if key in ctx.queries
-        else np.sort(query_round(ctx.base, splits, setting.budget, setting.strategy, ctx.seed))
+        else np.sort(query_round(base, splits, setting.budget, setting.strategy, ctx.seed))
     )
     answers = ctx.clicks[setting.grid].subset(chosen)
     if setting.annotator != "perfect":
@@ -243,23 +231,14 @@ def run(ctx: SeedContext, setting: Setting, feedback: dict, log, tracker) -> dic
     ann = annotations(answers, splits.data)
     settings = {**feedback, "lambda": setting.lam, "init": setting.init}
     start = time.perf_counter()
-    model, result, _ = retrain(ctx.base, splits, setting.method, ann, ctx.seed, settings)
-    audit = accuracy(model, splits.audit_x, splits.audit_y)  # diverged: the last good weights
+    model, result, judged = protocol.audited_retraining(
+        ctx.ref, setting.method, ann, ctx.seed, settings
+    )
     row = {
         "seed": ctx.seed,
         **asdict(setting),
         "annotated": int(len(ann.indices)),
-        "audit_accuracy": audit,
-        "audit_recovery": recovery(
-            audit,
-            ctx.reference["vanilla"]["audit_accuracy"],
-            ctx.reference["clean"]["audit_accuracy"],
-        ),
-        "val_accuracy": accuracy(model, splits.val_x, splits.val_y),
-        "decoy_shown": ann.decoy_shown,
-        "decoy_marked": ann.decoy_marked,
-        "evidence_marked": ann.evidence_marked,
-        "diverged": result is None,
+        **judged,
         "effective_lambda": result.effective_lambda if result else None,
         "seconds": time.perf_counter() - start,
     }
@@ -267,7 +246,7 @@ def run(ctx: SeedContext, setting: Setting, feedback: dict, log, tracker) -> dic
     if setting.at_study:  # a candidate for the test split, looked at once at the end
         ctx.models[setting] = model
     log(
-        f"seed {ctx.seed} {setting.name}: audit acc {audit:.3f} recovery "
+        f"seed {ctx.seed} {setting.name}: audit acc {row['audit_accuracy']:.3f} recovery "
         f"{row['audit_recovery']:+.2f}{' DIVERGED' if result is None else ''} "
         f"(decoy marked on {ann.decoy_marked:.0%}, "
         f"{row['seconds']:.1f} s)"
@@ -291,24 +270,9 @@ def run_all(contexts, settings, feedback, log, tracker) -> list[dict]:
 
 
 # ---------------------------------------------------------------- choosing on the audit split
-def matching(rows: list[dict], **fields) -> list[dict]:
-    return [r for r in rows if all(r[k] == v for k, v in fields.items())]
-
-
 def mean_recovery(rows: list[dict], **fields) -> float:
-    """Mean audit recovery over seeds; NaN (never chosen) if any seed's training diverged, as
-    the pipeline would have stopped there."""
-    found = matching(rows, **fields)
-    if not found or any(r["diverged"] for r in found):
-        return float("nan")
-    return mean_std(r["audit_recovery"] for r in found)[0]
-
-
-def lambda_grid(method: str, factors) -> list[float]:
-    """The λ values tried for `method`: its default times each factor (one value if it has
-    no term, as counterexamples)."""
-    lam = METHOD_LAMBDA[method]
-    return [float(f"{lam * f:.6g}") for f in factors] if lam > 0 else [lam]
+    """Mean audit recovery over seeds of the matching runs (`seed_mean`)."""
+    return protocol.seed_mean(protocol.matching(rows, **fields))[0]
 
 
 def choose(rows: list[dict], methods, factors) -> dict:
@@ -318,52 +282,39 @@ def choose(rows: list[dict], methods, factors) -> dict:
     study = {"strategy": "entropy", "budget": 25, "grid": 4, "annotator": "perfect"}
     out = {"methods": {}}
     for m in methods:
-        lams = sorted(lambda_grid(m, factors), key=lambda x: x != METHOD_LAMBDA[m])
-        by_lam = {
-            lam: mean_recovery(rows, method=m, lam=lam, init="scratch", **study) for lam in lams
-        }
-        lam = max(lams, key=lambda x: _rank(by_lam[x]))
-        by_init = {i: mean_recovery(rows, method=m, lam=lam, init=i, **study) for i in INITS}
-        init = max(INITS, key=lambda i: _rank(by_init[i]))
+        lams = sorted(protocol.lambda_grid(m, factors), key=lambda x: x != METHOD_LAMBDA[m])
+        c = protocol.choose_lambda_and_start(
+            lambda lam, init, m=m: mean_recovery(rows, method=m, lam=lam, init=init, **study),
+            lams,
+        )
         out["methods"][m] = {
-            "lambda": lam,
-            "init": init,
-            "audit_recovery": by_init[init],
-            "by_lambda": {f"{x:g}": v for x, v in by_lam.items()},
-            "by_init": by_init,
+            "lambda": c["lambda"],
+            "init": c["init"],
+            "audit_recovery": c["by_init"][c["init"]],
+            "by_lambda": {f"{x:g}": v for x, v in c["by_lambda"].items()},
+            "by_init": c["by_init"],
         }
-    out["default"] = max(methods, key=lambda m: _rank(out["methods"][m]["audit_recovery"]))
+    out["default"] = protocol.best({m: c["audit_recovery"] for m, c in out["methods"].items()})
     return out
 
 
-def _rank(value: float) -> float:
-    return value if np.isfinite(value) else -np.inf
-
-
 # ---------------------------------------------------------------- the test split, once
-def test_once(contexts, choices: dict, tracker) -> dict:
+def test_split(contexts, choices: dict, tracker) -> dict:
     """Test accuracy and recovery of each method's chosen configuration, and of the reference
-    models. This is the only place the test split is read."""
+    models (`test_once`), and the clean model on clean test images."""
     per_seed = []
     for ctx in contexts:
-        s = ctx.splits
-        vanilla = accuracy(ctx.base, s.test_x, s.test_y)
-        clean = accuracy(ctx.clean, s.test_x, s.test_y)
-        clean_images = accuracy(ctx.clean, ctx.clean_splits.test_x, ctx.clean_splits.test_y)
+        chosen = {m: Setting(m, c["lambda"], c["init"]) for m, c in choices["methods"].items()}
+        test = protocol.test_once(ctx.ref, {m: ctx.models[s] for m, s in chosen.items()})
+        clean_test = (ctx.ref.clean_splits.test_x, ctx.ref.clean_splits.test_y)
+        vanilla, clean = test["vanilla"], test["clean"]
         entry = {
             "seed": ctx.seed,
             "vanilla": vanilla,
             "clean": clean,
-            "clean_on_clean_images": clean_images,
-            "methods": {},
+            "clean_on_clean_images": accuracy(ctx.ref.clean, *clean_test),
+            "methods": test["models"],
         }
-        for m, c in choices["methods"].items():
-            model = ctx.models[Setting(m, c["lambda"], c["init"])]
-            acc = accuracy(model, s.test_x, s.test_y)
-            entry["methods"][m] = {
-                "test_accuracy": acc,
-                "test_recovery": recovery(acc, vanilla, clean),
-            }
         per_seed.append(entry)
         if tracker:
             tracker.child(
@@ -386,14 +337,11 @@ def summarise(result: dict) -> dict:
     """Mean ± std over seeds of every setting, the paired entropy − random tests and the test
     table, all from the per-seed rows in the result."""
     rows = [r for s in result["per_seed"] for r in s["runs"]]
-    groups: dict[tuple, list[dict]] = {}
     keys = [f.name for f in Setting.__dataclass_fields__.values()]
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     settings = []
-    for key, group in groups.items():
-        rec, rec_sd = mean_std(r["audit_recovery"] for r in group)
-        acc, acc_sd = mean_std(r["audit_accuracy"] for r in group)
+    for key, group in protocol.by_setting(rows, lambda r: tuple(r[k] for k in keys)).items():
+        rec, rec_sd = protocol.mean_std(r["audit_recovery"] for r in group)
+        acc, acc_sd = protocol.mean_std(r["audit_accuracy"] for r in group)
         settings.append(
             {
                 **dict(zip(keys, key)),
@@ -410,7 +358,7 @@ def summarise(result: dict) -> dict:
             }
         )
     ref = {
-        f"{kind}_audit_accuracy": mean_std(
+        f"{kind}_audit_accuracy": protocol.mean_std(
             s["reference"][kind]["audit_accuracy"] for s in result["per_seed"]
         )
         for kind in ("vanilla", "clean")
@@ -425,9 +373,7 @@ def summarise(result: dict) -> dict:
 
 def paired_tests(rows: list[dict], choices: dict) -> list[dict]:
     """Entropy − random audit recovery, paired by seed, per method and budget, and pooled over
-    budgets per method; with a paired t-test and a Wilcoxon signed-rank test (scipy)."""
-    from scipy import stats
-
+    budgets per method (`paired_differences`)."""
     out = []
     for m, c in choices["methods"].items():
         base = {
@@ -438,8 +384,10 @@ def paired_tests(rows: list[dict], choices: dict) -> list[dict]:
             "annotator": "perfect",
         }
         pairs = {}
-        for r in matching(rows, strategy="entropy", **base):
-            twin = matching(rows, strategy="random", seed=r["seed"], budget=r["budget"], **base)
+        for r in protocol.matching(rows, strategy="entropy", **base):
+            twin = protocol.matching(
+                rows, strategy="random", seed=r["seed"], budget=r["budget"], **base
+            )
             if twin:
                 pairs.setdefault(r["budget"], []).append(
                     r["audit_recovery"] - twin[0]["audit_recovery"]
@@ -448,36 +396,25 @@ def paired_tests(rows: list[dict], choices: dict) -> list[dict]:
             *sorted(pairs.items()),
             ("all", [d for v in pairs.values() for d in v]),
         ]:
-            if not diffs:
-                continue
-            d = np.asarray(diffs, dtype=float)
-            t = stats.ttest_rel(d, np.zeros_like(d)) if len(d) > 1 and d.std() > 0 else None
-            w = stats.wilcoxon(d) if len(d) > 1 and np.any(d != 0) else None
-            mean, std = mean_std(d)
-            out.append(
-                {
-                    "method": m,
-                    "budget": budget,
-                    "pairs": len(d),
-                    "mean_difference": mean,
-                    "std": std,
-                    "entropy_better": int((d > 0).sum()),
-                    "t_p": float(t.pvalue) if t else float("nan"),
-                    "wilcoxon_p": float(w.pvalue) if w else float("nan"),
-                }
-            )
+            if diffs:
+                test = protocol.paired_differences(diffs).items()
+                named = {("entropy_better" if k == "better" else k): v for k, v in test}
+                out.append({"method": m, "budget": budget, **named})
     return out
 
 
 def test_summary(test: dict, choices: dict) -> dict:
     seeds = test["per_seed"]
-    out = {k: mean_std(s[k] for s in seeds) for k in ("vanilla", "clean", "clean_on_clean_images")}
+    out = {
+        k: protocol.mean_std(s[k] for s in seeds)
+        for k in ("vanilla", "clean", "clean_on_clean_images")
+    }
     out["methods"] = {
         m: {
             "lambda": c["lambda"],
             "init": c["init"],
-            "test_accuracy": mean_std(s["methods"][m]["test_accuracy"] for s in seeds),
-            "test_recovery": mean_std(s["methods"][m]["test_recovery"] for s in seeds),
+            "test_accuracy": protocol.mean_std(s["methods"][m]["test_accuracy"] for s in seeds),
+            "test_recovery": protocol.mean_std(s["methods"][m]["test_recovery"] for s in seeds),
         }
         for m, c in choices["methods"].items()
     }
@@ -485,27 +422,20 @@ def test_summary(test: dict, choices: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the report
-def _fmt(ms, digits: int = 2, sign: bool = False) -> str:
-    mean, std = ms
-    if not np.isfinite(mean):
-        return "–"
-    return f"{mean:{'+' if sign else ''}.{digits}f} ± {std:.{digits}f}"
-
-
 def _lam(lam: float, method: str) -> str:
     return "–" if METHOD_LAMBDA[method] == 0 else f"{lam:g}"
 
 
 def markdown(result: dict) -> str:
     cfg, summary, choices = result["settings"], result["summary"], result["choices"]
-    table = {tuple(r[k] for k in Setting.__dataclass_fields__): r for r in summary["settings"]}
+    summarised = {tuple(r[k] for k in Setting.__dataclass_fields__): r for r in summary["settings"]}
 
     def cell(setting: Setting, what: str = "recovery") -> str:
-        r = table.get(tuple(asdict(setting).values()))
+        r = summarised.get(tuple(asdict(setting).values()))
         if r is None:
             return "–"
         if what == "recovery":
-            text = _fmt((r["audit_recovery"], r["audit_recovery_std"]), 2, sign=True)
+            text = render.fmt((r["audit_recovery"], r["audit_recovery_std"]), 2, sign=True)
             return text + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
         return f"{r[what]:.0%}"
 
@@ -513,14 +443,20 @@ def markdown(result: dict) -> str:
         c = choices["methods"][m]
         return Setting(m, c["lambda"], c["init"], **kw)
 
+    def by_lambda(m: str) -> list[str]:
+        if METHOD_LAMBDA[m] > 0:
+            return [cell(Setting(m, lam)) for lam in protocol.lambda_grid(m, cfg["lambda_factors"])]
+        return [cell(Setting(m, 0.0)) if f == 1.0 else "–" for f in cfg["lambda_factors"]]
+
     ref = summary["reference"]
     d = choices["default"]
     dc = choices["methods"][d]
     test = summary["test"]
+    spoilt = [(k, r) for k in IMPERFECTIONS for r in cfg["rates"]]
     lines = [
         "# Shortcut removal on decoy-digits: chosen on validation, tested once",
         "",
-        machine_line(result["machine"]),
+        render.machine_line(result["machine"]),
         "",
         f"Seeds {cfg['seeds']}: each seed draws the split, the decoys' corners, the test and "
         "audit decoys and the initial weights. Feedback = the simulated annotator's answers on "
@@ -533,8 +469,8 @@ def markdown(result: dict) -> str:
         "seed, mean ± std over seeds. The figures of a chosen configuration are biased upwards "
         "by the choice; the test split, read once at the end, is not.",
         "",
-        f"- vanilla on decoy data: audit accuracy {_fmt(ref['vanilla_audit_accuracy'], 3)}",
-        f"- trained without decoys: audit accuracy {_fmt(ref['clean_audit_accuracy'], 3)}",
+        f"- vanilla on decoy data: audit accuracy {render.fmt(ref['vanilla_audit_accuracy'], 3)}",
+        f"- trained without decoys: audit accuracy {render.fmt(ref['clean_audit_accuracy'], 3)}",
         "",
         "## 1. Validation choices (25 entropy-chosen images, perfect annotator, 4-px cells)",
         "",
@@ -542,26 +478,16 @@ def markdown(result: dict) -> str:
         f"{{{', '.join(f'{f:g}' for f in cfg['lambda_factors'])}}} retrained from scratch, then "
         "the start (scratch: a fresh initialisation; warm: fine-tune the baseline) at that λ.",
         "",
-        "| method | "
-        + " | ".join(f"λ × {f:g}" for f in cfg["lambda_factors"])
-        + " | chosen λ | scratch | warm | chosen start | audit recovery |",
-        "|---|" + "---|" * (len(cfg["lambda_factors"]) + 5),
-    ]
-    for m in cfg["methods"]:
-        c = choices["methods"][m]
-        by_lam = (
-            [cell(Setting(m, lam)) for lam in lambda_grid(m, cfg["lambda_factors"])]
-            if METHOD_LAMBDA[m] > 0
-            else [cell(Setting(m, 0.0)) if f == 1.0 else "–" for f in cfg["lambda_factors"]]
-        )
-        lines.append(
-            f"| {m} | "
-            + " | ".join(by_lam)
-            + f" | {_lam(c['lambda'], m)} | "
-            + " | ".join(cell(Setting(m, c["lambda"], i)) for i in INITS)
-            + f" | {c['init']} | {c['audit_recovery']:+.2f} |"
-        )
-    lines += [
+        *render.table(
+            ["method", *(f"λ × {f:g}" for f in cfg["lambda_factors"]), "chosen λ", *protocol.INITS]
+            + ["chosen start", "audit recovery"],
+            [
+                [m, *by_lambda(m), _lam(c["lambda"], m)]
+                + [cell(Setting(m, c["lambda"], i)) for i in protocol.INITS]
+                + [c["init"], f"{c['audit_recovery']:+.2f}"]
+                for m, c in ((m, choices["methods"][m]) for m in cfg["methods"])
+            ],
+        ),
         "",
         f"**Default method (best audit recovery): `{d}`, λ {_lam(dc['lambda'], d)}, init "
         f"`{dc['init']}`, {cfg['feedback']['epochs']} epochs.**",
@@ -572,16 +498,15 @@ def markdown(result: dict) -> str:
         "section 1, each at its chosen λ and start. Entropy: the images the baseline is least "
         "sure of; random: a seeded permutation of the pool.",
         "",
-        "| method | strategy | " + " | ".join(str(b) for b in cfg["budgets"]) + " |",
-        "|---|---|" + "---|" * len(cfg["budgets"]),
+        *render.table(
+            ["method", "strategy", *(str(b) for b in cfg["budgets"])],
+            [
+                [m, s, *(cell(chosen(m, strategy=s, budget=b)) for b in cfg["budgets"])]
+                for m in result["efficiency_methods"]
+                for s in cfg["strategies"]
+            ],
+        ),
     ]
-    for m in result["efficiency_methods"]:
-        for s in cfg["strategies"]:
-            lines.append(
-                f"| {m} | {s} | "
-                + " | ".join(cell(chosen(m, strategy=s, budget=b)) for b in cfg["budgets"])
-                + " |"
-            )
     typ = TYPOLOGY
     points = ", ".join(
         f"n = {n}: {acc:.1%} test accuracy, recovery "
@@ -605,16 +530,16 @@ def markdown(result: dict) -> str:
         f"{len(cfg['seeds'])} seed(s) these tests have little power: a Wilcoxon test on 3 pairs "
         "cannot go below p = 0.25, and only a large, consistent difference would show.",
         "",
-        "| method | budget | pairs | entropy − random | entropy better | t-test p | Wilcoxon p |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for t in summary["entropy_vs_random"]:
-        lines.append(
-            f"| {t['method']} | {t['budget']} | {t['pairs']} | "
-            f"{_fmt((t['mean_difference'], t['std']), 2, sign=True)} | "
-            f"{t['entropy_better']}/{t['pairs']} | {_p(t['t_p'])} | {_p(t['wilcoxon_p'])} |"
-        )
-    lines += [
+        *render.table(
+            ["method", "budget", "pairs", "entropy − random", "entropy better", "t-test p"]
+            + ["Wilcoxon p"],
+            [
+                [t["method"], str(t["budget"]), str(t["pairs"])]
+                + [render.fmt((t["mean_difference"], t["std"]), 2, sign=True)]
+                + [f"{t['entropy_better']}/{t['pairs']}", _p(t["t_p"]), _p(t["wilcoxon_p"])]
+                for t in summary["entropy_vs_random"]
+            ],
+        ),
         "",
         "## 4. A grid that does not line up with the decoy",
         "",
@@ -626,17 +551,16 @@ def markdown(result: dict) -> str:
         "several cells would be harsher (not run). `evidence marked`: share of the ignored "
         "pixels that lie on the digit.",
         "",
-        "| method | grid | audit recovery | decoy shown | decoy marked | evidence marked |",
-        "|---|---|---|---|---|---|",
-    ]
-    for m in cfg["methods"]:
-        for g in GRIDS:
-            s = chosen(m, grid=g)
-            lines.append(
-                f"| {m} | {g} px | {cell(s)} | {cell(s, 'decoy_shown')} | "
-                f"{cell(s, 'decoy_marked')} | {cell(s, 'evidence_marked')} |"
-            )
-    lines += [
+        *render.table(
+            ["method", "grid", "audit recovery", "decoy shown", "decoy marked"]
+            + ["evidence marked"],
+            [
+                [m, f"{g} px", cell(s)]
+                + [cell(s, k) for k in ("decoy_shown", "decoy_marked", "evidence_marked")]
+                for m in cfg["methods"]
+                for g, s in ((g, chosen(m, grid=g)) for g in GRIDS)
+            ],
+        ),
         "",
         "## 5. Imperfect annotators",
         "",
@@ -651,23 +575,15 @@ def markdown(result: dict) -> str:
         "right ones and the decoy stays marked as often as with the perfect annotator, a "
         "milder corruption.",
         "",
-        "| method | perfect | "
-        + " | ".join(f"{k} {r:.0%}" for k in IMPERFECTIONS for r in cfg["rates"])
-        + " |",
-        "|---|---|" + "---|" * (len(IMPERFECTIONS) * len(cfg["rates"])),
-    ]
-    for m in result["robust_methods"]:
-        cells = [cell(chosen(m))] + [
-            cell(chosen(m, annotator=k, rate=r)) for k in IMPERFECTIONS for r in cfg["rates"]
-        ]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        marks = [cell(chosen(m), "decoy_marked")] + [
-            cell(chosen(m, annotator=k, rate=r), "decoy_marked")
-            for k in IMPERFECTIONS
-            for r in cfg["rates"]
-        ]
-        lines.append("| (decoy marked) | " + " | ".join(marks) + " |")
-    lines += [
+        *render.table(
+            ["method", "perfect", *(f"{k} {r:.0%}" for k, r in spoilt)],
+            [
+                [name, cell(chosen(m), what)]
+                + [cell(chosen(m, annotator=k, rate=r), what) for k, r in spoilt]
+                for m in result["robust_methods"]
+                for name, what in ((m, "recovery"), ("(decoy marked)", "decoy_marked"))
+            ],
+        ),
         "",
         "## 6. Test, reported once",
         "",
@@ -676,20 +592,19 @@ def markdown(result: dict) -> str:
         "recovery = (acc − vanilla) / (clean − vanilla) per seed. Nothing was chosen on these "
         "figures.",
         "",
-        f"- vanilla on decoy data: {_fmt(test['vanilla'], 3)}",
-        f"- trained without decoys: {_fmt(test['clean'], 3)} (on clean test images: "
-        f"{_fmt(test['clean_on_clean_images'], 3)})",
+        f"- vanilla on decoy data: {render.fmt(test['vanilla'], 3)}",
+        f"- trained without decoys: {render.fmt(test['clean'], 3)} (on clean test images: "
+        f"{render.fmt(test['clean_on_clean_images'], 3)})",
         "",
-        "| method | λ | start | test accuracy | test recovery |",
-        "|---|---|---|---|---|",
+        *render.table(
+            ["method", "λ", "start", "test accuracy", "test recovery"],
+            [
+                [f"**{m}** (default)" if m == d else m, _lam(t["lambda"], m), t["init"]]
+                + [render.fmt(t["test_accuracy"], 3), render.fmt(t["test_recovery"], 2, sign=True)]
+                for m, t in ((m, test["methods"][m]) for m in cfg["methods"])
+            ],
+        ),
     ]
-    for m in cfg["methods"]:
-        t = test["methods"][m]
-        name = f"**{m}** (default)" if m == d else m
-        lines.append(
-            f"| {name} | {_lam(t['lambda'], m)} | {t['init']} | {_fmt(t['test_accuracy'], 3)} "
-            f"| {_fmt(t['test_recovery'], 2, sign=True)} |"
-        )
     if result.get("decoy_visibility"):
         lines += [
             "",
@@ -700,16 +615,20 @@ def markdown(result: dict) -> str:
             f"the top {cfg['query']['top_cells']} 4-px cells: DeepLIFT ranked by |mean "
             "attribution| (the default), by signed mean, and GradCAM.",
             "",
-            "| queries | images | reliance | DeepLIFT magnitude | DeepLIFT signed | GradCAM |",
-            "|---|---|---|---|---|---|",
+            *render.table(
+                ["queries", "images", "reliance", "DeepLIFT magnitude", "DeepLIFT signed"]
+                + ["GradCAM"],
+                [
+                    [name, f"{v['images']:.0f}", f"{v['reliance']:.0%}"]
+                    + [f"{v[f'shown_{k}']:.0%}" for k in SHOWN]
+                    for name, v in result["decoy_visibility"].items()
+                ],
+            ),
         ]
-        for name, v in result["decoy_visibility"].items():
-            lines.append(
-                f"| {name} | {v['images']:.0f} | {v['reliance']:.0%} | "
-                f"{v['shown_deeplift_magnitude']:.0%} | {v['shown_deeplift_signed']:.0%} | "
-                f"{v['shown_gradcam']:.0%} |"
-            )
     return "\n".join(lines) + "\n"
+
+
+SHOWN = ("deeplift_magnitude", "deeplift_signed", "gradcam")  # decoy_visibility's rankings
 
 
 def _p(p: float) -> str:
@@ -717,11 +636,7 @@ def _p(p: float) -> str:
 
 
 def plot(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = render.pyplot()
     cfg, summary, choices = result["settings"], result["summary"], result["choices"]
     rows = summary["settings"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
@@ -731,7 +646,9 @@ def plot(result: dict, path: Path) -> Path:
         i, c = cfg["methods"].index(m), choices["methods"][m]
         for s, style in (("entropy", "-"), ("random", "--")):
             pts = sorted(
-                matching(rows, method=m, lam=c["lambda"], init=c["init"], strategy=s, **base),
+                protocol.matching(
+                    rows, method=m, lam=c["lambda"], init=c["init"], strategy=s, **base
+                ),
                 key=lambda r: r["budget"],
             )
             if pts:
@@ -761,12 +678,14 @@ def plot(result: dict, path: Path) -> Path:
     ax.legend(fontsize=7, loc="center right")
     for m in result["robust_methods"]:
         c = choices["methods"][m]
-        perfect = matching(
+        perfect = protocol.matching(
             rows, method=m, lam=c["lambda"], init=c["init"], budget=25, strategy="entropy", **base
         )
         for k, style in zip(IMPERFECTIONS, ("-", "--")):
             pts = perfect + sorted(
-                matching(rows, method=m, lam=c["lambda"], init=c["init"], grid=4, annotator=k),
+                protocol.matching(
+                    rows, method=m, lam=c["lambda"], init=c["init"], grid=4, annotator=k
+                ),
                 key=lambda r: r["rate"],
             )
             ax2.plot(
@@ -784,19 +703,12 @@ def plot(result: dict, path: Path) -> Path:
         title="Imperfect annotators (25 entropy images)",
     )
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return render.save_figure(fig, path)
 
 
 def write_outputs(result: dict, out_dir: Path) -> list[Path]:
     result["summary"] = summarise(result)
-    json_path = write_json(out_dir / "efficacy.json", result)
-    md_path = out_dir / "efficacy.md"
-    md_path.write_text(markdown(result))
-    return [json_path, md_path, plot(result, out_dir / "efficacy.png")]
+    return render.write_report(out_dir / "efficacy.json", result, markdown, plot)
 
 
 # ---------------------------------------------------------------- the protocol
@@ -813,7 +725,11 @@ def benchmark(cfg: dict, log, tracker) -> dict:
     log("1. λ per method, on the audit split")
     run_all(
         contexts,
-        [Setting(m, lam) for m in methods for lam in lambda_grid(m, cfg["lambda_factors"])],
+        [
+            Setting(m, lam)
+            for m in methods
+            for lam in protocol.lambda_grid(m, cfg["lambda_factors"])
+        ],
         feedback,
         log,
         tracker,
@@ -822,7 +738,7 @@ def benchmark(cfg: dict, log, tracker) -> dict:
     log("2. start per method (scratch or warm), at its λ")
     run_all(
         contexts,
-        [Setting(m, lams[m]["lambda"], i) for m in methods for i in INITS],
+        [Setting(m, lams[m]["lambda"], i) for m in methods for i in protocol.INITS],
         feedback,
         log,
         tracker,
@@ -836,7 +752,7 @@ def benchmark(cfg: dict, log, tracker) -> dict:
         c = choices["methods"][m]
         return Setting(m, c["lambda"], c["init"], **kw)
 
-    ranked = sorted(methods, key=lambda m: -_rank(choices["methods"][m]["audit_recovery"]))
+    ranked = sorted(methods, key=lambda m: -protocol.rank(choices["methods"][m]["audit_recovery"]))
     efficient = ranked[: cfg["efficiency_top"]]
     log(f"3. interaction efficiency: {', '.join(efficient)}")
     run_all(
@@ -868,12 +784,13 @@ def benchmark(cfg: dict, log, tracker) -> dict:
         tracker,
     )
     log("6. the test split, once")
-    test = test_once(contexts, choices, tracker)
+    test = test_split(contexts, choices, tracker)
     visibility = {}
     for ctx in contexts:
         subsets = {f"{s} {b}": ctx.queries[(s, b)] for s, b in ctx.queries}
+        splits = ctx.ref.splits
         vis = decoy_visibility(
-            ctx.base, ctx.splits, {**subsets, "all": ctx.splits.pool}, seed=ctx.seed
+            ctx.ref.vanilla, splits, {**subsets, "all": splits.pool}, seed=ctx.seed
         )
         for name, v in vis.items():
             visibility.setdefault(name, []).append(v)
@@ -891,7 +808,7 @@ def benchmark(cfg: dict, log, tracker) -> dict:
             for name, vs in visibility.items()
         },
         "retrainings": sum(len(ctx.rows) for ctx in contexts),
-        "pool_size": int(len(contexts[0].splits.pool)),
+        "pool_size": int(len(contexts[0].ref.splits.pool)),
     }
 
 
@@ -915,7 +832,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     # one thread: on 2 cores shared with other work, 2 threads ran a retraining ~10x slower
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--out-dir", default=str(render.RESULTS))
     parser.add_argument("--project", default=str(PROJECT), help="where the MLflow store is")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument(
@@ -929,10 +846,10 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     torch.set_num_threads(args.threads)
     cfg = {
-        "seeds": [int(s) for s in args.seeds.split(",")],
-        "methods": args.methods.split(","),
-        "budgets": [int(b) for b in args.budgets.split(",")],
-        "strategies": args.strategies.split(","),
+        "seeds": listed(args.seeds, int),
+        "methods": listed(args.methods),
+        "budgets": listed(args.budgets, int),
+        "strategies": listed(args.strategies),
         "lambda_factors": list(LAMBDA_FACTORS),
         "rates": list(RATES),
         "efficiency_top": args.efficiency_top,
@@ -965,13 +882,9 @@ def main(argv: list[str] | None = None) -> dict:
             {k: v for k, v in cfg.items() if k != "default_lambda"},
         )
     )
-    start = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {message}", flush=True)
-
+    start, log = time.perf_counter(), render.progress_log()
     try:
-        result = {"machine": machine(), "settings": cfg, **benchmark(cfg, log, tracker)}
+        result = {"machine": render.machine(), "settings": cfg, **benchmark(cfg, log, tracker)}
         result["seconds"] = time.perf_counter() - start
         files = write_outputs(result, out_dir)
     except BaseException:

@@ -19,64 +19,55 @@ random); audit recovery = (audit acc − vanilla) / (clean − vanilla).
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench import protocol, render
 from bench.common import (
     BASELINE,
     FEEDBACK,
-    METHOD_LAMBDA,
-    RESULTS,
     accuracy,
     annotations,
-    machine,
-    machine_line,
-    mean_std,
+    listed,
     oracle_clicks,
     pool_saliency,
     query_round,
-    recovery,
-    retrain,
     splits_of,
-    train_plain,
-    write_json,
 )
 from xbl.data.lesions import decoy_lesions
 
 STUDY = ("entropy", 25)
 EFFICIENCY = (("random", 25), ("entropy", 100), ("random", 100))
-INITS = ("scratch", "warm")
 
 
 def seed_context(seed: int, cfg: dict, log) -> dict:
     """Data, the vanilla and clean models, and the oracle's answers on the whole pool."""
     size, n, model = cfg["image_size"], cfg["n_per_class"], cfg["model"]
-    splits = splits_of(decoy_lesions(size, n, seed=seed), model)
-    clean_splits = splits_of(decoy_lesions(size, n, seed=seed, correlated=False), model)
-    base, base_result = train_plain(splits, seed, cfg["baseline"])
-    clean, _ = train_plain(clean_splits, seed, cfg["baseline"])
+    ref = protocol.references(
+        splits_of(decoy_lesions(size, n, seed=seed), model),
+        splits_of(decoy_lesions(size, n, seed=seed, correlated=False), model),
+        seed,
+        cfg["baseline"],
+    )
+    splits = ref.splits
     reference = {
-        "vanilla": accuracy(base, splits.audit_x, splits.audit_y),
-        "vanilla_val": accuracy(base, splits.val_x, splits.val_y),
-        "vanilla_best_epoch": base_result.best_epoch,
-        "clean": accuracy(clean, splits.audit_x, splits.audit_y),
+        "vanilla": ref.vanilla_audit,
+        "vanilla_val": accuracy(ref.vanilla, splits.val_x, splits.val_y),
+        "vanilla_best_epoch": ref.vanilla_result.best_epoch,
+        "clean": ref.clean_audit,
     }
     log(f"seed {seed}: audit vanilla {reference['vanilla']:.3f} clean {reference['clean']:.3f}")
     pool = splits.pool
     cell = size // cfg["grid"]
     clicks = oracle_clicks(
-        pool_saliency(base, splits.data, pool), splits.data, pool, {"grid_cell": cell}
+        pool_saliency(ref.vanilla, splits.data, pool), splits.data, pool, {"grid_cell": cell}
     )
     return {
         "seed": seed,
-        "splits": splits,
-        "base": base,
-        "clean": clean,
+        "ref": ref,
         "reference": reference,
         "clicks": clicks,
         "cell": cell,
@@ -92,14 +83,13 @@ def retrained(
     key = (method, lam, init, strategy, budget)
     if key in ctx["rows"]:
         return ctx["rows"][key]
-    splits, seed = ctx["splits"], ctx["seed"]
-    chosen = np.sort(query_round(ctx["base"], splits, budget, strategy, seed))
+    ref, seed = ctx["ref"], ctx["seed"]
+    splits = ref.splits
+    chosen = np.sort(query_round(ref.vanilla, splits, budget, strategy, seed))
     ann = annotations(ctx["clicks"].subset(chosen), splits.data)
     settings = {**cfg["feedback"], "lambda": lam, "init": init}
     start = time.perf_counter()
-    model, result, _ = retrain(ctx["base"], splits, method, ann, seed, settings)
-    audit = accuracy(model, splits.audit_x, splits.audit_y)
-    ref = ctx["reference"]
+    model, _, judged = protocol.audited_retraining(ref, method, ann, seed, settings)
     row = {
         "seed": seed,
         "method": method,
@@ -107,57 +97,31 @@ def retrained(
         "init": init,
         "strategy": strategy,
         "budget": budget,
-        "audit_accuracy": audit,
-        "audit_recovery": recovery(audit, ref["vanilla"], ref["clean"]),
-        "val_accuracy": accuracy(model, splits.val_x, splits.val_y),
-        "decoy_shown": ann.decoy_shown,
-        "decoy_marked": ann.decoy_marked,
-        "evidence_marked": ann.evidence_marked,
-        "diverged": result is None,
+        **judged,
         "seconds": time.perf_counter() - start,
     }
     ctx["rows"][key] = row
     ctx["models"][key] = model
     log(
-        f"seed {seed} {method} λ={lam:g} {init} {strategy} {budget}: audit {audit:.3f} "
+        f"seed {seed} {method} λ={lam:g} {init} {strategy} {budget}: "
+        f"audit {row['audit_accuracy']:.3f} "
         f"recovery {row['audit_recovery']:+.2f} (mark marked on {ann.decoy_marked:.0%}, "
         f"{row['seconds'] / 60:.1f} min)"
     )
     return row
 
 
-def mean_recovery(contexts, key) -> tuple[float, float]:
-    rows = [ctx["rows"][key] for ctx in contexts]
-    if any(r["diverged"] for r in rows):
-        return float("nan"), float("nan")
-    return mean_std(r["audit_recovery"] for r in rows)
-
-
-def _best(scores: dict) -> object:
-    """The key with the highest mean score; NaN (a diverged run) never wins; ties keep the
-    earlier key."""
-    return max(scores, key=lambda k: scores[k][0] if np.isfinite(scores[k][0]) else -np.inf)
-
-
 def choose(contexts, m: str, cfg: dict, log) -> dict:
-    """λ (from scratch), then the start at that λ, by mean audit recovery at the study setting."""
-    lams = [float(f"{METHOD_LAMBDA[m] * f:.6g}") for f in cfg["lambda_factors"]]
-    for lam in lams:
-        for ctx in contexts:
-            retrained(ctx, m, lam, "scratch", *STUDY, cfg, log)
-    by_lambda = {x: mean_recovery(contexts, (m, x, "scratch", *STUDY)) for x in lams}
-    lam = _best(by_lambda)
-    for ctx in contexts:
-        retrained(ctx, m, lam, "warm", *STUDY, cfg, log)
-    by_init = {i: mean_recovery(contexts, (m, lam, i, *STUDY)) for i in INITS}
-    init = _best(by_init)
-    log(f"{m}: chose λ {lam:g}, {init}")
-    return {
-        "lambda": lam,
-        "init": init,
-        "by_lambda": {f"{x:g}": v for x, v in by_lambda.items()},
-        "by_init": by_init,
-    }
+    """λ (from scratch), then the start at that λ, by mean audit recovery at the study setting;
+    every seed runs a candidate before the mean decides."""
+
+    def score(lam: float, init: str) -> tuple[float, float]:
+        rows = [retrained(ctx, m, lam, init, *STUDY, cfg, log) for ctx in contexts]
+        return protocol.seed_mean(rows)
+
+    c = protocol.choose_lambda_and_start(score, protocol.lambda_grid(m, cfg["lambda_factors"]))
+    log(f"{m}: chose λ {c['lambda']:g}, {c['init']}")
+    return c | {"by_lambda": {f"{x:g}": v for x, v in c["by_lambda"].items()}}
 
 
 def benchmark(cfg: dict, log) -> dict:
@@ -174,44 +138,43 @@ def benchmark(cfg: dict, log) -> dict:
             for c in contexts
         ],
         "choices": choices,
-        "test": test_once(contexts, choices),
+        "test": test_split(contexts, choices),
     }
 
 
-def test_once(contexts, choices: dict) -> dict:
-    """Test accuracy of the vanilla, clean and chosen models: the only read of the test split."""
+def test_split(contexts, choices: dict) -> dict:
+    """Test accuracy of the vanilla, clean and chosen models (`test_once`), per seed."""
     out = []
     for ctx in contexts:
-        s = ctx["splits"]
-        vanilla, clean = (accuracy(ctx[k], s.test_x, s.test_y) for k in ("base", "clean"))
-        entry = {"seed": ctx["seed"], "vanilla": vanilla, "clean": clean, "methods": {}}
-        for m, c in choices.items():
-            acc = accuracy(ctx["models"][(m, c["lambda"], c["init"], *STUDY)], s.test_x, s.test_y)
-            entry["methods"][m] = {
-                "test_accuracy": acc,
-                "test_recovery": recovery(acc, vanilla, clean),
+        models = {m: ctx["models"][(m, c["lambda"], c["init"], *STUDY)] for m, c in choices.items()}
+        test = protocol.test_once(ctx["ref"], models)
+        out.append(
+            {
+                "seed": ctx["seed"],
+                "vanilla": test["vanilla"],
+                "clean": test["clean"],
+                "methods": test["models"],
             }
-        out.append(entry)
+        )
     return {"per_seed": out}
-
-
-def _mean_std_text(values, sign: bool = False, spread: bool = True) -> str:
-    """mean ± std; the mean alone for one seed, whose std of 0 would read as a measured one."""
-    mean, std = values if isinstance(values, tuple) else mean_std(values)
-    if not np.isfinite(mean):
-        return "–"
-    return f"{mean:{'+' if sign else ''}.2f}" + (f" ± {std:.2f}" if spread else "")
 
 
 def markdown(result: dict) -> str:
     cfg, seeds = result["settings"], result["per_seed"]
-    _ms = functools.partial(_mean_std_text, spread=len(seeds) > 1)
+    spread = len(seeds) > 1  # one seed: the mean alone, its std of 0 would read as measured
+
+    def over_seeds(values, sign: bool = False) -> str:
+        return render.fmt(protocol.mean_std(values), sign=sign, spread=spread)
+
+    def pair(ms, sign: bool = True) -> str:
+        return render.fmt(tuple(ms), sign=sign, spread=spread)
+
     rows = [r for s in seeds for r in s["runs"]]
-    ref = lambda k: _ms([s["reference"][k] for s in seeds])  # noqa: E731
+    ref = lambda k: over_seeds([s["reference"][k] for s in seeds])  # noqa: E731
     lines = [
         "# Shortcut removal on decoy-lesions with a ResNet-18: chosen on validation, tested once",
         "",
-        machine_line(result["machine"]),
+        render.machine_line(result["machine"]),
         "",
         f"Seeds {cfg['seeds']}, {cfg['n_per_class']} images per class at {cfg['image_size']} px "
         "(train 60 %, val 20 %, test 20 %, and the audit copy of val), "
@@ -228,64 +191,65 @@ def markdown(result: dict) -> str:
         "",
         "## 1. Validation choices (25 entropy-chosen images, perfect annotator)",
         "",
-        "| method | "
-        + " | ".join(f"λ × {f:g}" for f in cfg["lambda_factors"])
-        + " | chosen λ | scratch | warm | chosen start |",
-        "|---|" + "---|" * (len(cfg["lambda_factors"]) + 4),
-    ]
-    for m, c in result["choices"].items():
-        lam_cells = [_ms(tuple(v), True) for v in c["by_lambda"].values()]
-        init_cells = [_ms(tuple(c["by_init"][i]), True) for i in INITS]
-        lines.append(
-            f"| {m} | "
-            + " | ".join(lam_cells)
-            + f" | {c['lambda']:g} | "
-            + " | ".join(init_cells)
-            + f" | {c['init']} |"
-        )
-    lines += [
+        *render.table(
+            ["method", *(f"λ × {f:g}" for f in cfg["lambda_factors"]), "chosen λ", *protocol.INITS]
+            + ["chosen start"],
+            [
+                [m, *(pair(v) for v in c["by_lambda"].values()), f"{c['lambda']:g}"]
+                + [pair(c["by_init"][i]) for i in protocol.INITS]
+                + [c["init"]]
+                for m, c in result["choices"].items()
+            ],
+        ),
         "",
         "## 2. Interaction efficiency (audit recovery at the chosen setting)",
         "",
         "In brackets: the share of the answered images whose mark the annotator marked (it can "
         "mark only what the shown top cells cover).",
         "",
-        "| method | strategy | 25 | 100 |",
-        "|---|---|---|---|",
-    ]
-    for m, c in result["choices"].items():
-        for strategy in ("entropy", "random"):
-            cells = []
-            for budget in (25, 100):
-                found = [
-                    r
-                    for r in rows
-                    if (r["method"], r["lam"], r["init"], r["strategy"], r["budget"])
-                    == (m, c["lambda"], c["init"], strategy, budget)
+        *render.table(
+            ["method", "strategy", "25", "100"],
+            [
+                [
+                    m,
+                    strategy,
+                    *(efficiency_cell(rows, m, c, strategy, b, over_seeds) for b in (25, 100)),
                 ]
-                marked = np.mean([r["decoy_marked"] for r in found]) if found else 0.0
-                cells.append(
-                    f"{_ms([r['audit_recovery'] for r in found], True)} ({marked:.0%})"
-                    if found
-                    else "not run"
-                )
-            lines.append(f"| {m} | {strategy} | " + " | ".join(cells) + " |")
+                for m, c in result["choices"].items()
+                for strategy in ("entropy", "random")
+            ],
+        ),
+    ]
     test = result["test"]["per_seed"]
     lines += [
         "",
         "## 3. The test split, once",
         "",
-        f"vanilla test accuracy {_ms([t['vanilla'] for t in test])}, clean "
-        f"{_ms([t['clean'] for t in test])}.",
+        f"vanilla test accuracy {over_seeds([t['vanilla'] for t in test])}, clean "
+        f"{over_seeds([t['clean'] for t in test])}.",
         "",
-        "| method | λ | start | test accuracy | test recovery |",
-        "|---|---|---|---|---|",
+        *render.table(
+            ["method", "λ", "start", "test accuracy", "test recovery"],
+            [
+                [m, f"{c['lambda']:g}", c["init"]]
+                + [over_seeds([t["methods"][m]["test_accuracy"] for t in test])]
+                + [over_seeds([t["methods"][m]["test_recovery"] for t in test], True)]
+                for m, c in result["choices"].items()
+            ],
+        ),
     ]
-    for m, c in result["choices"].items():
-        acc = _ms([t["methods"][m]["test_accuracy"] for t in test])
-        rec = _ms([t["methods"][m]["test_recovery"] for t in test], True)
-        lines.append(f"| {m} | {c['lambda']:g} | {c['init']} | {acc} | {rec} |")
     return "\n".join(lines) + "\n"
+
+
+def efficiency_cell(rows: list[dict], m: str, c: dict, strategy: str, budget: int, over_seeds):
+    """Audit recovery at the chosen setting, and the share of answers that marked the mark."""
+    found = protocol.matching(
+        rows, method=m, lam=c["lambda"], init=c["init"], strategy=strategy, budget=budget
+    )
+    if not found:
+        return "not run"
+    marked = np.mean([r["decoy_marked"] for r in found])
+    return f"{over_seeds([r['audit_recovery'] for r in found], True)} ({marked:.0%})"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -317,18 +281,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny and short")
-    parser.add_argument("--out", default=str(RESULTS / "lesions.json"))
+    parser.add_argument("--out", default=str(render.RESULTS / "lesions.json"))
     parser.add_argument("--report-only", action="store_true", help="rebuild the .md from --out")
     args = parser.parse_args(argv)
     if args.report_only:
-        result = json.loads(Path(args.out).read_text())
-        Path(args.out).with_suffix(".md").write_text(markdown(result))
-        return result
+        return render.rewrite_page(Path(args.out), markdown)
     torch.set_num_threads(args.threads)
     cfg = {
-        "seeds": [int(s) for s in args.seeds.split(",")],
-        "methods": args.methods.split(","),
-        "lambda_factors": [float(f) for f in args.lambda_factors.split(",")],
+        "seeds": listed(args.seeds, int),
+        "methods": listed(args.methods),
+        "lambda_factors": listed(args.lambda_factors, float),
         "n_per_class": args.n_per_class,
         "image_size": args.image_size,
         "model": args.model,
@@ -351,16 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
             baseline={**cfg["baseline"], "epochs": 1},
             feedback={**cfg["feedback"], "epochs": 1},
         )
-    start = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {message}", flush=True)
-
-    result = {"machine": machine(), "settings": cfg, **benchmark(cfg, log)}
+    start, log = time.perf_counter(), render.progress_log()
+    result = {"machine": render.machine(), "settings": cfg, **benchmark(cfg, log)}
     result["seconds"] = time.perf_counter() - start
-    out = write_json(Path(args.out), result)
-    out.with_suffix(".md").write_text(markdown(result))
-    log(f"wrote {out} and {out.with_suffix('.md')}")
+    out, page = render.write_report(Path(args.out), result, markdown)
+    log(f"wrote {out} and {page}")
     return result
 
 

@@ -14,7 +14,8 @@ of the map, "ignore" on the cells off the object) answers one image per task:
   their members with a carried mask that trains); the answer's "ignore" cells become a
   concept in the explained layer (`fit_concept`) and a mask in each image of the cluster
   (reach `members`) or of the whole pool (`pool`),
-  localised either pixel-wise (`localise`, as bench/cluster.py did) or on the annotation grid
+  localised either pixel-wise (`localise`, as the cluster benchmark this file replaced did) or
+  on the annotation grid
   with the answer's extent (`localise_cells`, one concept per group of touching marked
   cells). Masks at or above the confidence τ train. With `+review` each carried concept is
   shown as a montage of its MONTAGE most confident masks and kept or dropped with one click
@@ -55,31 +56,26 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from bench import protocol, render
 from bench.common import (
     BASELINE,
     FEEDBACK,
     ORACLE_OVERLAP,
-    RESULTS,
     Annotations,
     Clicks,
     Splits,
-    accuracy,
     annotations,
     decoy_splits,
     imperfect,
-    machine,
-    machine_line,
-    mean_std,
+    listed,
     oracle_clicks,
     pool_saliency,
     query_round,
-    recovery,
     retrain,
     splits_of,
-    train_plain,
-    write_json,
 )
 from xbl.data.lesions import decoy_lesions
+from xbl.labelstudio.oracle import imperfect_verdict, oracle_accepts
 from xbl.query.clustering import (
     Clusters,
     Propagated,
@@ -123,7 +119,7 @@ class Propagation:
 
 
 CANDIDATES = (
-    Propagation("pixel", "members", 0.8, 0.5),  # bench/cluster.py's choice (2026-12-03)
+    Propagation("pixel", "members", 0.8, 0.5),  # the cluster benchmark's choice (2026-12-03)
     Propagation("cells", "members", 0.5, 0.5),
     Propagation("cells", "members", 0.5, 1.0),
     Propagation("cells", "pool", 0.5, 0.5),
@@ -156,11 +152,8 @@ class Setting:
 class SeedContext:
     dataset: str
     seed: int
-    splits: Splits
+    ref: protocol.Reference  # the splits and the vanilla and clean models
     cell: int  # annotation grid cell in pixels
-    base: torch.nn.Module
-    clean: torch.nn.Module
-    reference: dict
     clicks: Clicks  # the perfect oracle's answers on every pool image (only some are used)
     clusters: Clusters
     suspicion: np.ndarray
@@ -172,6 +165,15 @@ class SeedContext:
     trained: dict[str, tuple] = field(
         default_factory=dict
     )  # annotations' hash -> (model, diverged)
+
+    @property
+    def splits(self) -> Splits:
+        return self.ref.splits
+
+    @property
+    def reference(self) -> dict:
+        """Audit accuracy of the vanilla and clean models."""
+        return {"vanilla": self.ref.vanilla_audit, "clean": self.ref.clean_audit}
 
 
 # ---------------------------------------------------------------- data and the vanilla model
@@ -188,12 +190,8 @@ def dataset_splits(dataset: str, seed: int, cfg: dict) -> tuple[Splits, Splits, 
 
 def prepare_seed(dataset: str, seed: int, cfg: dict, log) -> SeedContext:
     splits, clean_splits, cell = dataset_splits(dataset, seed, cfg)
-    base, _ = train_plain(splits, seed, cfg["baseline"])
-    clean, _ = train_plain(clean_splits, seed, cfg["baseline"])
-    reference = {
-        "vanilla": accuracy(base, splits.audit_x, splits.audit_y),
-        "clean": accuracy(clean, splits.audit_x, splits.audit_y),
-    }
+    ref = protocol.references(splits, clean_splits, seed, cfg["baseline"])
+    base = ref.vanilla
     pool, data = splits.pool, splits.data
     attr = pool_saliency(base, data, pool)
     clicks = oracle_clicks(attr, data, pool, {"grid_cell": cell})
@@ -204,13 +202,12 @@ def prepare_seed(dataset: str, seed: int, cfg: dict, log) -> SeedContext:
     centrality = ((features - centre[clusters.labels]) ** 2).sum(1)
     log(
         f"{dataset} seed {seed}: {len(pool)} pool images, audit vanilla "
-        f"{reference['vanilla']:.3f}, clean {reference['clean']:.3f}; {clusters.k} clusters "
+        f"{ref.vanilla_audit:.3f}, clean {ref.clean_audit:.3f}; {clusters.k} clusters "
         f"by {clusters.selection}, sizes {clusters.summary()['sizes']}"
     )
     acts = layer_activations(base, splits.train_x).numpy()
     return SeedContext(
-        dataset, seed, splits, cell, base, clean, reference, clicks, clusters, suspicion,
-        centrality, acts,
+        dataset, seed, ref, cell, clicks, clusters, suspicion, centrality, acts,
     )  # fmt: skip
 
 
@@ -229,12 +226,8 @@ def answers_of(ctx: SeedContext, annotator: str, rate: float) -> Annotations:
 def review_click(mask: np.ndarray, relevance: np.ndarray, s: Setting, rng) -> bool:
     """The simulated reviewer: accept a mask that lies (almost) off the object, by the oracle's
     overlap rule; an imperfect one errs in its own direction at its rate."""
-    good = (mask & relevance).sum() / max(mask.sum(), 1) <= ORACLE_OVERLAP
-    if s.annotator == "wrong" and not good:
-        return bool(rng.random() < s.rate)
-    if s.annotator == "incomplete" and good:
-        return bool(rng.random() >= s.rate)
-    return bool(good)
+    good = oracle_accepts(mask, relevance, ORACLE_OVERLAP)
+    return good if s.annotator == "perfect" else imperfect_verdict(good, s.annotator, s.rate, rng)
 
 
 def answer_parts(W: np.ndarray, cell: int) -> list[np.ndarray]:
@@ -359,7 +352,7 @@ def per_image_feedback(ctx: SeedContext, s: Setting) -> Annotations:
     """B per-image answers (strategy `all`: every pool image answered, the reference of what
     the annotator's masks can do at most)."""
     tasks = None if s.strategy == "all" else s.tasks
-    chosen = np.sort(query_round(ctx.base, ctx.splits, tasks, s.strategy, ctx.seed))
+    chosen = np.sort(query_round(ctx.ref.vanilla, ctx.splits, tasks, s.strategy, ctx.seed))
     pos = np.searchsorted(ctx.splits.pool, chosen)
     a = answers_of(ctx, s.annotator, s.rate)
     return Annotations(chosen, a.W[pos], a.keep[pos], 0.0, 0.0, 0.0)
@@ -379,9 +372,10 @@ def run(ctx: SeedContext, s: Setting, cfg: dict, log) -> dict:
     if same in ctx.trained:  # e.g. a review with nothing to review: the same training again
         model, diverged = ctx.trained[same]
     else:
-        model, result, _ = retrain(ctx.base, ctx.splits, METHOD, ann, ctx.seed, cfg["feedback"])
+        base = ctx.ref.vanilla
+        model, result, _ = retrain(base, ctx.splits, METHOD, ann, ctx.seed, cfg["feedback"])
         model, diverged = ctx.trained.setdefault(same, (model, result is None))
-    audit = accuracy(model, ctx.splits.audit_x, ctx.splits.audit_y)
+    audit, audit_recovery = ctx.ref.audit(model)
     row = {
         "dataset": ctx.dataset,
         "seed": ctx.seed,
@@ -394,7 +388,7 @@ def run(ctx: SeedContext, s: Setting, cfg: dict, log) -> dict:
         "trained_images": int(len(ann.indices)),
         "decoy_in_W": float((ann.W & data.confounder[ann.indices]).any((1, 2)).mean()),
         "audit_accuracy": audit,
-        "audit_recovery": recovery(audit, ctx.reference["vanilla"], ctx.reference["clean"]),
+        "audit_recovery": audit_recovery,
         "diverged": diverged,
         "seconds": time.perf_counter() - start,
         **quality,
@@ -417,10 +411,12 @@ def choose(contexts: list[SeedContext], cfg: dict, goal: int, log) -> Propagatio
     scores = {}
     for p in cfg["candidates"]:
         rows = [run(ctx, Setting("cluster", goal, propagation=p), cfg, log) for ctx in contexts]
-        scores[p] = _nanmean_std(r["audit_recovery"] for r in rows)[0]
-    best = max(scores, key=lambda p: -np.inf if np.isnan(scores[p]) else scores[p])
-    log(f"chosen on audit at {goal} tasks: {best.name} (mean audit recovery {scores[best]:+.2f})")
-    return best
+        scores[p] = protocol.nanmean_std(r["audit_recovery"] for r in rows)[0]
+    chosen = protocol.best(scores)
+    log(
+        f"chosen on audit at {goal} tasks: {chosen.name} (mean audit recovery {scores[chosen]:+.2f})"
+    )
+    return chosen
 
 
 def settings_after(chosen: Propagation, cfg: dict, goal: int, pool: int) -> list[Setting]:
@@ -443,16 +439,13 @@ def settings_after(chosen: Propagation, cfg: dict, goal: int, pool: int) -> list
     return out
 
 
-def test_once(contexts: list[SeedContext], tested: list[Setting]) -> list[dict]:
-    """Test accuracy and recovery of the settings run after the choice: the only place the
-    test split is read."""
+def test_split(contexts: list[SeedContext], tested: list[Setting]) -> list[dict]:
+    """Test accuracy and recovery of the settings run after the choice (`test_once`), a row per
+    seed and setting."""
     out = []
     for ctx in contexts:
-        s = ctx.splits
-        vanilla = accuracy(ctx.base, s.test_x, s.test_y)
-        clean = accuracy(ctx.clean, s.test_x, s.test_y)
+        test = protocol.test_once(ctx.ref, {setting: ctx.models[setting] for setting in tested})
         for setting in tested:
-            acc = accuracy(ctx.models[setting], s.test_x, s.test_y)
             out.append(
                 {
                     **{k: ctx.rows[setting][k] for k in ("dataset", "seed", "setting")},
@@ -460,10 +453,9 @@ def test_once(contexts: list[SeedContext], tested: list[Setting]) -> list[dict]:
                     "tasks": setting.tasks,
                     "annotator": setting.annotator,
                     "rate": setting.rate,
-                    "vanilla": vanilla,
-                    "clean": clean,
-                    "test_accuracy": acc,
-                    "test_recovery": recovery(acc, vanilla, clean),
+                    "vanilla": test["vanilla"],
+                    "clean": test["clean"],
+                    **test["models"][setting],
                 }
             )
     return out
@@ -497,7 +489,7 @@ def benchmark_dataset(dataset: str, cfg: dict, log) -> dict:
     for ctx in contexts:
         for s in tested:
             run(ctx, s, cfg, log)
-    tests = test_once(contexts, tested)
+    tests = test_split(contexts, tested)
     return {
         "dataset": dataset,
         "references": [{"seed": c.seed, **c.reference} for c in contexts],
@@ -513,32 +505,23 @@ def benchmark_dataset(dataset: str, cfg: dict, log) -> dict:
 QUALITY = ("carried_precision", "carried_recall", "carried_iou", "carried_images", "reviews")
 
 
-def _nanmean_std(values) -> tuple[float, float]:
-    a = np.array([np.nan if v is None else v for v in values], dtype=float)
-    a = a[np.isfinite(a)]
-    return mean_std(a) if len(a) else (float("nan"), 0.0)
-
-
 def summarise(part: dict) -> dict:
     """Mean ± std over seeds of every audit setting and every tested setting."""
-    audit: dict[str, list[dict]] = {}
-    for r in part["rows"]:
-        audit.setdefault(r["setting"], []).append(r)
     settings = [
         {"setting": name, "n": len(g)}
         | {
-            k: _nanmean_std(r.get(k) for r in g)
+            k: protocol.nanmean_std(r.get(k) for r in g)
             for k in ("audit_recovery", "trained_images", "decoy_in_W", *QUALITY)
         }
-        for name, g in audit.items()
+        for name, g in protocol.by_setting(part["rows"], lambda r: r["setting"]).items()
     ]
-    tests: dict[tuple, list[dict]] = {}
-    for t in part["tests"]:
-        tests.setdefault((t["annotator"], t["strategy"], t["tasks"]), []).append(t)
-    by_setting = {r["setting"]: r for r in settings}
+    tests = protocol.by_setting(
+        part["tests"], lambda t: (t["annotator"], t["strategy"], t["tasks"])
+    )
+    audited = {r["setting"]: r for r in settings}
     test = []
     for (annotator, strategy, tasks), g in tests.items():
-        a = by_setting[g[0]["setting"]]
+        a = audited[g[0]["setting"]]
         test.append(
             {
                 "annotator": annotator,
@@ -546,8 +529,8 @@ def summarise(part: dict) -> dict:
                 "strategy": strategy,
                 "tasks": tasks,
                 "n": len(g),
-                "test_recovery": mean_std(t["test_recovery"] for t in g),
-                "test_accuracy": mean_std(t["test_accuracy"] for t in g),
+                "test_recovery": protocol.mean_std(t["test_recovery"] for t in g),
+                "test_accuracy": protocol.mean_std(t["test_accuracy"] for t in g),
                 **{k: a[k] for k in ("audit_recovery", "trained_images", *QUALITY)},
             }
         )
@@ -561,28 +544,37 @@ def goal_check(part: dict, cfg: dict) -> dict:
     rows = [
         t for t in part["summary"]["test"] if t["tasks"] == tasks and t["annotator"] == "perfect"
     ]
-    best = max(rows, key=lambda t: t["test_recovery"][0]) if rows else None
+    top = max(rows, key=lambda t: t["test_recovery"][0]) if rows else None
     return {
         "tasks": tasks,
         "share": share,
-        "best_strategy": best["strategy"] if best else None,
-        "best_test_recovery": best["test_recovery"] if best else None,
-        "met": bool(best and best["test_recovery"][0] >= share),
+        "best_strategy": top["strategy"] if top else None,
+        "best_test_recovery": top["test_recovery"] if top else None,
+        "met": bool(top and top["test_recovery"][0] >= share),
     }
 
 
-def _fmt(ms, digits: int = 2, sign: bool = False) -> str:
-    mean, std = ms
-    if mean is None or not np.isfinite(mean):
-        return "–"
-    return f"{mean:{'+' if sign else ''}.{digits}f} ± {std:.{digits}f}"
+CARRIED = ("carried_precision", "carried_recall", "carried_iou")
+
+
+def test_row(t: dict) -> list[str]:
+    """A row of the test table: one annotator, strategy and number of tasks over seeds."""
+    who = t["annotator"] + ("" if t["annotator"] == "perfect" else f" {t['rate']:.0%}")
+    review = render.fmt(t["reviews"], 0) if t["strategy"].endswith("review") else "–"
+    return [who, t["strategy"], str(t["tasks"]), render.fmt(t["test_recovery"], sign=True)] + [
+        render.fmt(t["test_accuracy"], 3),
+        render.fmt(t["audit_recovery"], sign=True),
+        render.fmt(t["trained_images"], 0),
+        review,
+        *(render.fmt(t[k]) for k in CARRIED),
+    ]
 
 
 def markdown(result: dict) -> str:
     lines = [
         "# Propagation: the shortcut gap closed per annotator task",
         "",
-        f"{machine_line(result['machine'])}. Method `{METHOD}` (the pipeline's default, λ "
+        f"{render.machine_line(result['machine'])}. Method `{METHOD}` (the pipeline's default, λ "
         f"{FEEDBACK['lambda']:g}), retrained from scratch. Recovery = (acc − vanilla) / "
         "(clean − vanilla) per seed, mean ± std over seeds. **Tasks** = images the annotator "
         "answers (cluster representatives or queried images); review clicks are counted "
@@ -600,8 +592,8 @@ def markdown(result: dict) -> str:
             f"Seeds {cfg['seeds'][ds]} (each draws the data, the confounders and the initial "
             f"weights); {part['pool_images'][0]} pool images per seed; "
             f"{part['seconds'] / 60:.1f} min. Audit vanilla "
-            f"{_fmt(mean_std(r['vanilla'] for r in refs), 3)}, clean "
-            f"{_fmt(mean_std(r['clean'] for r in refs), 3)}.",
+            f"{render.fmt(protocol.mean_std(r['vanilla'] for r in refs), 3)}, clean "
+            f"{render.fmt(protocol.mean_std(r['clean'] for r in refs), 3)}.",
         ]
         if ds == "decoy-lesions":
             lines[-1] += (
@@ -610,50 +602,49 @@ def markdown(result: dict) -> str:
             )
         goal = part["goal"]
         verdict = "**met**" if goal["met"] else "**not met**"
-        best = goal["best_test_recovery"]
+        top = goal["best_test_recovery"]
+        order = {"perfect": 0, "wrong": 1, "incomplete": 2}
+        tests = sorted(
+            part["summary"]["test"],
+            key=lambda t: (order[t["annotator"]], t["tasks"], t["strategy"]),
+        )
+        candidates = [
+            s
+            for s in part["summary"]["settings"]
+            if "[" in s["setting"] and s["setting"].startswith(f"cluster {goal['tasks']} [")
+        ]
         lines += [
             "",
             f"Goal: ≥ {goal['share']:.0%} of the gap with ≤ {goal['tasks']} tasks: {verdict} "
             f"(best at {goal['tasks']} tasks: {goal['best_strategy']}, test recovery "
-            f"{_fmt(best, sign=True) if best else '–'}). Propagation chosen on audit: "
+            f"{render.fmt(top, sign=True) if top else '–'}). Propagation chosen on audit: "
             f"`{part['chosen']['name']}`.",
             "",
             "### Test (read once): recovery against annotator tasks",
             "",
-            "| annotator | strategy | tasks | test recovery | test accuracy | audit recovery "
-            "| images trained | review clicks | carried masks: precision | recall | IoU |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        order = {"perfect": 0, "wrong": 1, "incomplete": 2}
-        for t in sorted(
-            part["summary"]["test"],
-            key=lambda t: (order[t["annotator"]], t["tasks"], t["strategy"]),
-        ):
-            who = t["annotator"] + ("" if t["annotator"] == "perfect" else f" {t['rate']:.0%}")
-            review = _fmt(t["reviews"], 0) if t["strategy"].endswith("review") else "–"
-            lines.append(
-                f"| {who} | {t['strategy']} | {t['tasks']} | "
-                f"{_fmt(t['test_recovery'], sign=True)} | {_fmt(t['test_accuracy'], 3)} | "
-                f"{_fmt(t['audit_recovery'], sign=True)} | {_fmt(t['trained_images'], 0)} | "
-                f"{review} | {_fmt(t['carried_precision'])} | {_fmt(t['carried_recall'])} | "
-                f"{_fmt(t['carried_iou'])} |"
-            )
-        lines += [
+            *render.table(
+                ["annotator", "strategy", "tasks", "test recovery", "test accuracy"]
+                + ["audit recovery", "images trained", "review clicks"]
+                + ["carried masks: precision", "recall", "IoU"],
+                [test_row(t) for t in tests],
+            ),
             "",
             f"### Audit: the candidate propagations at {goal['tasks']} tasks (perfect annotator)",
             "",
-            "| propagation | audit recovery | images trained | decoy in W | carried precision "
-            "| recall | IoU |",
-            "|---|---|---|---|---|---|---|",
+            *render.table(
+                ["propagation", "audit recovery", "images trained", "decoy in W"]
+                + ["carried precision", "recall", "IoU"],
+                [
+                    [
+                        s["setting"].split("[")[1].rstrip("]"),
+                        render.fmt(s["audit_recovery"], sign=True),
+                    ]
+                    + [render.fmt(s["trained_images"], 0), render.fmt(s["decoy_in_W"])]
+                    + [render.fmt(s[k]) for k in CARRIED]
+                    for s in candidates
+                ],
+            ),
         ]
-        for s in part["summary"]["settings"]:
-            if "[" in s["setting"] and s["setting"].startswith(f"cluster {goal['tasks']} ["):
-                lines.append(
-                    f"| {s['setting'].split('[')[1].rstrip(']')} | "
-                    f"{_fmt(s['audit_recovery'], sign=True)} | {_fmt(s['trained_images'], 0)} | "
-                    f"{_fmt(s['decoy_in_W'])} | {_fmt(s['carried_precision'])} | "
-                    f"{_fmt(s['carried_recall'])} | {_fmt(s['carried_iou'])} |"
-                )
         lines += ["", "### Clusters (rank order; the truth the learner never saw)", ""]
         for c in part["clusters"]:
             ranked = ", ".join(
@@ -667,10 +658,8 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = render.pyplot()
+    from matplotlib.ticker import NullFormatter
 
     parts = result["parts"]
     fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
@@ -705,16 +694,13 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_xscale("log")
         ticks = sorted({*part["settings"]["tasks"], *part["settings"].get("lean_tasks", [])})
         ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("annotator tasks")
         ax.set_ylabel("test recovery (share of the gap)")
         ax.set_title(f"{part['dataset']} ({len(part['references'])} seeds)")
     handles, labels = axes[0][-1].get_legend_handles_labels()
     axes[0][-1].legend(handles, labels, fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return render.save_figure(fig, path)
 
 
 def report(out: Path, name: str) -> dict:
@@ -725,9 +711,7 @@ def report(out: Path, name: str) -> dict:
         if (out / f"{name}.{ds}.json").exists()
     ]
     result = {"machine": parts[-1]["machine"], "parts": parts}
-    write_json(out / f"{name}.json", result)
-    (out / f"{name}.md").write_text(markdown(result))
-    plot(result, out / f"{name}.png")
+    render.write_report(out / f"{name}.json", result, markdown, plot)
     return result
 
 
@@ -747,7 +731,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--quick", action="store_true", help="1 seed, short training: a smoke run")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--out-dir", default=str(render.RESULTS))
     parser.add_argument("--report-only", action="store_true", help="join the parts written")
     args = parser.parse_args(argv)
     if args.report_only:
@@ -755,18 +739,18 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     cfg = {
         "seeds": {
-            "decoy-digits": [int(s) for s in args.seeds.split(",")],
-            "decoy-lesions": [int(s) for s in args.lesion_seeds.split(",")],
+            "decoy-digits": listed(args.seeds, int),
+            "decoy-lesions": listed(args.lesion_seeds, int),
         },
-        "tasks": [int(t) for t in args.tasks.split(",")],
+        "tasks": listed(args.tasks, int),
         "lean_tasks": [int(t) for t in args.lean_tasks.split(",") if t],
         "reference": not args.no_reference,
         "goal_tasks": {ds: GOAL[ds][0] for ds in DATASETS},
-        "candidates": [CANDIDATES[int(i)] for i in args.candidates.split(",")]
+        "candidates": [CANDIDATES[i] for i in listed(args.candidates, int)]
         if args.candidates
         else list(CANDIDATES),
-        "imperfect": [list(i) for i in IMPERFECT if i[0] in args.imperfect.split(",")],
-        "imperfect_strategies": args.imperfect_strategies.split(","),
+        "imperfect": [list(i) for i in IMPERFECT if i[0] in listed(args.imperfect)],
+        "imperfect_strategies": listed(args.imperfect_strategies),
         "digits_cell": 4,
         "lesion_size": 64,
         "lesion_grid": 8,
@@ -784,15 +768,11 @@ def main(argv: list[str] | None = None) -> dict:
         cfg["feedback"] = {**FEEDBACK, "epochs": 1}
         cfg["goal_tasks"] = {ds: max(cfg["tasks"]) for ds in DATASETS}
     out = Path(args.out_dir)
-    start = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {message}", flush=True)
-
-    for dataset in args.datasets.split(","):
+    log = render.progress_log()
+    for dataset in listed(args.datasets):
         begun = time.perf_counter()
         part = benchmark_dataset(dataset, cfg, log)
-        part |= {"machine": machine(), "seconds": time.perf_counter() - begun}
+        part |= {"machine": render.machine(), "seconds": time.perf_counter() - begun}
         part["settings"] = {
             **cfg,
             "candidates": [asdict(c) for c in cfg["candidates"]],
@@ -801,7 +781,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         part["summary"] = summarise(part)
         part["goal"] = goal_check(part, cfg)
-        write_json(out / f"propagation.{dataset}.json", part)
+        render.write_json(out / f"propagation.{dataset}.json", part)
         log(f"{dataset}: goal {part['goal']}")
     result = report(out, "propagation")
     log(f"wrote {out}/propagation.json, .md and .png")

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bench.common import RESULTS, machine, machine_line, timed, write_json
+from bench.common import timed, timing_options
+from bench.render import RESULTS, machine, machine_line, write_json
 from xbl.config import TrainConfig
 from xbl.data.images import ShuffledBatches, batches, in_order
 from xbl.data.prepared import PreparedData
@@ -113,9 +114,10 @@ def speed(data: PreparedData, repeats: int, epochs: int) -> dict:
 # while the pool is read and scored: the growth over what the process held before.
 PEAK_SCRIPT = """
 import os, resource, sys, threading, time, torch
-from xbl.data import PreparedData, to_tensor
+from xbl.data.images import to_tensor
+from xbl.data.prepared import PreparedData
 from bench.stream import model
-from xbl.training_loop import predict_proba
+from xbl.train.loop import predict_proba
 torch.set_num_threads(1)
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -195,10 +197,8 @@ def storage(data: PreparedData, root: Path, n: int = 2000) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=5000)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(RESULTS / "stream.json"))
+    timing_options(parser, RESULTS / "stream.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="xbl-stream-") as tmp:

@@ -18,16 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import (
-    RESULTS,
-    decoy_splits,
-    machine,
-    machine_line,
-    new_model,
-    timed,
-    train_config,
-    write_json,
-)
+from bench.common import decoy_splits, new_model, timed, timing_options, train_config
+from bench.render import RESULTS, machine, machine_line, write_json
 from xbl.train.loop import training_loop
 
 
@@ -120,9 +112,7 @@ def measure(
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
+    timing_options(parser, RESULTS / "throughput.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = measure(args.epochs, args.repeats)

@@ -134,6 +134,7 @@ def cmd_annotate(args) -> int:
     from services import labelstudio as ls
     from xbl.config import load_config
     from xbl.data.prepared import PreparedData
+    from xbl.labelstudio.oracle import Oracle, relevance_lookup
 
     project = Path(args.project).resolve()
     cfg = load_config(project / args.params)
@@ -146,46 +147,27 @@ def cmd_annotate(args) -> int:
         )
         return 2
     n = args.round or max(pushed.rounds)
-    data = PreparedData.load(project / cfg.data.out)
-    index = {str(image_id): i for i, image_id in enumerate(data.ids)}
-    relevance = {
-        t["image_id"]: data.relevance[index[t["image_id"]]]
-        for t in ls.round_task_data(client, pushed.project_id, n)
-        if t["image_id"] in index
-    }
-    oracle = cfg.labelstudio
-    made = ls.oracle_annotate(
-        client,
-        pushed.project_id,
-        n,
-        relevance,
-        oracle.oracle_overlap,
-        oracle.oracle_scope,
-        oracle.oracle_time_model(),
+    settings = cfg.labelstudio
+    oracle = Oracle(
+        relevance_lookup(PreparedData.load(project / cfg.data.out)),
+        settings.oracle_overlap,
+        settings.oracle_scope,
+        settings.oracle_time_model(),
     )
+    made = ls.answer_open_tasks(client, pushed.project_id, n, oracle.annotate)
     print(f"oracle annotated {made} task(s) of round {n}")
-    reviewed = _oracle_reviews(client, title, n, data, index, cfg)
+    reviewed = _oracle_reviews(client, title, n, oracle)
     if reviewed:
         print(f"oracle reviewed {reviewed} carried mask(s) of round {n}")
     return 0
 
 
-def _oracle_reviews(client, title: str, n: int, data, index: dict, cfg) -> int:
+def _oracle_reviews(client, title: str, n: int, oracle) -> int:
     """A cluster round's open review tasks, answered by the simulated reviewer."""
     from services import labelstudio as ls
 
     review = ls.pushed_rounds(client, ls.review_title(title)).project_id
-    if review is None:
-        return 0
-    relevance = {
-        t["image_id"]: data.relevance[index[t["image_id"]]]
-        for t in ls.round_task_data(client, review, n)
-        if t["image_id"] in index
-    }
-    oracle = cfg.labelstudio
-    return ls.oracle_review(
-        client, review, n, relevance, oracle.oracle_overlap, oracle.oracle_time_model()
-    )
+    return 0 if review is None else ls.answer_open_tasks(client, review, n, oracle.review)
 
 
 def cmd_data_checkout(args) -> int:
@@ -235,6 +217,18 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def params_cron(project: str = ".", params_file: str = "params.yaml") -> dict[str, str]:
+    """{"cron": schedule.cron of params.yaml}, the cron's one home. prefect.yaml's build step
+    (`id: schedule`) calls this, so `prefect deploy` schedules the round on it as `xbl serve`
+    does (schedule.interval_s, when set, is for `xbl serve` only)."""
+    from xbl.config import load_config
+
+    cron = load_config(Path(project) / params_file).schedule.cron
+    if cron is None:
+        raise ConfigError("schedule.cron is unset: prefect.yaml's deployment runs on it")
+    return {"cron": cron}
+
+
 def cmd_server(args) -> int:
     env = {**os.environ, "XBL_PROJECT": str(Path(args.project).resolve())}
     return subprocess.call(["bash", str(INFRA / "services.sh"), args.action], env=env)
@@ -245,8 +239,8 @@ def cmd_labelstudio(args) -> int:
 
 
 def cmd_team(args) -> int:
-    """The team topology of infra/compose.yaml, started natively (services/team.py)."""
-    from services import team
+    """The team topology of infra/compose.yaml, started natively (infra/team.py)."""
+    from infra import team
 
     project = Path(args.project).resolve()
     home = Path(args.home or os.environ.get("XBL_TEAM_HOME") or project / ".xbl-team").resolve()
@@ -314,7 +308,7 @@ def flow_run_failed(flow_run_id: str) -> bool:
 
 
 def _webhook_secret() -> str:
-    from services.webhook import MIN_SECRET_LENGTH, SECRET_ENV
+    from webhook.auth import MIN_SECRET_LENGTH, SECRET_ENV
 
     secret = os.environ.get(SECRET_ENV, "")
     if len(secret) < MIN_SECRET_LENGTH:
@@ -382,7 +376,9 @@ def cmd_webhook(args) -> int:
     """The Label Studio webhook receiver (`xbl webhook [--port N]`), or its registration
     (`xbl webhook register --url ...`)."""
     from services import labelstudio as ls
-    from services import webhook
+    from webhook import server
+    from webhook.receiver import WebhookReceiver
+    from webhook.store import DeliveryStore
 
     project = Path(args.project).resolve()
     if args.webhook_args[:1] == ["register"]:
@@ -401,9 +397,9 @@ def cmd_webhook(args) -> int:
     if options.target_fraction is None:  # read only now: `--help` works with any params.yaml
         options.target_fraction = receiver_target_fraction(project, args.params)
     settings = receiver_settings(project, args.params)
-    receiver = webhook.WebhookReceiver(
+    receiver = WebhookReceiver(
         _webhook_secret(),
-        webhook.DeliveryStore(options.state_dir),
+        DeliveryStore(options.state_dir),
         ls.progress_checker(),
         deployment_starter(options.deployment),
         options.target_fraction,
@@ -412,7 +408,7 @@ def cmd_webhook(args) -> int:
         retention_s=settings.retention_days * 86400,
         run_failed=flow_run_failed,
     )
-    return webhook.run_receiver(
+    return server.run_receiver(
         receiver,
         options.host,
         options.port,

@@ -23,6 +23,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.baseline import baseline_fingerprint, run_dir
+from flows.report import column_checkpoints
 from services import tracking
 from tasks.annotation import (
     collect_feedback_masks,
@@ -67,7 +68,6 @@ from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedb
 from xbl.config import Config, as_params, load_config
 from xbl.labelstudio.results import annotation_target
 from xbl.paths import FEEDBACK_ROOT, feedback_dir, feedback_manifest, round_dir, round_name
-from xbl.report.page import report_columns
 
 
 def crash_point(step: str) -> None:
@@ -364,18 +364,11 @@ def _report(
         "candidate": feedback["run_id"],
     }
     try:
-        checkpoints = {}
-        for title, run_id in report_columns(roles).items():
-            checkpoints[title] = (
-                candidate_checkpoint
-                if run_id == feedback["run_id"]
-                else restore_checkpoint(str(rnd.root), run_id, str(run_dir(rnd.root) / run_id))
-            )
         return round_report(
             str(rnd.root),
             rnd.data.path,
             rnd.n,
-            checkpoints,
+            column_checkpoints(rnd.root, roles, {feedback["run_id"]: candidate_checkpoint}),
             roles,
             opened.queries,
             manifests,
@@ -403,5 +396,7 @@ def _orphan_feedback(rnd: _Round, project_id: int, k: int) -> str:
 
 def _feedback_params(cfg: Config) -> dict:
     """What a feedback run logs: the train settings, and the feedback's with the λ in use."""
-    feedback = {**as_params(cfg.feedback), "lambda": cfg.feedback.lam(cfg.feedback.method)}
+    from xbl.feedback.schedule import method_lambda
+
+    feedback = {**as_params(cfg.feedback), "lambda": method_lambda(cfg.feedback)}
     return {**as_params(cfg.train), "feedback": feedback}

@@ -35,10 +35,6 @@ def report_flow(run_id: str, project: str = ".", params_file: str = "params.yaml
         "candidate": run_id,
     }
     roles = {role: run for role, run in roles.items() if run}
-    checkpoints = {
-        title: restore_checkpoint(str(root), run, str(run_dir(root) / run))
-        for title, run in report_columns(roles).items()
-    }
     n = facts["round"]
     manifests = [feedback_manifest(root, k) for k in facts["rounds"]]
     rounds = round_dir(root, n)
@@ -46,7 +42,7 @@ def report_flow(run_id: str, project: str = ".", params_file: str = "params.yaml
         str(root),
         str(root / cfg.data.out),
         n,
-        checkpoints,
+        column_checkpoints(root, roles),
         roles,
         str(rounds / "queries.json"),
         [str(m) for m in manifests if m.is_file()],
@@ -55,3 +51,15 @@ def report_flow(run_id: str, project: str = ".", params_file: str = "params.yaml
         run_id,
         str(rounds),
     )
+
+
+def column_checkpoints(
+    root: Path, roles: dict[str, str], at_hand: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The weights behind each column of the report (one column per model): a run's own
+    checkpoint where the caller has it `at_hand` (run id to path), else downloaded from it."""
+    at_hand = at_hand or {}
+    return {
+        title: at_hand.get(run) or restore_checkpoint(str(root), run, str(run_dir(root) / run))
+        for title, run in report_columns(roles).items()
+    }

@@ -15,7 +15,7 @@
 #   XBL_LABEL_STUDIO_VERSION        default 1.23.2 (what `install` puts in the venv)
 #   XBL_LABEL_STUDIO_START_TIMEOUT  seconds to wait for /health, default 240 (first start migrates)
 #   XBL_LABEL_STUDIO_DJANGO_DB      sqlite (default: data/label_studio.sqlite3) | default
-#       (PostgreSQL, from POSTGRE_NAME/_USER/_PASSWORD/_HOST/_PORT; services/team.py uses it)
+#       (PostgreSQL, from POSTGRE_NAME/_USER/_PASSWORD/_HOST/_PORT; infra/team.py uses it)
 # The token and password are never printed.
 set -euo pipefail
 

@@ -36,6 +36,7 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$(grep -E '^
 COPY pyproject.toml README.md ./
 COPY xbl ./xbl
 COPY services ./services
+COPY webhook ./webhook
 COPY tasks ./tasks
 COPY flows ./flows
 RUN pip install --no-deps -e .

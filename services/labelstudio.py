@@ -25,12 +25,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
-import numpy as np
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from xbl.labelstudio.interface import labeling_config, review_labeling_config
-from xbl.labelstudio.oracle import oracle_accepts, oracle_annotation, oracle_seconds, review_result
 from xbl.labelstudio.payloads import (
     cell_predictions,
     cells_from_prediction,
@@ -38,7 +36,7 @@ from xbl.labelstudio.payloads import (
     review_payload,
     task_payload,
 )
-from xbl.labelstudio.results import relabelled_regions, review_verdict
+from xbl.labelstudio.results import review_verdict
 
 log = logging.getLogger(__name__)
 
@@ -293,20 +291,21 @@ def pushed_rounds(client: LabelStudioClient, title: str) -> PushedRounds:
     return PushedRounds(project_id, rounds, images)
 
 
+def _as_shown(task: Any) -> dict:
+    """A task as an annotator meets it: its data, its id and the cells pre-drawn on it (None
+    when it has no prediction)."""
+    data, predictions = dict(task.data), _field(task, "predictions") or []
+    cells = None
+    if predictions:
+        prediction = _field(predictions[-1], "result")
+        cells = cells_from_prediction(prediction, data["cell"], data["height"], data["width"])
+    return {**data, "cells": cells, "task_id": task.id}
+
+
 def round_task_data(client: LabelStudioClient, project_id: int, round_: int) -> list[dict]:
     """The round's task data with the cells that were shown (from each task's prediction)."""
-    out = []
-    for task in _round_tasks(client, project_id, round_, fields="all"):
-        data, predictions = dict(task.data), _field(task, "predictions") or []
-        cells = (
-            cells_from_prediction(
-                _field(predictions[-1], "result"), data["cell"], data["height"], data["width"]
-            )
-            if predictions
-            else []
-        )
-        out.append({**data, "cells": [list(c) for c in cells], "task_id": task.id})
-    return out
+    shown = map(_as_shown, _round_tasks(client, project_id, round_, fields="all"))
+    return [{**t, "cells": [list(c) for c in t["cells"] or []]} for t in shown]
 
 
 def upload_file(client: LabelStudioClient, project_id: int, path: str | Path) -> str:
@@ -427,45 +426,21 @@ def collect_annotations(client: LabelStudioClient, project_id: int, round_: int)
     return out
 
 
-def oracle_annotate(
+def answer_open_tasks(
     client: LabelStudioClient,
     project_id: int,
     round_: int,
-    relevance_masks: dict[str, np.ndarray],
-    max_overlap: float,
-    scope: str = "all",
-    seconds: dict[str, float] | None = None,
+    answer: Callable[[dict], tuple[list[dict], float] | None],
 ) -> int:
-    """Annotate, through the API as a person would, the round's tasks that have no annotation
-    yet: shown cells mostly off the relevance mask are relabelled "ignore"; a cluster task's
-    answer applies to `scope` (all | review) of its members when something was marked. With a
-    time model (`seconds`), each answer's lead time is the modelled time, else 0."""
+    """Submit, through the API as a person would, `answer`'s (result, lead time) for each of
+    the round's tasks that has no annotation yet (`xbl.labelstudio.oracle.Oracle`'s annotate
+    or review); a task it answers None stays open. Returns how many were answered."""
     created = 0
     for task in _round_tasks(client, project_id, round_, fields="all"):
-        data, predictions = task.data, _field(task, "predictions") or []
-        if _done_annotations(task) or not predictions:
-            continue
-        if data["image_id"] not in relevance_masks:
-            log.warning(
-                "oracle: no relevance mask for image %s (task %s)", data["image_id"], task.id
-            )
-            continue
-        cells = cells_from_prediction(
-            _field(predictions[-1], "result"), data["cell"], data["height"], data["width"]
-        )
-        kind = "cluster" if "members" in data else "image"
-        result = oracle_annotation(
-            cells,
-            data["cell"],
-            data["height"],
-            data["width"],
-            relevance_masks[data["image_id"]],
-            max_overlap,
-            scope=scope if kind == "cluster" else None,
-        )
-        lead = oracle_seconds(seconds, kind, relabelled_regions(result)) if seconds else 0.0
-        _submit(client, task.id, result, lead)
-        created += 1
+        given = None if _done_annotations(task) else answer(_as_shown(task))
+        if given is not None:
+            _submit(client, task.id, *given)
+            created += 1
     return created
 
 
@@ -513,29 +488,6 @@ def push_reviews(client: LabelStudioClient, project_id: int, members: list[dict]
         ]
         _retry(lambda: client.sdk.projects.import_tasks(project_id, request=tasks), write=True)
     return {"created": len(new), "skipped": len(members) - len(new)}
-
-
-def oracle_review(
-    client: LabelStudioClient,
-    project_id: int,
-    round_: int,
-    relevance_masks: dict[str, np.ndarray],
-    max_overlap: float,
-    seconds: dict[str, float] | None = None,
-) -> int:
-    """The simulated reviewer, through the API: accept a carried mask when at most
-    `max_overlap` of it lies on the member's evidence, else reject."""
-    created = 0
-    for task in _round_tasks(client, project_id, round_, fields="all"):
-        data = task.data
-        if _done_annotations(task) or data["image_id"] not in relevance_masks:
-            continue
-        mask = decode_mask(data["mask"], data["height"], data["width"])
-        accept = oracle_accepts(mask, relevance_masks[data["image_id"]], max_overlap)
-        lead = oracle_seconds(seconds, "review") if seconds else 0.0
-        _submit(client, task.id, review_result(accept), lead)
-        created += 1
-    return created
 
 
 def collect_reviews(client: LabelStudioClient, project_id: int, round_: int) -> list[dict]:

@@ -35,22 +35,14 @@ FLAGS = (
 )
 
 
-def available(browser: Path | None = None) -> bool:
-    browser = CHROMIUM if browser is None else browser
-    return browser.is_file() and os.access(browser, os.X_OK)
+def available() -> bool:
+    return CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)
 
 
-def screenshot(
-    page: Path,
-    png: Path,
-    width: int = 1100,
-    height: int = 1600,
-    timeout_s: float = 90.0,
-    browser: Path | None = None,
-) -> bool:
-    """Render `page` at width x height into `png`; whether it worked."""
-    browser = CHROMIUM if browser is None else browser
-    if not available(browser):
+def screenshot(page: Path, png: Path, width: int, height: int, timeout_s: float = 90.0) -> bool:
+    """Render `page` in a window of width x height into `png`; whether it worked. The window
+    is the caller's to size: Chromium shoots the window, not the page."""
+    if not available():
         return False
     png = Path(png).resolve()
     png.unlink(missing_ok=True)
@@ -62,7 +54,7 @@ def screenshot(
             "XDG_CACHE_HOME": home,
         }
         command = [
-            str(browser),
+            str(CHROMIUM),
             *FLAGS,
             f"--user-data-dir={home}/profile",
             f"--window-size={width},{height}",

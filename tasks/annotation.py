@@ -14,6 +14,7 @@ from xbl.config import WaitConfig
 from xbl.data.prepared import PreparedData
 from xbl.feedback.cost import task_cost, write_cost
 from xbl.feedback.masks import write_feedback
+from xbl.labelstudio.oracle import Oracle, relevance_lookup
 from xbl.labelstudio.results import annotation_target, masks_from_annotations, relabelled_regions
 from xbl.paths import round_name
 
@@ -57,11 +58,10 @@ def oracle_answers(
 ) -> int:
     """The simulated annotator, through the API: 'ignore' on shown cells off the evidence; on
     a cluster task, that answer applies to `scope` of the members; lead time by `seconds`."""
-    data = PreparedData.load(Path(dataset))
-    relevance = {q["image_id"]: data.relevance[q["index"]] for q in load_queries(queries_json)}
-    return ls.oracle_annotate(
-        ls.connect(), project_id, round_number, relevance, max_overlap, scope, seconds
-    )
+    queried = [q["image_id"] for q in load_queries(queries_json)]
+    relevance = relevance_lookup(PreparedData.load(Path(dataset)), queried)
+    oracle = Oracle(relevance, max_overlap, scope, seconds)
+    return ls.answer_open_tasks(ls.connect(), project_id, round_number, oracle.annotate)
 
 
 @task(**SERVICE_RETRIES)

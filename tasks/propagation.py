@@ -19,6 +19,7 @@ from xbl.data.prepared import PreparedData
 from xbl.explain.render import display_scale, mask_png
 from xbl.feedback.cost import task_cost, write_cost
 from xbl.feedback.masks import write_feedback
+from xbl.labelstudio.oracle import Oracle, relevance_lookup
 from xbl.labelstudio.payloads import decode_mask, encode_mask, upload_stem
 from xbl.labelstudio.results import (
     annotation_to_mask,
@@ -176,11 +177,10 @@ def oracle_reviews(
     seconds: dict[str, float],
 ) -> int:
     """The simulated reviewer, through the API: accept a mask that lies off the evidence."""
-    data = PreparedData.load(Path(dataset))
-    relevance = {m["image_id"]: data.relevance[m["index"]] for m in _reviews(propagation_json)}
-    return ls.oracle_review(
-        ls.connect(), review_project_id, round_number, relevance, max_overlap, seconds
-    )
+    in_review = [m["image_id"] for m in _reviews(propagation_json)]
+    relevance = relevance_lookup(PreparedData.load(Path(dataset)), in_review)
+    oracle = Oracle(relevance, max_overlap, seconds=seconds)
+    return ls.answer_open_tasks(ls.connect(), review_project_id, round_number, oracle.review)
 
 
 @task(**SERVICE_RETRIES)

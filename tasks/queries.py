@@ -13,6 +13,7 @@ from xbl.config import QueryConfig
 from xbl.data.images import to_tensor
 from xbl.data.prepared import PreparedData
 from xbl.explain.cells import top_cells
+from xbl.explain.pool import pool_saliency
 from xbl.explain.render import display_scale, image_png, montage_png, overlay_png
 from xbl.explain.saliency import saliency_map
 from xbl.labelstudio.payloads import upload_stem
@@ -68,17 +69,6 @@ def query_records(
     return records
 
 
-def batched_saliency(model, data: PreparedData, idx: np.ndarray, cfg: QueryConfig, batch=256):
-    """Saliency maps (n,H,W) of the images `idx`, read from disk a batch at a time."""
-    maps = [
-        saliency_map(
-            model, to_tensor(data.images[idx[s : s + batch]]), cfg.saliency, cfg.blur_sigma
-        )
-        for s in range(0, len(idx), batch)
-    ]
-    return torch.cat(maps) if maps else torch.zeros(0, *data.images.shape[-2:])
-
-
 def cluster_round(
     model, data: PreparedData, probs: np.ndarray, exclude: np.ndarray, cfg: QueryConfig, out: Path
 ) -> tuple[np.ndarray, list[dict]]:
@@ -91,7 +81,7 @@ def cluster_round(
     size = cfg.cluster_pool or len(pool)
     candidates = select_queries(probs, None, size, "entropy", exclude=exclude)
     candidates = np.sort(candidates)  # cluster in pool order: the same pool, the same clusters
-    attr = batched_saliency(model, data, pool[candidates], cfg)
+    attr = pool_saliency(model, data.images, pool[candidates], cfg.saliency, cfg.blur_sigma)
     clusters = cluster_explanations(
         attr, seed=cfg.seed, k_range=(2, cfg.clusters_max), selection=cfg.cluster_selection
     )

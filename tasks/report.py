@@ -1,29 +1,27 @@
 """The round report: a page per round, written beside the round's queries and logged to the
-feedback run in MLflow (docs/methods.md, "Round report")."""
+feedback run in MLflow (docs/methods.md, "Round report"). The page itself is drawn in
+xbl/report/page.py; this step gathers what it shows and writes the files."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 from prefect import task
 
 from services import screenshot, tracking
 from xbl.data.prepared import PreparedData
 from xbl.feedback.cost import annotation_budget
 from xbl.report.page import (
+    PAGE_WIDTH,
+    RoundPage,
     crop_white_bottom,
     page_height,
-    probe_indices,
     report_figure,
     report_html,
-    saliency_grid,
+    round_grids,
 )
 from xbl.train.checkpoint import load_model
-
-QUERIES_SHOWN = 8
-PAGE_WIDTH = 1100  # the page's own max-width
 
 
 @task(retries=2, retry_delay_seconds=[5, 15])
@@ -42,44 +40,34 @@ def round_report(
 ) -> str:
     """report.html with its two saliency grids (the round's queries, the fixed probes) and
     report.png, a picture of the page, in `out_dir`, logged under `report/` in the feedback
-    run. `checkpoints` maps a column title
-    (a role: baseline, champion, candidate) to that model's weights."""
+    run. `checkpoints` maps a column title (a role: baseline, champion, candidate) to that
+    model's weights."""
     data = PreparedData.load(Path(dataset))
     models = {title: load_model(path)[0] for title, path in checkpoints.items()}
     out = Path(out_dir)
-    grids = {}
-    if queries_json and Path(queries_json).is_file():
-        asked = [q["index"] for q in json.loads(Path(queries_json).read_text())][:QUERIES_SHOWN]
-        saliency_grid(models, data, np.array(asked), out / "queries.png")
-        grids["The round's queries: where each model looks"] = "queries.png"
-    saliency_grid(models, data, probe_indices(data), out / "probes.png")
-    grids["Held-out probes, the same every round"] = "probes.png"
-    budget = annotation_budget(manifests)
-    page = report_html(round_number, table, promotion, budget, grids, runs)
-    (out / "report.html").write_text(page)
-    paths = {title: out / name for title, name in grids.items()}
-    report_png(out / "report.html", round_number, table, promotion, budget, paths, runs)
+    grids = round_grids(models, data, _asked(queries_json), out)
+    page = RoundPage(round_number, table, promotion, annotation_budget(manifests), grids, runs)
+    (out / "report.html").write_text(report_html(page))
+    report_png(out / "report.html", page)
     client = tracking.client_for(Path(project))
-    for name in ("report.html", "report.png", *grids.values()):
-        tracking.log_file(client, feedback_run, out / name, "report")
+    for path in (out / "report.html", out / "report.png", *grids.values()):
+        tracking.log_file(client, feedback_run, path, "report")
     return str(out / "report.html")
 
 
-def report_png(
-    page: Path,
-    round_number: int,
-    table: list[dict],
-    promotion: dict,
-    budget: dict,
-    grids: dict[str, Path],
-    runs: dict[str, str],
-) -> str:
+def _asked(queries_json: str | None) -> list[int] | None:
+    """The dataset indices the round asked about, in the order asked; None without queries."""
+    if not (queries_json and Path(queries_json).is_file()):
+        return None
+    return [q["index"] for q in json.loads(Path(queries_json).read_text())]
+
+
+def report_png(html_file: Path, page: RoundPage) -> str:
     """report.png beside the page: the page itself rendered by headless Chromium when there
     is one, else the same content drawn with matplotlib. Returns which of the two drew it."""
-    png = page.with_suffix(".png")
-    height = page_height(table, runs, list(grids.values()), PAGE_WIDTH)
-    if screenshot.screenshot(page, png, PAGE_WIDTH, height):
+    png = html_file.with_suffix(".png")
+    if screenshot.screenshot(html_file, png, PAGE_WIDTH, page_height(page)):
         crop_white_bottom(png)
         return "chromium"
-    report_figure(round_number, table, promotion, budget, grids, runs, png, PAGE_WIDTH)
+    report_figure(page, png)
     return "matplotlib"

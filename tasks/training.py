@@ -10,11 +10,11 @@ from xbl.config import FeedbackConfig, TrainConfig
 from xbl.data.prepared import PreparedData
 from xbl.feedback.masks import read_feedback
 from xbl.feedback.methods import METHODS
-from xbl.feedback.schedule import build_feedback, retraining_schedule
 from xbl.judge.evaluate import evaluate
 from xbl.train.checkpoint import load_model
 from xbl.train.fit import fit
 from xbl.train.loop import TrainResult
+from xbl.train.retrain import retraining
 from xbl.train.runtime import resolve_device
 
 
@@ -48,25 +48,15 @@ def train_with_feedback(
     out: str,
 ) -> TrainResult:
     """Retrain with CE + λ·L_expl on every round's annotated images, from a fresh start or
-    warm from the model that chose this round's queries (`feedback.init`). eXBL's exemplars
-    are that model's explanations either way: those are what annotators judged."""
+    warm from the model that chose this round's queries (`feedback.init`, `retraining`)."""
     data = PreparedData.load(Path(dataset))
     indices, W, keep, ratings = read_feedback(manifests)
     if len(indices) == 0:
         raise ValueError("no annotated images to learn from: every round's feedback is empty")
-    warm = feedback.init == "warm"
     judged = None
-    if warm or METHODS[feedback.method].needs_model:
+    if feedback.init == "warm" or METHODS[feedback.method].needs_model:
         judged = load_model(query_checkpoint, resolve_device(train.device))[0]
-    fb = build_feedback(
-        feedback, data, indices, W, train.seed, model=judged, ratings=ratings, keep=keep
-    )
-    init = {k: v.cpu() for k, v in judged.state_dict().items()} if warm else None
+    plan = retraining(data, train, feedback, indices, W, keep, ratings, judged)
     return fit(
-        data,
-        retraining_schedule(train, feedback),
-        Path(out),
-        init=init,
-        feedback=fb,
-        on_epoch=_log_epoch,
+        data, plan.train, Path(out), init=plan.init, feedback=plan.feedback, on_epoch=_log_epoch
     )

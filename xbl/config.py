@@ -1,7 +1,9 @@
 """The typed configuration: params.yaml, read once per run, checked, one section per step.
 
-It knows what may be chosen: the models, feedback methods, saliency maps and query strategies
-of their registries.
+It knows what may be chosen: the names of the models, feedback methods, saliency maps and
+query strategies, as plain names, so that reading the settings loads no torch (the webhook and
+quick commands start without it). The registries that implement them import those names, or
+are held to them by tests/unit/test_config.py.
 
 Every default lives here, in the dataclasses below; the shipped params.yaml states the same
 values (a test holds the two together). A key that is misspelt, of the wrong type or outside
@@ -23,11 +25,27 @@ from typing import Any, ClassVar
 import yaml
 
 from xbl.errors import ConfigError
-from xbl.explain.saliency import SALIENCY_METHODS
-from xbl.feedback.methods import METHODS
-from xbl.query.clustering import K_SELECTION
-from xbl.query.sampling import QUERY_STRATEGIES
-from xbl.train.models import FREEZE, MODELS
+
+# ---------------------------------------------------------------- what may be chosen
+# In the order the error messages list them. MODEL_NAMES and FEEDBACK_METHODS are the keys of
+# the registries in xbl/train/models.py and xbl/feedback/methods.py (tests hold them equal);
+# a feedback method registered elsewhere (`register`) adds its name to FEEDBACK_METHODS.
+MODEL_NAMES = ("small_cnn", "resnet18", "resnet34")
+# train.freeze: what is not trained. stem: the first conv (and its batchnorm); early: the stem
+# and the first half of the stages after it; all_but_head: everything but the classifier head
+FREEZE = ("none", "stem", "early", "all_but_head")
+FEEDBACK_METHODS = ["rrr", "rrr_output", "rrr_g", "hint", "exbl", "counterexamples"]
+# the per-image scores of xbl/query/sampling.py, or one query per explanation cluster
+QUERY_STRATEGIES = (
+    "entropy",
+    "least_confidence",
+    "margin",
+    "random",
+    "confident_mistakes",
+    "cluster",
+)
+SALIENCY_METHODS = ("deeplift", "gradcam")
+K_SELECTION = ("eigengap", "silhouette")  # how the number of explanation clusters is chosen
 
 
 def _choices(*allowed: str) -> dict:
@@ -106,7 +124,7 @@ class TrainConfig(_Section):
     loader_workers: int = 0  # processes reading images from disk (0: the training process)
 
     def check(self) -> None:
-        _allowed("train.model", self.model, tuple(MODELS))
+        _allowed("train.model", self.model, MODEL_NAMES)
         if self.pretrained is not None and not self.pretrained.strip():
             raise ConfigError("train.pretrained is ''; allowed: a state dict's path, or null")
         _positive("train.epochs", self.epochs)
@@ -143,9 +161,10 @@ class QueryConfig(_Section):
     cluster_pool: int | None = None
     clusters_max: int = 10
     cluster_selection: str = field(default="eigengap", metadata=_choices(*K_SELECTION))
-    # carrying a cluster answer to the members (bench/cluster.py chose both on audit): the
-    # concept strength that makes a member's pixel "ignore", and the confidence a member's mask
-    # needs to train without review; members shown per cluster task in its montage
+    # carrying a cluster answer to the members (the cluster benchmark of 2026-12-03 chose both
+    # on audit): the concept strength that makes a member's pixel "ignore", and the confidence
+    # a member's mask needs to train without review; members shown per cluster task in its
+    # montage
     propagation_threshold: float = 0.8
     review_confidence: float = 0.5
     montage_members: int = 16
@@ -243,17 +262,13 @@ class FeedbackConfig(_Section):
     counterexample_copies: int = 3
 
     def check(self) -> None:
-        _allowed("feedback.method", self.method, tuple(METHODS))
+        _allowed("feedback.method", self.method, tuple(FEEDBACK_METHODS))
         for name in self.lambda_:
-            _allowed("feedback.lambda", name, tuple(METHODS))
+            _allowed("feedback.lambda", name, tuple(FEEDBACK_METHODS))
         _positive("feedback.per_batch", self.per_batch)
         _positive("feedback.every", self.every)
         _positive("feedback.epochs", self.epochs)
         _positive("feedback.lr", self.lr)
-
-    def lam(self, method: str) -> float:
-        """λ for `method`: its value under feedback.lambda, else the method's own default."""
-        return float(self.lambda_.get(method, METHODS[method].default_lambda))
 
 
 @dataclass(frozen=True)

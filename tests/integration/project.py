@@ -33,14 +33,17 @@ def make_project(root: Path, **overrides) -> Path:
 
 
 def as_worker_project(project: Path) -> Path:
-    """Make a project a Prefect worker can run: the flows, tasks and services beside its xbl,
-    and prefect.yaml without its hourly schedule (a run at :00 must not race a test's run)."""
+    """Make a project a Prefect worker can run: the flows, tasks and services beside its xbl
+    (the webhook receiver and the team stack run outside it), and prefect.yaml with its
+    schedules paused: the deployment still carries the cron of the project's params.yaml, but
+    a run at :00 must not race a test's run."""
     for package in ("flows", "tasks", "services"):
         shutil.copytree(
             REPO / package, project / package, ignore=shutil.ignore_patterns("__pycache__")
         )
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     for deployment in spec["deployments"]:
-        deployment.pop("schedules", None)
+        for schedule in deployment.get("schedules", []):
+            schedule["active"] = False
     (project / "prefect.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return project

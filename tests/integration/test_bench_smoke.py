@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from bench import cost, efficacy, lesions, propagation, throughput
+from bench import cost, efficacy, lesions, propagation, protocol, throughput
 from bench.common import Clicks, imperfect
 
 
@@ -74,6 +74,20 @@ def test_quick_efficacy_writes_json_markdown_plot_and_mlflow_runs(tmp_path, trac
     assert len(runs) == 1 + 2 + len(seed["runs"]) + 1
     children = [r for r in runs if r.data.params.get("kind") == "feedback"]
     assert all("audit_accuracy" in r.data.metrics for r in children)
+
+
+def test_the_protocol_never_chooses_an_undefined_score_and_keeps_the_earlier_on_a_tie():
+    nan = float("nan")
+    assert protocol.best({"a": 0.2, "b": nan, "c": 0.2}) == "a"
+    assert protocol.best({"a": (nan, nan), "b": (-0.5, 0.1)}) == "b"
+    ran = [{"diverged": False, "audit_recovery": 0.5}, {"diverged": True, "audit_recovery": 0.9}]
+    assert math.isnan(protocol.seed_mean(ran)[0])  # a seed diverged: the pipeline would stop
+    assert protocol.seed_mean(ran[:1]) == (0.5, 0.0)
+    assert protocol.recovery(0.7, 0.5, 0.9) == pytest.approx(0.5)
+    assert math.isnan(protocol.recovery(0.7, 0.9, 0.5))  # no gap to close
+    scores = {(1.0, "scratch"): 0.1, (10.0, "scratch"): 0.3, (10.0, "warm"): 0.2}
+    chosen = protocol.choose_lambda_and_start(lambda *s: scores.get(s, nan), [1.0, 10.0])
+    assert (chosen["lambda"], chosen["init"]) == (10.0, "scratch")  # λ first, then the start
 
 
 def test_imperfect_annotators_spoil_nested_answers_in_one_direction():

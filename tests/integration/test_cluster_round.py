@@ -25,7 +25,13 @@ from xbl.labelstudio.interface import (
     review_labeling_config,
     validate_labeling_config,
 )
-from xbl.labelstudio.oracle import oracle_accepts, oracle_annotation, oracle_seconds, review_result
+from xbl.labelstudio.oracle import (
+    Oracle,
+    oracle_accepts,
+    oracle_annotation,
+    oracle_seconds,
+    review_result,
+)
 from xbl.labelstudio.payloads import decode_mask, encode_mask
 from xbl.labelstudio.results import applies_to, relabelled_regions, review_verdict
 from xbl.query.clustering import Propagated, triage
@@ -177,7 +183,8 @@ def test_review_verdicts_reach_the_masks(labelstudio, tmp_path, monkeypatch):
     assert ls.push_round(client, project, [query], "model-1")["created"] == 1
     pushed = ls.round_task_data(client, project, 1)[0]
     assert pushed["members"] == ["rep", "sure", "good", "bad"] and pushed["montage"]
-    assert ls.oracle_annotate(client, project, 1, {"rep": relevance_mask()}, 0.1, "all", SECONDS)
+    oracle = Oracle({"rep": relevance_mask()}, 0.1, "all", SECONDS)
+    assert ls.answer_open_tasks(client, project, 1, oracle.annotate)
     [answer] = ls.collect_annotations(client, project, 1)
     assert applies_to(answer["result"]) == "all"
     assert answer["lead_time"] == 8 + 2 * len(IGNORED) + 10  # the time model, as LS keeps it
@@ -194,7 +201,8 @@ def test_review_verdicts_reach_the_masks(labelstudio, tmp_path, monkeypatch):
     assert ls.push_reviews(client, review, members[1:]) == {"created": 2, "skipped": 0}
     assert ls.push_reviews(client, review, members[1:]) == {"created": 0, "skipped": 2}
     relevance = {m["image_id"]: relevance_mask() for m in members}
-    assert ls.oracle_review(client, review, 1, relevance, 0.1, SECONDS) == 2
+    reviewer = Oracle(relevance, 0.1, seconds=SECONDS)
+    assert ls.answer_open_tasks(client, review, 1, reviewer.review) == 2
     assert ls.round_progress(client, review, 1) == (2, 2)
 
     queries = tmp_path / "queries.json"

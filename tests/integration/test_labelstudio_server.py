@@ -15,7 +15,7 @@ from PIL import Image
 
 from services import labelstudio as client_api
 from xbl.explain.cells import cells_to_mask
-from xbl.labelstudio.oracle import oracle_annotation
+from xbl.labelstudio.oracle import Oracle, oracle_annotation
 from xbl.labelstudio.results import masks_from_annotations
 
 from .ls_server import REPO, free_port
@@ -92,8 +92,9 @@ def test_push_oracle_collect_gives_exactly_the_ignored_and_kept_cells(
     assert httpx.get(url, trust_env=False).status_code == 401
 
     relevance = {q["image_id"]: relevance_mask() for q in queries}
-    assert client_api.oracle_annotate(client, project, 1, relevance, max_overlap=0.1) == 3
-    assert client_api.oracle_annotate(client, project, 1, relevance, max_overlap=0.1) == 0
+    answer = Oracle(relevance, max_overlap=0.1).annotate
+    assert client_api.answer_open_tasks(client, project, 1, answer) == 3
+    assert client_api.answer_open_tasks(client, project, 1, answer) == 0
     assert client_api.round_progress(client, project, 1) == (3, 3)
 
     annotations = client_api.collect_annotations(client, project, 1)
@@ -157,7 +158,7 @@ def test_wait_for_round_rides_out_a_server_outage(client, labelstudio, tmp_path,
         labelstudio.start()
     fresh = client_api.connect(labelstudio.url, labelstudio.token)
     relevance = {q["image_id"]: relevance_mask() for q in queries}
-    assert client_api.oracle_annotate(fresh, project, 1, relevance, max_overlap=0.1) == 2
+    assert client_api.answer_open_tasks(fresh, project, 1, Oracle(relevance, 0.1).annotate) == 2
     waiter.join(timeout=60)
     assert not waiter.is_alive()
     assert outcome["progress"] == (2, 2)
@@ -196,7 +197,8 @@ def test_malformed_annotation_is_reported_by_task_and_the_rest_is_kept(client, t
     client.sdk.annotations.create(
         tasks["img-a"], result=kept + [outside, unknown], was_cancelled=False
     )
-    assert client_api.oracle_annotate(client, project, 1, {"img-b": relevance_mask()}, 0.1) == 1
+    answer = Oracle({"img-b": relevance_mask()}, 0.1).annotate
+    assert client_api.answer_open_tasks(client, project, 1, answer) == 1
 
     masks, _, _, problems, _ = masks_from_annotations(
         client_api.collect_annotations(client, project, 1), SIZE, SIZE

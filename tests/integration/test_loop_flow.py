@@ -105,12 +105,18 @@ def test_feedback_beats_the_baseline_on_shortcut_free_evidence_and_is_promoted(o
     _, result = oracle_round
     rows = {row["role"]: row for row in result["table"]}
     before, after = rows["baseline = champion"], rows["candidate"]
-    assert after["audit_accuracy"] > before["audit_accuracy"]
-    assert after["test_accuracy"] > before["test_accuracy"]
-    # by every explainer, including those no feedback term optimises
-    for explainer in ("deeplift", "gradcam", "inputgrad"):
+    # Margins, not strict inequalities on 4-place figures: the round must move the model off
+    # the decoy by a clear step on any seed or thread count (the demo: audit 0.75 -> 0.96).
+    assert after["audit_accuracy"] >= before["audit_accuracy"] + 0.05
+    assert after["test_accuracy"] >= before["test_accuracy"] + 0.05
+    # The explainers the feedback acts through put at most half as much on the decoy ...
+    for explainer in ("deeplift", "inputgrad"):
         key = f"test_wrong_reason_share_{explainer}"
-        assert after[key] < before[key], key
+        assert after[key] <= 0.5 * before[key], (key, before[key], after[key])
+    # ... and GradCAM, which no feedback term optimises and whose coarse map puts little on a
+    # 4-px decoy to begin with, does not see the model lean on it more.
+    key = "test_wrong_reason_share_gradcam"
+    assert after[key] <= before[key] + 0.01, (key, before[key], after[key])
     assert result["promotion"]["promoted"], result["promotion"]["reason"]
     assert result["promotion"]["reason"].startswith("audit accuracy")
 

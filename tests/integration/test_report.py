@@ -14,10 +14,10 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from services import screenshot, tracking
-from tasks.report import PAGE_WIDTH, report_png, round_report
+from tasks.report import report_png, round_report
 from xbl.config import DataConfig
 from xbl.data.build import build_dataset
-from xbl.report.page import report_html
+from xbl.report.page import PAGE_WIDTH, RoundPage, report_html
 from xbl.train.checkpoint import initial_model, save_checkpoint
 
 TABLE = [
@@ -51,7 +51,7 @@ def assert_a_picture_of_the_page(png: Path) -> None:
     assert 0.02 < (gray < 128).mean() < 0.9  # ink and paper both
 
 
-def write_page(folder: Path) -> tuple[Path, dict[str, Path]]:
+def write_page(folder: Path) -> tuple[Path, RoundPage]:
     """A report page with two grids of noise pictures, as report_html writes it."""
     import matplotlib
 
@@ -68,27 +68,26 @@ def write_page(folder: Path) -> tuple[Path, dict[str, Path]]:
         fig.savefig(folder / name, dpi=90)
         plt.close(fig)
         grids[title] = folder / name
-    page = folder / "report.html"
-    names = {title: path.name for title, path in grids.items()}
-    page.write_text(report_html(2, TABLE, PROMOTION, BUDGET, names, RUNS))
-    return page, grids
+    page = RoundPage(2, TABLE, PROMOTION, BUDGET, grids, RUNS)
+    (folder / "report.html").write_text(report_html(page))
+    return folder / "report.html", page
 
 
 @needs_chromium
 def test_chromium_renders_the_page_into_a_png(tmp_path):
-    page, grids = write_page(tmp_path)
+    html_file, page = write_page(tmp_path)
 
     started = time.monotonic()
-    drawn_by = report_png(page, 2, TABLE, PROMOTION, BUDGET, grids, RUNS)
+    drawn_by = report_png(html_file, page)
 
     assert drawn_by == "chromium" and time.monotonic() - started < 60
     assert_a_picture_of_the_page(tmp_path / "report.png")
 
 
 def test_without_chromium_matplotlib_draws_the_same_content(tmp_path, no_chromium):
-    page, grids = write_page(tmp_path)
+    html_file, page = write_page(tmp_path)
 
-    assert report_png(page, 2, TABLE, PROMOTION, BUDGET, grids, RUNS) == "matplotlib"
+    assert report_png(html_file, page) == "matplotlib"
     assert_a_picture_of_the_page(tmp_path / "report.png")
 
 
@@ -97,9 +96,9 @@ def test_a_failing_browser_falls_back_to_matplotlib(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\necho 'cannot open display' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setattr(screenshot, "CHROMIUM", fake)
-    page, grids = write_page(tmp_path)
+    html_file, page = write_page(tmp_path)
 
-    assert report_png(page, 2, TABLE, PROMOTION, BUDGET, grids, RUNS) == "matplotlib"
+    assert report_png(html_file, page) == "matplotlib"
     assert_a_picture_of_the_page(tmp_path / "report.png")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import pytest
 import requests
 import yaml
 from mlflow import MlflowClient
+from prefect.deployments.steps.core import run_steps
+from prefect.utilities.templating import apply_values
 
 from services import labelstudio as ls
 from services import tracking
@@ -23,12 +26,14 @@ from tests.integration.project import REPO, make_project
 pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
 
 
-def test_prefect_yaml_declares_the_flows_with_the_params_schedule():
+def test_prefect_yaml_takes_the_rounds_cron_from_the_projects_params(tmp_path, monkeypatch):
+    """The cron is written once, in params.yaml: prefect.yaml's build step reads it where
+    `prefect deploy` runs, and the deployment's schedule is the step's answer."""
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    by_name = {d["name"]: d for d in spec["deployments"]}
-    scheduled = by_name["scheduled"]
-    assert scheduled["schedules"][0]["cron"] == params["schedule"]["cron"]
+    scheduled = {d["name"]: d for d in spec["deployments"]}["scheduled"]
+    monkeypatch.chdir(make_project(tmp_path / "project", schedule={"cron": "7 5 * * *"}))
+    outputs = asyncio.run(run_steps(scheduled["build"]))
+    assert apply_values(scheduled["schedules"], outputs) == [{"cron": "7 5 * * *"}]
     assert scheduled["parameters"]["wait_mode"] == "resume"
     for deployment in spec["deployments"]:
         path, func = deployment["entrypoint"].split(":")

@@ -1,4 +1,4 @@
-"""Load and faults on the team path (services/team.py, started natively): three successive
+"""Load and faults on the team path (infra/team.py, started natively): three successive
 rounds of one experiment, each run by the Prefect worker from prefect.yaml's deployment, each
 disturbed once, each ending as an undisturbed round would, read from the stores themselves:
 
@@ -30,8 +30,8 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
+from infra import team as native
 from services import labelstudio as ls
-from services import team as native
 from services import tracking
 from tests.integration.project import as_worker_project, make_project
 from xbl.data.prepared import PreparedData

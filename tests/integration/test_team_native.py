@@ -1,4 +1,4 @@
-"""The team topology of infra/compose.yaml, started natively (services/team.py): one full round
+"""The team topology of infra/compose.yaml, started natively (infra/team.py): one full round
 run by the Prefect worker from prefect.yaml's deployment, against PostgreSQL-backed MLflow
 (artifacts in S3), Label Studio on PostgreSQL and an S3 DVC remote (moto standing in for
 MinIO). Every assertion reads the stores themselves: PostgreSQL rows, bucket objects, tasks."""
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from infra import team as native
 from services import labelstudio as ls
-from services import team as native
 from services import tracking
 from tests.integration.project import REPO, as_worker_project, make_project
 
@@ -26,12 +26,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
 EXPERIMENT = "team"
 TITLE = f"xbl-{EXPERIMENT}"  # flows.loop.project_title
 K = 5
+CRON = "7 5 * * *"  # not the default: the deployment's cron must come from the project's params
 
 
 @pytest.fixture(scope="session")
 def team_project(tmp_path_factory) -> Path:
-    """A clone of the pipeline as a worker's project: code, params, and prefect.yaml without
-    its hourly schedule (a run at :00 must not race the test's run)."""
+    """A clone of the pipeline as a worker's project: code, params, and prefect.yaml with its
+    schedule paused (a scheduled run must not race the test's run)."""
     project = make_project(
         tmp_path_factory.mktemp("team") / "project",
         # 16x16 images (the digits at their native 8x8): evaluation and feedback training
@@ -41,13 +42,14 @@ def team_project(tmp_path_factory) -> Path:
         train={"epochs": 3, "patience": 0, "batch_size": 64},
         feedback={"epochs": 2},
         query={"k": K},
+        schedule={"cron": CRON},
     )
     return as_worker_project(project)
 
 
 @pytest.fixture(scope="session")
 def team(tmp_path_factory, team_project):
-    """The running topology (services.team.Team); stopped and deleted at the end."""
+    """The running topology (infra.team.Team); stopped and deleted at the end."""
     reason = native.available()
     if reason:
         if os.environ.get("CI"):
@@ -163,6 +165,15 @@ def test_a_round_run_by_the_worker_lands_in_every_store(team, team_project, as_c
     logs = "".join(p.read_text(errors="replace") for p in (team.home / "logs").glob("*.log"))
     for key in ("LABEL_STUDIO_API_TOKEN", "MINIO_ROOT_PASSWORD", "MLFLOW_DB_PASSWORD"):
         assert team.secrets[key] not in logs
+
+
+def test_the_deployment_runs_on_the_cron_of_the_projects_params(team):
+    """prefect.yaml writes no cron: its build step read the project's params.yaml when the
+    round test deployed (as_worker_project paused the schedule)."""
+    deployment = team.prefect_api("GET", "/deployments/name/xbl-feedback-round/scheduled")
+    [schedule] = deployment["schedules"]
+    assert schedule["schedule"]["cron"] == CRON
+    assert schedule["active"] is False
 
 
 def test_down_stops_everything_and_deletes_the_cluster(tmp_path_factory, team):

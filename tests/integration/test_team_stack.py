@@ -408,3 +408,103 @@ def test_worker_image_copies_code_but_no_secrets():
         for part in line.split()[1:-1]
     ]
     assert sources and not [s for s in sources if s.startswith(("infra", ".", "data", "runs"))]
+
+
+# --- the native team (infra/team.py) reads this file --------------------------------------------
+
+NATIVE_PORTS = {
+    "postgres": 15432,
+    "s3": 19000,
+    "mlflow": 15000,
+    "labelstudio": 18080,
+    "prefect": 14200,
+}
+
+
+@pytest.fixture(scope="module")
+def native_team(tmp_path_factory):
+    """A native team's addresses and secrets, never started: what it would run is read."""
+    from infra import team
+
+    return team.Team(
+        tmp_path_factory.mktemp("team"),
+        dict(NATIVE_PORTS),
+        project="/srv/project",
+        secrets=team._generated_secrets(),
+    )
+
+
+def compose_hosts(text: str) -> list[str]:
+    """Compose's own addresses left in a native value (a service name, 0.0.0.0)."""
+    names = "|".join(
+        re.escape(name) for name in yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    )
+    return re.findall(rf"(?<=[/@])(?:{names}):\d+(?=[/\s]|$)|0\.0\.0\.0", text)
+
+
+@pytest.mark.parametrize("service", ["prefect-server", "mlflow", "prefect-worker"])
+def test_every_variable_a_native_service_reads_has_a_value(native_team, service):
+    from infra import compose
+
+    assert compose.variables(service) <= set(native_team.secrets)
+
+
+@pytest.mark.parametrize(
+    "service, drop", [("prefect-server", ()), ("mlflow", ("--allowed-hosts",))]
+)
+def test_native_servers_run_composes_command_on_loopback(native_team, services, service, drop):
+    command = native_team._command(service, drop)
+    assert Path(command[0]).name == services[service]["command"][0]
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    port = int(command[command.index("--port") + 1])
+    assert port in NATIVE_PORTS.values() and not compose_hosts(" ".join(command))
+
+
+def test_the_native_worker_polls_composes_pool(native_team, services):
+    from infra import team
+
+    command = native_team._command("prefect-worker", ("--with-healthcheck",))
+    compose_command = services["prefect-worker"]["command"]
+    assert command[1:] == [arg for arg in compose_command[1:] if arg != "--with-healthcheck"]
+    assert team.POOL == "xbl-pool"
+
+
+@pytest.mark.parametrize("service", ["prefect-server", "mlflow", "prefect-worker"])
+def test_native_environments_are_composes_at_native_addresses(native_team, services, service):
+    native = native_team.compose_env(service)
+    own = set(env(services, service)) - set(yaml.safe_load(COMPOSE_FILE.read_text())["x-offline"])
+    assert set(native) == own
+    assert not compose_hosts(" ".join(native.values())), native
+    assert not INTERPOLATION.search(" ".join(native.values()))
+
+
+def test_a_native_client_reaches_every_server_with_its_credentials(native_team):
+    client, s = native_team.client_env(), native_team.secrets
+    assert client["PREFECT_API_URL"] == native_team.url("prefect")
+    assert client["MLFLOW_TRACKING_URI"] == native_team.url("mlflow")
+    assert client["LABEL_STUDIO_URL"] == native_team.url("labelstudio")
+    assert client["MLFLOW_S3_ENDPOINT_URL"] == native_team.url("s3")
+    assert (client["AWS_ACCESS_KEY_ID"], client["AWS_SECRET_ACCESS_KEY"]) == (
+        s["MINIO_ROOT_USER"],
+        s["MINIO_ROOT_PASSWORD"],
+    )
+    assert client["LABEL_STUDIO_API_KEY"] == s["LABEL_STUDIO_API_TOKEN"]
+    assert client["PREFECT_API_AUTH_STRING"] == s["PREFECT_API_AUTH_STRING"]
+    assert "XBL_PROJECT_DIR" not in client
+
+
+@pytest.mark.parametrize("app", ["prefect", "mlflow"])
+def test_native_servers_use_their_database_on_the_native_cluster(native_team, app):
+    service = {"prefect": "prefect-server", "mlflow": "mlflow"}[app]
+    url = next(v for v in native_team.compose_env(service).values() if v.startswith("postgres"))
+    user, password, database = native_team.role(app)
+    assert url.endswith(f"://{user}:{password}@127.0.0.1:{NATIVE_PORTS['postgres']}/{database}")
+
+
+def test_the_native_team_makes_composes_buckets_and_databases(services):
+    from infra import team
+
+    assert set(team.BUCKETS) == {"dvc", "mlflow"}
+    assert set(team.DATABASES) == {
+        name.removesuffix("-db") for name in services if name.endswith("-db")
+    }

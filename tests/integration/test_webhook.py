@@ -19,17 +19,13 @@ import pytest
 
 from flows.cli import deployment_starter, flow_run_failed
 from flows.cli import main as xbl
-from services import webhook
-from services.labelstudio import progress_checker, register_webhook
-from services.webhook import (
-    Delivery,
-    DeliveryStore,
-    IgnoredDelivery,
-    WebhookReceiver,
-    parse_delivery,
-    serve_in_thread,
-    sign,
-)
+from services.labelstudio import SECRET_HEADER, progress_checker, register_webhook
+from webhook import server as http
+from webhook.auth import AUTH_MODES, SECRET_ENV, SIGNATURE_HEADER, sign
+from webhook.delivery import Delivery, IgnoredDelivery, parse_delivery
+from webhook.receiver import WebhookReceiver
+from webhook.server import serve_in_thread
+from webhook.store import DeliveryStore
 
 SECRET = secrets.token_urlsafe(24)
 PROJECT = 7
@@ -94,7 +90,7 @@ def post(
         headers={"Content-Type": "application/json", **(headers or {})},
     )
     if secret is not None:
-        request.add_header(webhook.SECRET_HEADER, secret)
+        request.add_header(SECRET_HEADER, secret)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
     try:
         with opener.open(request, timeout=10) as response:
@@ -183,7 +179,7 @@ def test_a_tampered_body_or_another_key_is_refused(run_receiver):
 
     assert post(server.url, None, secret=None, headers=headers, body=tampered)[0] == 403
     assert signed_post(server.url, delivery(1, 10, 1), key="k" * len(SECRET))[0] == 403
-    no_stamp = {webhook.SIGNATURE_HEADER: headers[webhook.SIGNATURE_HEADER]}
+    no_stamp = {SIGNATURE_HEADER: headers[SIGNATURE_HEADER]}
     assert post(server.url, None, secret=None, headers=no_stamp, body=body)[0] == 403
     # a valid static header does not rescue a bad signature: the signature is judged alone
     assert post(server.url, None, headers=headers, body=tampered)[0] == 403
@@ -240,8 +236,8 @@ def test_signature_mode_refuses_the_static_header(run_receiver):
 
 def test_the_webhook_section_of_params_reaches_the_receiver(tmp_path, monkeypatch):
     served = []
-    monkeypatch.setattr(webhook, "run_receiver", lambda receiver, *_: served.append(receiver) or 0)
-    monkeypatch.setenv(webhook.SECRET_ENV, SECRET)
+    monkeypatch.setattr(http, "run_receiver", lambda receiver, *_: served.append(receiver) or 0)
+    monkeypatch.setenv(SECRET_ENV, SECRET)
     (tmp_path / "params.yaml").write_text(
         "webhook:\n  auth: signature\n  signature_window_s: 60\n  retention_days: 2\n"
     )
@@ -259,19 +255,17 @@ def test_the_settings_agree_with_the_receiver_defaults():
     from xbl.config import WebhookConfig
 
     settings = WebhookConfig()
-    receiver_defaults = {
-        f.name: f.default for f in webhook.WebhookReceiver.__dataclass_fields__.values()
-    }
-    assert settings.auth == receiver_defaults["auth"] and settings.auth in webhook.AUTH_MODES
+    receiver_defaults = {f.name: f.default for f in WebhookReceiver.__dataclass_fields__.values()}
+    assert settings.auth == receiver_defaults["auth"] and settings.auth in AUTH_MODES
     assert settings.signature_window_s == receiver_defaults["window_s"]
     assert settings.retention_days * 86400 == receiver_defaults["retention_s"]
 
 
 def test_receiver_refuses_to_start_without_a_secret(monkeypatch, tmp_path):
-    monkeypatch.delenv(webhook.SECRET_ENV, raising=False)
+    monkeypatch.delenv(SECRET_ENV, raising=False)
     with pytest.raises(SystemExit) as stopped:
         xbl(["webhook", "--port", "0", "--state-dir", str(tmp_path / "state")])
-    assert webhook.SECRET_ENV in str(stopped.value)
+    assert SECRET_ENV in str(stopped.value)
     with pytest.raises(ValueError):
         WebhookReceiver("short", DeliveryStore(tmp_path / "state"), Progress({}), StartRecorder())
 

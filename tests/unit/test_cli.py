@@ -24,11 +24,11 @@ def test_webhook_without_a_secret_refuses_to_start(monkeypatch):
 
 
 def test_webhook_target_defaults_to_the_projects_wait_target(tmp_path, monkeypatch):
-    from services import webhook
+    from webhook import server
 
     served = []
     monkeypatch.setattr(
-        webhook, "run_receiver", lambda receiver, host, port, what: served.append(receiver) or 0
+        server, "run_receiver", lambda receiver, host, port, what: served.append(receiver) or 0
     )
     monkeypatch.setenv("XBL_WEBHOOK_SECRET", "s" * 32)
     (tmp_path / "params.yaml").write_text("wait:\n  target_fraction: 0.4\n")

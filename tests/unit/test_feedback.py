@@ -18,7 +18,7 @@ from xbl.explain.saliency import gradcam
 from xbl.feedback.losses import explanation
 from xbl.feedback.masks import read_feedback, write_feedback
 from xbl.feedback.methods import METHODS
-from xbl.feedback.schedule import build_feedback
+from xbl.feedback.schedule import build_feedback, method_lambda
 from xbl.train.models import SmallCNN
 
 
@@ -228,6 +228,15 @@ def test_each_method_takes_its_own_lambda_from_params(data, annotated, model):
         build_config({"feedback": {"lambda": {"gradient_magic": 1.0}}})
 
 
+def test_the_lambda_a_run_logs_is_the_one_its_training_starts_from(data, annotated, model):
+    """flows/loop.py logs `method_lambda` as feedback.lambda; the Feedback carries the same."""
+    idx, W, keep = annotated
+    for method in ("rrr", "hint"):
+        cfg = FeedbackConfig(method=method, lambda_={"rrr": 2.0})
+        fb = build_feedback(cfg, data, idx, W, SEED, model=model, keep=keep)
+        assert fb.lam == method_lambda(cfg) == method_lambda(cfg, method)
+
+
 def test_params_yaml_gives_every_method_a_lambda():
     from pathlib import Path
 
@@ -235,7 +244,7 @@ def test_params_yaml_gives_every_method_a_lambda():
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml").feedback
     assert cfg.method in METHODS
-    assert all(cfg.lam(m) >= 0 for m in METHODS)
+    assert all(method_lambda(cfg, m) >= 0 for m in METHODS)
 
 
 def test_retraining_runs_a_fixed_schedule_from_the_chosen_start():

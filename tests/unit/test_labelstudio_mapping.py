@@ -17,7 +17,6 @@ from xbl.labelstudio.interface import (
     labeling_config,
     validate_labeling_config,
 )
-from xbl.labelstudio.oracle import oracle_annotation, oracle_ignore_cells
 from xbl.labelstudio.payloads import cell_predictions, cells_from_prediction, task_payload
 from xbl.labelstudio.results import annotation_to_mask, decode_rle, masks_from_annotations
 
@@ -346,39 +345,6 @@ def test_masks_from_annotations_name_the_task_of_each_problem():
         "task 11 (image a, annotation 5): region r9: unknown label 'dog' "
         "(expected 'ignore' or 'model attention')"
     ]
-
-
-def test_oracle_ignores_the_shown_cells_off_the_relevance_mask():
-    relevance = np.zeros((28, 28), bool)
-    relevance[8:20, 8:20] = True  # the true evidence: cells (2..4, 2..4)
-    relevance[0, 0] = True  # 1 of 16 pixels of cell (0, 0): below a 0.1 overlap
-    relevance[7, 8:12] = True  # 4 of 16 pixels of cell (1, 2)
-    shown = [(0, 0), (3, 3), (6, 6), (1, 2)]  # (1, 2): overlap 0.25
-    assert oracle_ignore_cells(shown, 4, relevance, 0.1) == [(0, 0), (6, 6)]
-    assert oracle_ignore_cells(shown, 4, relevance, 0.3) == [(0, 0), (6, 6), (1, 2)]
-    result = oracle_annotation(shown, 4, 28, 28, relevance, 0.1)
-    labels = {
-        r["id"]: r["value"].get("rectanglelabels") for r in result if r["type"] == "rectanglelabels"
-    }
-    assert labels == {
-        "cell-0-0": ["ignore"],
-        "cell-3-3": ["model attention"],
-        "cell-6-6": ["ignore"],
-        "cell-1-2": ["model attention"],
-    }
-    mask, kept, rating, problems = annotation_to_mask(result, 28, 28)
-    np.testing.assert_array_equal(mask, cells_to_mask([(0, 0), (6, 6)], 4, 28, 28))
-    np.testing.assert_array_equal(kept, cells_to_mask([(3, 3), (1, 2)], 4, 28, 28))  # on the digit
-    assert rating == "bad" and problems == []
-
-
-def test_oracle_rates_an_explanation_on_the_evidence_good():
-    relevance = np.ones((28, 28), bool)
-    mask, kept, rating, _ = annotation_to_mask(
-        oracle_annotation([(2, 2)], 4, 28, 28, relevance, 0.1), 28, 28
-    )
-    assert not mask.any() and rating == "good"
-    np.testing.assert_array_equal(kept, cells_to_mask([(2, 2)], 4, 28, 28))
 
 
 def test_upload_stems_are_safe_to_serve_and_stay_unique():

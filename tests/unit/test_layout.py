@@ -1,6 +1,7 @@
 """The layers hold what their names say: science in xbl/, clients of outside services in
-services/, Prefect steps in tasks/, flows and the CLI in flows/. Read from the source, so a
-module that crosses a line fails here before it confuses a reader."""
+services/, Prefect steps in tasks/, flows and the CLI in flows/. Beside services/, on its
+level: the webhook receiver in webhook/ and the native team stack in infra/. Read from the
+source, so a module that crosses a line fails here before it confuses a reader."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# Below Prefect: what services/ holds, and the two programs that stand beside it.
+BESIDE_SERVICES = ("services", "webhook", "infra")
+PACKAGES = ("xbl", *BESIDE_SERVICES, "tasks", "flows")
 
 
 def _modules(package: str) -> list[Path]:
@@ -44,16 +48,29 @@ def test_every_task_module_defines_a_task(module):
     assert "task" in _decorators(module), f"tasks/{module.name} has no @task: is it a client?"
 
 
-@pytest.mark.parametrize(
-    "module", _modules("xbl") + _modules("services"), ids=lambda p: str(p.relative_to(REPO))
-)
+def _below_prefect() -> list[Path]:
+    return [m for package in ("xbl", *BESIDE_SERVICES) for m in _modules(package)]
+
+
+@pytest.mark.parametrize("module", _below_prefect(), ids=lambda p: str(p.relative_to(REPO)))
 def test_science_and_services_know_nothing_of_prefect(module):
     assert "prefect" not in _imports(module)
 
 
-@pytest.mark.parametrize("module", _modules("services"), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "module",
+    [m for package in BESIDE_SERVICES for m in _modules(package)],
+    ids=lambda p: str(p.relative_to(REPO)),
+)
 def test_services_import_neither_tasks_nor_flows(module):
     assert not _imports(module) & {"tasks", "flows"}
+
+
+@pytest.mark.parametrize("module", _modules("services"), ids=lambda p: p.name)
+def test_clients_import_neither_the_receiver_nor_the_team_stack(module):
+    """services/ holds clients only: the receiver and the team stack use them, not the
+    other way round."""
+    assert not _imports(module) & {"webhook", "infra"}
 
 
 @pytest.mark.parametrize("module", _modules("xbl"), ids=lambda p: str(p.relative_to(REPO)))
@@ -62,6 +79,8 @@ def test_science_imports_no_service_client(module):
         "tasks",
         "flows",
         "services",
+        "webhook",
+        "infra",
         "mlflow",
         "dvc",
         "label_studio_sdk",
@@ -77,7 +96,7 @@ def test_flows_hold_flows_or_the_cli(module):
 def test_code_cites_methods_inside_the_repository():
     """Docstrings point to docs/methods.md, which ships with the code."""
     assert (REPO / "docs" / "methods.md").is_file()
-    for package in ("xbl", "services", "tasks", "flows"):
+    for package in PACKAGES:
         for module in (REPO / package).rglob("*.py"):
             assert "shared/METHODS.md" not in module.read_text(), module
             assert "(METHODS.md" not in module.read_text(), module
@@ -124,7 +143,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_circles_between_modules_or_between_xbls_concerns():
     """A concern's folder can be read before the folders that use it: no two modules import
     each other (directly or round a loop), and neither do two of xbl's subpackages."""
-    paths = [p for pkg in ("xbl", "services", "tasks", "flows") for p in _modules(pkg)]
+    paths = [p for pkg in PACKAGES for p in _modules(pkg)]
     known = {_module_name(p) for p in paths}
     graph = {_module_name(p): _imported_modules(p, known) - {_module_name(p)} for p in paths}
     assert _cycle(graph) is None, f"modules import each other: {_cycle(graph)}"

@@ -7,11 +7,11 @@ import pytest
 import torch
 from captum.attr import LayerGradCam
 
-from xbl.config import build_config
+from xbl.config import FEEDBACK_METHODS, build_config
 from xbl.data.digits import decoy_digits
 from xbl.explain.saliency import eval_mode, gradcam, upsample_map
 from xbl.feedback.methods import METHODS, AnnotatedImages, FeedbackMethod, register
-from xbl.feedback.schedule import build_feedback
+from xbl.feedback.schedule import build_feedback, method_lambda
 from xbl.train.fit import fit
 from xbl.train.models import SmallCNN
 
@@ -33,6 +33,7 @@ def toy_method():
     ResponseToForbidden.calls = 0
     yield ResponseToForbidden
     del METHODS[ResponseToForbidden.name]
+    FEEDBACK_METHODS.remove(ResponseToForbidden.name)
 
 
 def _small_digits():
@@ -55,7 +56,7 @@ def test_a_method_registered_in_one_class_is_selected_by_config_and_trains(toy_m
             "feedback": {"method": toy_method.name, "every": 1},
         }
     )
-    assert cfg.feedback.lam(toy_method.name) == 0.5  # its own default λ
+    assert method_lambda(cfg.feedback) == 0.5  # its own default λ
     data = _small_digits()
     annotated = data.indices("train")[:10]
     fb = build_feedback(cfg.feedback, data, annotated, data.confounder[annotated], seed=0)

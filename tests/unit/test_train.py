@@ -4,6 +4,7 @@ that the feedback term sees only the annotated images."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -61,6 +62,7 @@ def _feedback(
         lam=lam,
         normalize_lambda=normalize,
         per_batch=per_batch,
+        every=1,  # the term on every step
     )
 
 
@@ -319,7 +321,7 @@ def test_reusing_the_terms_logits_gives_the_step_of_a_second_forward_pass(data, 
         if not reuse:  # the method as one that gives no logits back
             plain = copy.copy(fb.method)
             plain.loss_and_logits = lambda m, b: (fb.method.loss(m, b), None)
-            fb_used = Feedback(plain, fb.images, fb.lam)
+            fb_used = replace(fb, method=plain)
         else:
             fb_used = fb
         ce, expl, ce_value, expl_value = _step_losses(

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from captum.attr import DeepLift
 from torch import nn
 
+from xbl.config import SALIENCY_METHODS, QueryConfig
+
 _EPS = 1e-12
 
 
@@ -120,11 +122,8 @@ def upsample_map(maps: torch.Tensor, size: tuple[int, int] | torch.Size) -> torc
     return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-SALIENCY_METHODS = ("deeplift", "gradcam")
-
-
 def saliency_map(
-    model: nn.Module, x: torch.Tensor, method: str = "deeplift", sigma: float = 3.0
+    model: nn.Module, x: torch.Tensor, method: str, sigma: float = QueryConfig.blur_sigma
 ) -> torch.Tensor:
     """The map the annotator sees (query.saliency): DeepLIFT vs a blurred baseline, or GradCAM."""
     if method == "deeplift":

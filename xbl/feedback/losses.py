@@ -119,7 +119,7 @@ def exbl_triplet(
     y: torch.Tensor,
     e_good: torch.Tensor,
     e_bad: torch.Tensor,
-    margin: float = 1.0,
+    margin: float,
 ) -> torch.Tensor:
     """mean_n max(||e(x_n) - e_good|| - ||e(x_n) - e_bad|| + margin, 0)."""
     e = explanation(model, x, y, create_graph=True).flatten(1)

@@ -3,7 +3,9 @@
 A method knows four things: its term L_expl on a step's annotated images, how it prepares the
 annotated images before training (counterexamples add images, eXBL fixes its exemplars), how
 its term splits across data-parallel processes, and its default λ. Adding a method is one
-subclass decorated with `@register`; `feedback.method: <its name>` then selects it.
+subclass decorated with `@register`; `feedback.method: <its name>` then selects it (a
+built-in method also lists its name in xbl/config.py, so that the settings are checked without
+torch; a test says when it is missing).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from xbl.config import FEEDBACK_METHODS, FeedbackConfig
 from xbl.feedback.losses import (
     counterexamples,
     exbl_triplet,
@@ -65,8 +68,8 @@ class FeedbackMethod:
     sums_over_images: ClassVar[bool] = False
 
     @classmethod
-    def from_config(cls, cfg) -> FeedbackMethod:
-        """The method with its settings from `cfg`, the `feedback` section (FeedbackConfig)."""
+    def from_config(cls, cfg: FeedbackConfig) -> FeedbackMethod:
+        """The method with its settings from `cfg`, the `feedback` section."""
         return cls()
 
     def prepare(
@@ -119,14 +122,18 @@ METHODS: dict[str, type[FeedbackMethod]] = {}
 
 
 def register(cls: type[FeedbackMethod]) -> type[FeedbackMethod]:
-    """Make a method selectable as `feedback.method: <cls.name>`."""
+    """Make a method selectable as `feedback.method: <cls.name>`. The config checks names
+    against its own list, which holds the built-in methods without importing torch; a method
+    registered elsewhere joins that list here."""
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise ValueError(f"a feedback method named {cls.name!r} is already registered")
     METHODS[cls.name] = cls
+    if cls.name not in FEEDBACK_METHODS:
+        FEEDBACK_METHODS.append(cls.name)
     return cls
 
 
-def method_for(cfg) -> FeedbackMethod:
+def method_for(cfg: FeedbackConfig) -> FeedbackMethod:
     """The method `cfg` (the `feedback` section) names, with its settings."""
     return METHODS[cfg.method].from_config(cfg)
 
@@ -199,12 +206,14 @@ class EXBL(FeedbackMethod):
     needs_model = True
 
     def __init__(
-        self, margin: float = 1.0, exemplars: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        margin: float = FeedbackConfig.exbl_margin,
+        exemplars: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         self.margin, self.exemplars = margin, exemplars
 
     @classmethod
-    def from_config(cls, cfg) -> EXBL:
+    def from_config(cls, cfg: FeedbackConfig) -> EXBL:
         return cls(margin=cfg.exbl_margin)
 
     def prepare(
@@ -274,11 +283,11 @@ class Counterexamples(FeedbackMethod):
 
     name, default_lambda = "counterexamples", 0.0
 
-    def __init__(self, copies: int = 3):
+    def __init__(self, copies: int = FeedbackConfig.counterexample_copies):
         self.copies = copies
 
     @classmethod
-    def from_config(cls, cfg) -> Counterexamples:
+    def from_config(cls, cfg: FeedbackConfig) -> Counterexamples:
         return cls(copies=cfg.counterexample_copies)
 
     def prepare(

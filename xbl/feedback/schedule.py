@@ -1,5 +1,10 @@
-"""What annotators said, as training uses it: the feedback manifests written each round, and
-the `Feedback` a retraining draws its annotated images from (docs/methods.md, "Feedback losses").
+"""What annotators said, as training uses it: the `Feedback` a retraining draws its annotated
+images from, and λ, the weight on its term (docs/methods.md, "Feedback losses").
+
+λ is worked out here and nowhere else: the method's λ under the settings (`method_lambda`,
+also what a run logs), its normalisation on a first batch (`Feedback.normalised_lambda`) and
+the weight of the term on a step that carries it (`Feedback.step_weight`). The training loop
+only keeps the λ in use.
 """
 
 from __future__ import annotations
@@ -19,6 +24,13 @@ from xbl.feedback.methods import METHODS, AnnotatedImages, FeedbackMethod, metho
 LAMBDA_PER_BATCH = 16  # the summed terms' λ is set as for this many annotated images a step
 
 
+def method_lambda(cfg: FeedbackConfig, method: str | None = None) -> float:
+    """λ for `method` (by default the chosen one): its value under feedback.lambda, else the
+    method's own default λ."""
+    method = method or cfg.method
+    return float(cfg.lambda_.get(method, METHODS[method].default_lambda))
+
+
 @dataclass
 class Feedback:
     """The annotated images and the method that learns from them.
@@ -26,17 +38,22 @@ class Feedback:
     Every `every`-th step gets `per_batch` of these mixed in, so a handful of annotations act
     throughout training, with the term weighted so that its expected gradient depends on
     neither setting while its cost does (`step_weight`; docs/methods.md, "Feedback cost").
-    `normalize_lambda` rescales λ at the first batch with a nonzero term, so that the term
-    starts at λ times the cross-entropy; it is meant for fine-tuning a trained model (from a
-    fresh start the term is near zero at first and the rescaled λ would be huge).
+    `normalize_lambda` rescales λ at the first batch with a nonzero term (`normalised_lambda`),
+    so that the term starts at λ times the cross-entropy; it is meant for fine-tuning a trained
+    model (from a fresh start the term is near zero at first and the rescaled λ would be huge).
     """
 
     method: FeedbackMethod
     images: AnnotatedImages
     lam: float
-    normalize_lambda: bool = False
-    per_batch: int = 16  # these defaults are the term on every step; the pipeline's own
-    every: int = 1  # schedule comes from params.yaml (build_feedback)
+    normalize_lambda: bool
+    per_batch: int
+    every: int
+
+    def normalised_lambda(self, ce: float, term: float) -> float:
+        """λ rescaled on a batch whose cross-entropy is `ce` and whose unweighted term is
+        `term` (> 0), so that the term starts at λ times the cross-entropy."""
+        return self.lam * ce / term
 
     def step_weight(self, lam: float) -> float:
         """The term's weight on a step that carries it: λ·every; and for a term that sums over
@@ -119,7 +136,7 @@ def build_feedback(
     method = method_for(cfg)
     images = method.prepare(images, model, ratings or {}, seed)
     return Feedback(
-        method, images, cfg.lam(cfg.method), cfg.normalize_lambda, cfg.per_batch, cfg.every
+        method, images, method_lambda(cfg), cfg.normalize_lambda, cfg.per_batch, cfg.every
     )
 
 

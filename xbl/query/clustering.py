@@ -33,9 +33,9 @@ from sklearn.metrics import silhouette_score
 from sklearn.neighbors import kneighbors_graph
 from torch import nn
 
+from xbl.config import K_SELECTION, QueryConfig
 from xbl.explain.saliency import eval_mode, upsample_map
 
-K_SELECTION = ("eigengap", "silhouette")
 _EPS = 1e-12
 
 
@@ -108,9 +108,9 @@ def central_members(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndar
 
 def cluster_explanations(
     attr: torch.Tensor | np.ndarray,
-    seed: int = 0,
-    k_range: tuple[int, int] = (2, 10),
-    selection: str = "eigengap",
+    seed: int = QueryConfig.seed,
+    k_range: tuple[int, int] = (2, QueryConfig.clusters_max),
+    selection: str = QueryConfig.cluster_selection,
     side: int = 8,
     neighbours: int = 10,
 ) -> Clusters:
@@ -337,11 +337,12 @@ def propagate(
     representative: torch.Tensor,
     ignore_mask: np.ndarray,
     members: torch.Tensor,
-    threshold: float = 0.5,
+    threshold: float,
     layer: nn.Module | None = None,
 ) -> Propagated:
     """One annotated representative's "ignore" mask (H,W) carried to `members` (N,C,H,W) by
-    localising its concept in the explained layer."""
+    localising its concept in the explained layer, cut at `threshold`
+    (query.propagation_threshold)."""
     rep_acts = layer_activations(model, representative[None], layer)[0]
     concept = fit_concept(rep_acts, ignore_mask)
     return localise(

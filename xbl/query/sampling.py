@@ -8,9 +8,10 @@ from collections.abc import Iterable
 import numpy as np
 from scipy.special import xlogy
 
+from xbl.config import QueryConfig
+
+# query.strategy: one of these per-image scores, or "cluster" (xbl/config.py lists both)
 STRATEGIES = ("entropy", "least_confidence", "margin", "random", "confident_mistakes")
-# query.strategy: the per-image scores above, or one query per explanation cluster
-QUERY_STRATEGIES = (*STRATEGIES, "cluster")
 
 
 def predictive_entropy(probs: np.ndarray) -> np.ndarray:
@@ -48,9 +49,9 @@ def select_queries(
     probs: np.ndarray,
     labels: np.ndarray | None,
     k: int,
-    strategy: str = "entropy",
+    strategy: str,
     exclude: np.ndarray | Iterable[int] | None = None,
-    seed: int = 0,
+    seed: int = QueryConfig.seed,
 ) -> np.ndarray:
     """Indices of the k most informative pool images, most informative first.
 

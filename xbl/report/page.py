@@ -3,12 +3,16 @@ compare, where each looks (before and after, on the round's queries and on a fix
 held-out images), what the annotations cost, and why the champion is who it is.
 
 MLflow cannot compare images across runs, so the saliency grids are drawn here, every model's
-maps side by side on the same images.
+maps side by side on the same images. Everything the page shows is computed and drawn here,
+from values and local files; reading MLflow and rendering the HTML in a browser are the
+task's (tasks/report.py).
 """
 
 from __future__ import annotations
 
 import html
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +25,25 @@ from xbl.explain.saliency import deeplift_blurred
 from xbl.train.loop import predict_proba
 
 PROBES = 8  # held-out images shown every round
+QUERIES_SHOWN = 8  # the round's first queries shown, as many rows as the probes
+PAGE_WIDTH = 1100  # px: the page's max-width, so also the width of its picture
+QUERIES_TITLE = "The round's queries: where each model looks"
+PROBES_TITLE = "Held-out probes, the same every round"
+FIGURE_DPI = 100  # the picture matplotlib draws where no browser renders the page
+GRID_TITLE_PX = 44
+
+
+@dataclass(frozen=True)
+class RoundPage:
+    """What a round's page shows. `grids` maps a title to a saliency grid PNG; the grids lie
+    beside the page, which refers to them by file name."""
+
+    round_number: int
+    table: list[dict]
+    promotion: dict
+    budget: dict
+    grids: dict[str, Path]
+    runs: dict[str, str]
 
 
 def probe_indices(data: PreparedData, n: int = PROBES) -> np.ndarray:
@@ -29,6 +52,19 @@ def probe_indices(data: PreparedData, n: int = PROBES) -> np.ndarray:
     split = AUDIT if len(data.indices(AUDIT)) else "test"
     idx = data.indices(split)
     return np.sort(np.random.default_rng(0).permutation(idx)[:n])
+
+
+def round_grids(
+    models: dict[str, nn.Module], data: PreparedData, asked: list[int] | None, folder: Path
+) -> dict[str, Path]:
+    """The page's grids in `folder`: the round's first queries (`asked`: dataset indices, None
+    where the round kept no queries), then the probes. Titles to files."""
+    grids = {}
+    if asked is not None:
+        queries = np.array(asked[:QUERIES_SHOWN])
+        grids[QUERIES_TITLE] = saliency_grid(models, data, queries, folder / "queries.png")
+    grids[PROBES_TITLE] = saliency_grid(models, data, probe_indices(data), folder / "probes.png")
+    return grids
 
 
 def saliency_grid(
@@ -128,14 +164,49 @@ def _table_cells(table: list[dict]) -> tuple[list[str], list[list[str]]]:
     return ["role", "model", *columns], rows
 
 
-def page_height(table: list[dict], runs: dict, grids: list[Path], width_px: int = 1100) -> int:
-    """A generous height in pixels for the HTML page at `width_px` (a browser window must be
+def report_html(page: RoundPage) -> str:
+    """The page: the comparison table as the round printed it, the decision, the budget,
+    then the grids (by file name: they lie beside the page)."""
+    columns, cells = _table_cells(page.table)
+    # a long metric name may break after an underscore: the table then fits the page
+    head = "".join(f"<th>{html.escape(c).replace('_', '_<wbr>')}</th>" for c in columns)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells
+    )
+    figures = "".join(
+        f"<h2>{html.escape(title)}</h2>"
+        f"<img src='{html.escape(Path(grid).name)}' alt='{html.escape(title)}'>"
+        for title, grid in page.grids.items()
+    )
+    run_list = "".join(
+        f"<li>{html.escape(role)}: <code>{html.escape(run)}</code></li>"
+        for role, run in page.runs.items()
+    )
+    n = page.round_number
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>xbl round {n}</title>
+<style>body{{font-family:sans-serif;max-width:{PAGE_WIDTH}px;margin:1em auto;padding:0 12px;
+box-sizing:border-box}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}
+img{{max-width:100%}}</style></head><body>
+<h1>Round {n}</h1>
+<p><b>Promotion: {_verdict(page.promotion)}</b> — {html.escape(page.promotion["reason"])}</p>
+<table><tr>{head}</tr>{rows}</table>
+<p>{html.escape(_budget_line(page.budget))}</p>
+<ul>{run_list}</ul>
+{figures}
+</body></html>
+"""
+
+
+def page_height(page: RoundPage) -> int:
+    """A generous height in pixels for the HTML page at PAGE_WIDTH (a browser window must be
     at least as tall as the page; the white below is cropped afterwards)."""
     from PIL import Image
 
-    body = width_px - 20
-    height = 320 + 30 * (len(table) + 1) + 24 * len(runs)
-    for grid in grids:
+    body = PAGE_WIDTH - 20
+    height = 320 + 30 * (len(page.table) + 1) + 24 * len(page.runs)
+    for grid in page.grids.values():
         with Image.open(grid) as img:
             height += 70 + img.height * min(1.0, body / img.width)
     return int(height * 1.1) + 100
@@ -152,48 +223,50 @@ def crop_white_bottom(path: Path, margin_px: int = 16) -> None:
         rgb.crop((0, 0, rgb.width, box[3] + margin_px)).save(path, optimize=True)
 
 
-def report_figure(
-    round_number: int,
-    table: list[dict],
-    promotion: dict,
-    budget: dict,
-    grids: dict[str, Path],
-    runs: dict[str, str],
-    path: Path,
-    width_px: int = 1100,
-) -> Path:
+def report_figure(page: RoundPage, png: Path) -> Path:
     """The page's content as one PNG, drawn with matplotlib (where no browser can render the
     HTML): title, decision, comparison table, budget, runs, then each saliency grid."""
     matplotlib.use("Agg")
-    import textwrap
-
     import matplotlib.pyplot as plt
     from matplotlib.image import imread
 
-    dpi = 100
-    images = {title: imread(grid) for title, grid in grids.items() if Path(grid).is_file()}
-    head, rows = _table_cells(table)
-    text_lines = [
-        f"Promotion: {_verdict(promotion)} — {promotion['reason']}",
-        _budget_line(budget),
-        *(f"{role}: {run}" for role, run in runs.items()),
-    ]
-    wrapped = [textwrap.fill(line, 150) for line in text_lines]
+    images = {title: imread(grid) for title, grid in page.grids.items() if Path(grid).is_file()}
+    head, rows = _table_cells(page.table)
+    wrapped = [textwrap.fill(line, 150) for line in _figure_lines(page)]
     text_px = 70 + 18 * sum(w.count("\n") + 1 for w in wrapped)
     table_px = 26 * (len(rows) + 1) + 20
-    image_px = [min(1.0, width_px / img.shape[1]) * img.shape[0] for img in images.values()]
-    title_px = 44
-    heights = [text_px, table_px, *(h for px in image_px for h in (title_px, px))]
-    fig = plt.figure(figsize=(width_px / dpi, sum(heights) / dpi), dpi=dpi)
+    image_px = [min(1.0, PAGE_WIDTH / img.shape[1]) * img.shape[0] for img in images.values()]
+    heights = [text_px, table_px, *(h for px in image_px for h in (GRID_TITLE_PX, px))]
+    fig = plt.figure(figsize=(PAGE_WIDTH / FIGURE_DPI, sum(heights) / FIGURE_DPI), dpi=FIGURE_DPI)
     spec = fig.add_gridspec(len(heights), 1, height_ratios=heights, hspace=0.0)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.995, bottom=0.005)
+    _draw_heading(fig.add_subplot(spec[0]), page.round_number, wrapped, text_px)
+    _draw_table(fig.add_subplot(spec[1]), head, rows, table_px)
+    for k, (title, img) in enumerate(images.items()):
+        _draw_grid(fig.add_subplot(spec[2 + 2 * k]), fig.add_subplot(spec[3 + 2 * k]), title, img)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=FIGURE_DPI, facecolor="white")
+    plt.close(fig)
+    return png
 
-    ax = fig.add_subplot(spec[0])
+
+def _figure_lines(page: RoundPage) -> list[str]:
+    """The page's text in the picture: the decision, the budget, the runs."""
+    return [
+        f"Promotion: {_verdict(page.promotion)} — {page.promotion['reason']}",
+        _budget_line(page.budget),
+        *(f"{role}: {run}" for role, run in page.runs.items()),
+    ]
+
+
+def _draw_heading(ax, round_number: int, wrapped: list[str], text_px: int) -> None:
     ax.axis("off")
     ax.text(0, 1, f"Round {round_number}", fontsize=20, weight="bold", va="top")
     ax.text(0, 1 - 45 / text_px, "\n".join(wrapped), fontsize=10, va="top", linespacing=1.5)
 
-    ax = fig.add_subplot(spec[1])
+
+def _draw_table(ax, head: list[str], rows: list[list[str]], table_px: int) -> None:
+    """The comparison table, each column as wide as its longest cell."""
     ax.axis("off")
     chars = [max(len(str(r[c])) for r in [head, *rows]) + 4 for c in range(len(head))]
     shown = ax.table(
@@ -210,56 +283,10 @@ def report_figure(
         if r == 0:
             cell.set_text_props(weight="bold")
 
-    for k, (title, img) in enumerate(images.items()):
-        ax = fig.add_subplot(spec[2 + 2 * k])
-        ax.axis("off")
-        ax.text(0, 0.2, title, fontsize=14, weight="bold", va="bottom")
-        ax = fig.add_subplot(spec[3 + 2 * k])
-        ax.imshow(img, interpolation="lanczos")
-        ax.set_anchor("W")
-        ax.axis("off")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, facecolor="white")
-    plt.close(fig)
-    return path
 
-
-def report_html(
-    round_number: int,
-    table: list[dict],
-    promotion: dict,
-    budget: dict,
-    grids: dict[str, str],
-    runs: dict[str, str],
-) -> str:
-    """The page: the comparison table as the round printed it, the decision, the budget,
-    then the grids (file names beside the page)."""
-    columns, cells = _table_cells(table)
-    # a long metric name may break after an underscore: the table then fits the page
-    head = "".join(f"<th>{html.escape(c).replace('_', '_<wbr>')}</th>" for c in columns)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells
-    )
-    verdict = _verdict(promotion)
-    figures = "".join(
-        f"<h2>{html.escape(title)}</h2><img src='{html.escape(name)}' alt='{html.escape(title)}'>"
-        for title, name in grids.items()
-    )
-    run_list = "".join(
-        f"<li>{html.escape(role)}: <code>{html.escape(run)}</code></li>"
-        for role, run in runs.items()
-    )
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>xbl round {round_number}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 12px;
-box-sizing:border-box}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}
-img{{max-width:100%}}</style></head><body>
-<h1>Round {round_number}</h1>
-<p><b>Promotion: {verdict}</b> — {html.escape(promotion["reason"])}</p>
-<table><tr>{head}</tr>{rows}</table>
-<p>{html.escape(_budget_line(budget))}</p>
-<ul>{run_list}</ul>
-{figures}
-</body></html>
-"""
+def _draw_grid(title_ax, image_ax, title: str, image: np.ndarray) -> None:
+    title_ax.axis("off")
+    title_ax.text(0, 0.2, title, fontsize=14, weight="bold", va="bottom")
+    image_ax.imshow(image, interpolation="lanczos")
+    image_ax.set_anchor("W")
+    image_ax.axis("off")

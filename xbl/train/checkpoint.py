@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from xbl.config import TrainConfig
 from xbl.data.prepared import PreparedData
 from xbl.train.models import build_model, freeze_stages, load_pretrained, load_weights
 from xbl.train.runtime import seed_everything
@@ -27,8 +28,8 @@ def initial_model(
     data: PreparedData,
     seed: int,
     init: str | Path | dict | None = None,
-    pretrained: str | Path | None = None,
-    freeze: str = "none",
+    pretrained: str | Path | None = TrainConfig.pretrained,
+    freeze: str = TrainConfig.freeze,
 ) -> nn.Module:
     """The model a run starts from: weights fixed by the seed, or `pretrained` (train.pretrained:
     a local state dict, adapted by `load_pretrained`), or `init` (a checkpoint's path or a state

@@ -291,13 +291,13 @@ class _EpochRunner:
         return self.fb.draw(self.gen)
 
     def _observe(self, ce_value: float, expl_value: float) -> None:
-        """Record the first batch's losses; with normalisation, rescale λ so the term starts at
-        λ times the CE (at the first batch whose term is nonzero; before it, λ acts on 0)."""
+        """Record the first batch's losses; with normalisation, take the rescaled λ at the first
+        batch whose term is nonzero (before it, λ acts on 0)."""
         result = self.result
         if result.initial_ce is None or (self.pending and expl_value > 0):
             result.initial_ce, result.initial_feedback = ce_value, expl_value
             if self.pending and expl_value > 0:
-                self.lam, self.pending = self.fb.lam * ce_value / expl_value, False
+                self.lam, self.pending = self.fb.normalised_lambda(ce_value, expl_value), False
 
     def _update(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)

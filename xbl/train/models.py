@@ -18,13 +18,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from xbl.config import FREEZE
 from xbl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# train.freeze: what is not trained. stem: the first conv (and its batchnorm); early: the stem
-# and the first half of the stages after it; all_but_head: everything but the classifier head.
-FREEZE = ("none", "stem", "early", "all_but_head")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SMALL_STEM_BELOW = 64  # image sizes below this get the ResNets' 3x3 stem without max-pool
 

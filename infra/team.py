@@ -1,6 +1,9 @@
 """The team topology of infra/compose.yaml, started natively (no Docker): `xbl team up|down|status`.
 
-What runs, each on a free 127.0.0.1 port:
+The topology is compose.yaml's, read through infra/compose.py: the commands of the Prefect
+server, MLflow and the worker, each one's environment, the worker's pool, the buckets and the
+databases. What this module adds is how each part runs without Docker. What runs, each on a
+free 127.0.0.1 port:
 
 - PostgreSQL 15 (`initdb`/`pg_ctl`, as an unprivileged user when we are root), a throwaway
   cluster in a temp folder with one database and role each for MLflow, Label Studio and Prefect;
@@ -40,15 +43,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra import compose
 from services.offline import OFFLINE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
-LS_SCRIPT = REPO / "infra" / "labelstudio.sh"
+LS_SCRIPT = Path(__file__).with_name("labelstudio.sh")
 PG_BIN = Path(os.environ.get("XBL_PG_BIN", "/usr/lib/postgresql/15/bin"))
 BIN = Path(sys.executable).parent
-POOL = "xbl-pool"
-BUCKETS = ("mlflow", "dvc")
-REGION = "us-east-1"
+POOL = compose.option("prefect-worker", "--pool")
+WORKER_NAME = "xbl-native-worker"
+BUCKETS = compose.buckets()
+DATABASES = compose.databases()  # app (prefect, mlflow, labelstudio) -> its variables
+REGION = "us-east-1"  # moto answers in any region, but boto3 must name one
 START_TIMEOUT = float(os.environ.get("XBL_TEAM_START_TIMEOUT", "300"))
 STATE_FILE = "team.json"
 SECRETS_FILE = "secrets.env"
@@ -105,17 +111,10 @@ def available() -> str | None:
 
 def _generated_secrets() -> dict[str, str]:
     """infra/team.env.example's names: the environment's value, else a fresh one."""
-    fresh = {
-        "PG_SUPERUSER_PASSWORD": secrets.token_hex(16),
-        "MLFLOW_DB_USER": "mlflow",
-        "MLFLOW_DB_PASSWORD": secrets.token_hex(16),
-        "MLFLOW_DB_NAME": "mlflow",
-        "LABEL_STUDIO_DB_USER": "labelstudio",
-        "LABEL_STUDIO_DB_PASSWORD": secrets.token_hex(16),
-        "LABEL_STUDIO_DB_NAME": "labelstudio",
-        "PREFECT_DB_USER": "prefect",
-        "PREFECT_DB_PASSWORD": secrets.token_hex(16),
-        "PREFECT_DB_NAME": "prefect",
+    fresh = {"PG_SUPERUSER_PASSWORD": secrets.token_hex(16)}
+    for app, names in DATABASES.items():
+        fresh |= {names["user"]: app, names["password"]: secrets.token_hex(16), names["name"]: app}
+    fresh |= {
         "MINIO_ROOT_USER": "xbl" + secrets.token_hex(4),
         "MINIO_ROOT_PASSWORD": secrets.token_hex(16),
         "LABEL_STUDIO_ADMIN_EMAIL": "admin@xbl.local",
@@ -124,10 +123,7 @@ def _generated_secrets() -> dict[str, str]:
         "PREFECT_API_AUTH_STRING": "xbl:" + secrets.token_hex(16),
     }
     chosen = {k: os.environ.get(k) or v for k, v in fresh.items()}
-    for key in ("MLFLOW_DB_USER", "MLFLOW_DB_NAME", "LABEL_STUDIO_DB_USER", "LABEL_STUDIO_DB_NAME"):
-        if not _IDENTIFIER.match(chosen[key]):
-            raise TeamError(f"{key} must be a plain identifier (letters, digits, '_')")
-    for key in ("PREFECT_DB_USER", "PREFECT_DB_NAME"):
+    for key in (names[part] for names in DATABASES.values() for part in ("user", "name")):
         if not _IDENTIFIER.match(chosen[key]):
             raise TeamError(f"{key} must be a plain identifier (letters, digits, '_')")
     if ":" not in chosen["PREFECT_API_AUTH_STRING"]:
@@ -281,34 +277,29 @@ class Team:
         base = f"http://127.0.0.1:{self.ports[name]}"
         return base + "/api" if name == "prefect" else base
 
-    def postgres_url(self, db: str, driver: str = "postgresql") -> str:
-        """The connection URL of `mlflow`, `labelstudio` or `prefect`'s database (a secret)."""
-        prefix = {"mlflow": "MLFLOW", "labelstudio": "LABEL_STUDIO", "prefect": "PREFECT"}[db]
-        s = self.secrets
+    def role(self, db: str) -> tuple[str, str, str]:
+        """(role, password, database) of `mlflow`, `labelstudio` or `prefect` (secrets)."""
+        names = DATABASES[db]
         return (
-            f"{driver}://{s[prefix + '_DB_USER']}:{s[prefix + '_DB_PASSWORD']}"
-            f"@127.0.0.1:{self.ports['postgres']}/{s[prefix + '_DB_NAME']}"
+            self.secrets[names["user"]],
+            self.secrets[names["password"]],
+            self.secrets[names["name"]],
         )
 
     def database(self, db: str) -> str:
-        prefix = {"mlflow": "MLFLOW", "labelstudio": "LABEL_STUDIO", "prefect": "PREFECT"}[db]
-        return self.secrets[prefix + "_DB_NAME"]
+        return self.role(db)[2]
+
+    def compose_env(self, service: str) -> dict[str, str]:
+        """What compose.yaml sets for `service`, at this team's addresses and secrets."""
+        return compose.environment(service, self.secrets, self.ports)
 
     def client_env(self) -> dict[str, str]:
         """What a client of the team needs (a developer's shell, the worker, a test): the
-        servers' addresses and the credentials to use them."""
-        s = self.secrets
-        return {
-            "MLFLOW_TRACKING_URI": self.url("mlflow"),
-            "MLFLOW_S3_ENDPOINT_URL": self.url("s3"),
-            "AWS_ACCESS_KEY_ID": s["MINIO_ROOT_USER"],
-            "AWS_SECRET_ACCESS_KEY": s["MINIO_ROOT_PASSWORD"],
-            "AWS_DEFAULT_REGION": REGION,
-            "LABEL_STUDIO_URL": self.url("labelstudio"),
-            "LABEL_STUDIO_API_KEY": s["LABEL_STUDIO_API_TOKEN"],
-            "PREFECT_API_URL": self.url("prefect"),
-            "PREFECT_API_AUTH_STRING": s["PREFECT_API_AUTH_STRING"],
-        }
+        worker's settings in compose.yaml (the servers' addresses and the credentials to use
+        them), less its project folder, which is the worker's own."""
+        env = self.compose_env("prefect-worker")
+        del env["XBL_PROJECT_DIR"]
+        return env | {"AWS_DEFAULT_REGION": REGION}
 
     def secret_values(self) -> list[str]:
         """The passwords, the API token and the auth string (not the user and database names)."""
@@ -363,6 +354,11 @@ class Team:
         env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
         env.update(extra)
         return env
+
+    def _command(self, service: str, drop: tuple[str, ...] = ()) -> list[str]:
+        """compose.yaml's command for `service`, run by this venv's executable."""
+        program, *args = compose.command(service, self.ports, drop)
+        return [str(BIN / program), *args]
 
     def _spawn(self, name: str, cmd: list[str], env: dict, cwd: Path | None = None) -> None:
         logs = self.home / "logs"
@@ -430,9 +426,7 @@ class Team:
     ) -> str:
         user, password = "xbl", self.secrets["PG_SUPERUSER_PASSWORD"]
         if role:
-            prefix = {"mlflow": "MLFLOW", "labelstudio": "LABEL_STUDIO", "prefect": "PREFECT"}
-            user = self.secrets[prefix[role] + "_DB_USER"]
-            password = self.secrets[prefix[role] + "_DB_PASSWORD"]
+            user, password, _ = self.role(role)
         done = subprocess.run(
             [str(PG_BIN / tool), "-h", "127.0.0.1", "-p", str(self.ports["postgres"])]
             + ["-U", user, "-d", database, *args],
@@ -482,12 +476,10 @@ class Team:
         pid = (data / "postmaster.pid").read_text().split()[0]
         self.pids["postgres"] = int(pid)
         self.save()
-        s = self.secrets
         statements = []
-        for prefix in ("MLFLOW", "LABEL_STUDIO", "PREFECT"):
-            user, name = s[prefix + "_DB_USER"], s[prefix + "_DB_NAME"]
-            password = s[prefix + "_DB_PASSWORD"].replace("'", "''")
-            statements.append(f"CREATE ROLE \"{user}\" LOGIN PASSWORD '{password}';")
+        for db in DATABASES:
+            user, password, name = self.role(db)
+            statements.append(f"CREATE ROLE \"{user}\" LOGIN PASSWORD '{_sql(password)}';")
             statements.append(f'CREATE DATABASE "{name}" OWNER "{user}";')
         self.psql("\n".join(statements))
 
@@ -537,24 +529,16 @@ class Team:
 
     def _start_mlflow(self) -> None:
         self.ports["mlflow"] = free_port()
-        s = self.secrets
         env = self._env(
-            # read by `mlflow server` as --backend-store-uri: the password stays out of `ps`
-            MLFLOW_BACKEND_STORE_URI=self.postgres_url("mlflow"),
-            MLFLOW_S3_ENDPOINT_URL=self.url("s3"),
-            AWS_ACCESS_KEY_ID=s["MINIO_ROOT_USER"],
-            AWS_SECRET_ACCESS_KEY=s["MINIO_ROOT_PASSWORD"],
+            **self.compose_env("mlflow"),  # the store's URL too: its password stays out of `ps`
             AWS_DEFAULT_REGION=REGION,
             # its job runner (GenAI evaluation, prompt optimisation) would add seven processes
             MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
         )
-        self._spawn(
-            "mlflow",
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1"]
-            + ["--port", str(self.ports["mlflow"]), "--workers", "1"]
-            + ["--artifacts-destination", "s3://mlflow/", "--serve-artifacts"],
-            env,
-        )
+        # --allowed-hosts lists compose's host names, and MLflow's default already allows
+        # 127.0.0.1 on any port; one worker process, as the stack is a throwaway
+        command = self._command("mlflow", drop=("--allowed-hosts",)) + ["--workers", "1"]
+        self._spawn("mlflow", command, env)
 
     def _wait_mlflow(self) -> None:
         self._wait("mlflow", lambda: _http_ok(self.url("mlflow") + "/health"))
@@ -562,7 +546,9 @@ class Team:
     # --- Label Studio --------------------------------------------------------------------------
 
     def _labelstudio_script(self, action: str) -> subprocess.CompletedProcess:
+        """infra/labelstudio.sh, the local server's script, on the team's PostgreSQL."""
         s = self.secrets
+        user, password, name = self.role("labelstudio")
         env = self._env(
             XBL_LABEL_STUDIO_HOME=str(self.home / "labelstudio"),
             XBL_LABEL_STUDIO_PORT=str(self.ports["labelstudio"]),
@@ -571,9 +557,9 @@ class Team:
             XBL_LABEL_STUDIO_TOKEN=s["LABEL_STUDIO_API_TOKEN"],
             XBL_LABEL_STUDIO_START_TIMEOUT=str(int(START_TIMEOUT)),
             XBL_LABEL_STUDIO_DJANGO_DB="default",  # PostgreSQL, from POSTGRE_*
-            POSTGRE_NAME=s["LABEL_STUDIO_DB_NAME"],
-            POSTGRE_USER=s["LABEL_STUDIO_DB_USER"],
-            POSTGRE_PASSWORD=s["LABEL_STUDIO_DB_PASSWORD"],
+            POSTGRE_NAME=name,
+            POSTGRE_USER=user,
+            POSTGRE_PASSWORD=password,
             POSTGRE_HOST="127.0.0.1",
             POSTGRE_PORT=str(self.ports["postgres"]),
         )
@@ -594,7 +580,7 @@ class Team:
             except TeamError:
                 restored = False
                 template.unlink(missing_ok=True)
-                db, user = self.database("labelstudio"), self.secrets["LABEL_STUDIO_DB_USER"]
+                user, _, db = self.role("labelstudio")
                 self.psql(f'DROP DATABASE "{db}";')
                 self.psql(f'CREATE DATABASE "{db}" OWNER "{user}";')
         done = self._labelstudio_script("start")
@@ -664,17 +650,9 @@ class Team:
     def _start_prefect(self) -> None:
         self.ports["prefect"] = free_port()
         env = self._env(
-            PREFECT_HOME=str(self.home / "prefect"),
-            PREFECT_API_DATABASE_CONNECTION_URL=self.postgres_url("prefect", "postgresql+asyncpg"),
-            PREFECT_SERVER_API_AUTH_STRING=self.secrets["PREFECT_API_AUTH_STRING"],
-            PREFECT_UI_API_URL=self.url("prefect"),
+            **self.compose_env("prefect-server"), PREFECT_HOME=str(self.home / "prefect")
         )
-        self._spawn(
-            "prefect",
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1"]
-            + ["--port", str(self.ports["prefect"])],
-            env,
-        )
+        self._spawn("prefect", self._command("prefect-server"), env)
 
     def _wait_prefect(self) -> None:
         self._wait("prefect", lambda: _http_ok(self.url("prefect") + "/health"))
@@ -689,20 +667,18 @@ class Team:
         )
 
     def _start_worker(self) -> None:
-        self._spawn(
-            "worker",
-            [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"]
-            + ["--limit", "1", "--name", "xbl-native-worker"],
-            self.worker_env(),
-            cwd=Path(self.project),
-        )
+        # --with-healthcheck serves on a fixed port (8080); here the worker's registration
+        # with the server is the check
+        command = self._command("prefect-worker", drop=("--with-healthcheck",))
+        command += ["--name", WORKER_NAME]
+        self._spawn("worker", command, self.worker_env(), cwd=Path(self.project))
 
         def registered() -> bool:
             try:
                 workers = self.prefect_api("POST", f"/work_pools/{POOL}/workers/filter", {})
             except Exception:
                 return False
-            return any(w["name"] == "xbl-native-worker" for w in workers or [])
+            return any(w["name"] == WORKER_NAME for w in workers or [])
 
         self._wait("worker", registered, timeout=120)
 
