@@ -367,12 +367,12 @@ def test_the_retraining_learns_from_the_cluster_masks(cluster_round):
     dvc_file = (project / "data" / "feedback.dvc").read_text()
     assert result["feedback_version"] in dvc_file  # the round's masks are versioned
     rows = {r["role"]: r for r in result["table"]}
-    # a handful of answers, carried to their clusters, already move the model off the decoys
-    assert rows["candidate"]["audit_accuracy"] > rows["baseline = champion"]["audit_accuracy"]
-    assert (
-        rows["candidate"]["test_wrong_reason_share_deeplift"]
-        < rows["baseline = champion"]["test_wrong_reason_share_deeplift"]
-    )
+    before, after = rows["baseline = champion"], rows["candidate"]
+    # a handful of answers, carried to their clusters, already move the model off the decoys:
+    # by a clear step, not by a strict inequality on 4-place figures that a seed could flip
+    assert after["audit_accuracy"] >= before["audit_accuracy"] + 0.02, (before, after)
+    key = "test_wrong_reason_share_deeplift"
+    assert after[key] <= 0.5 * before[key], (key, before[key], after[key])
 
 
 def test_a_cluster_round_waits_for_its_reviews_across_runs(tmp_path, labelstudio, monkeypatch):

@@ -1,5 +1,5 @@
-"""Datasets: the built-in decoy-digits (and decoy-lesions, in xbl/data/lesions.py), user manifests,
-and the prepared format.
+"""The prepared format every dataset is built into (built-in ones in digits.py and lesions.py,
+a user's in manifest.py), its splits, and the stratified split they share.
 
 A prepared dataset is a folder (DVC-tracked as one output):
   images.npy      (N,C,H,W) uint8, C 1 (greyscale) or 3 (RGB)

@@ -1,8 +1,8 @@
-"""What the annotator sees: saliency maps, their grid cells, and the PNGs shown in Label Studio.
+"""Saliency maps: what the annotator is shown the model attends to.
 
 docs/methods.md, "Saliency": DeepLIFT (Rescale, Captum's) for the predicted class against a
-blurred baseline, or GradCAM on `model.last_conv`; the map is cut into a grid and the top cells
-by mean attribution are outlined.
+blurred baseline, or GradCAM on `model.last_conv` (the one differentiable GradCAM the losses and
+metrics use too). The grid over a map is in cells.py, the PNGs in render.py.
 """
 
 from __future__ import annotations

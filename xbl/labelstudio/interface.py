@@ -1,9 +1,7 @@
-"""Label Studio's side of the feedback loop, as pure data: the labeling interface, task payloads,
-the pre-drawn grid cells, and annotations back to feedback masks: W (1 = the model must not use
-this pixel) and the keep mask (1 = the annotator affirmed this pixel as evidence). No network
-here; services/labelstudio.py talks to the server.
-
-A round waits for `annotation_target` of its tasks (`wait.target_fraction`).
+"""The labeling interfaces annotators and reviewers work in, and the names of their parts that
+payloads.py, results.py and oracle.py share. Annotations come back as feedback masks: W (1 = the
+model must not use this pixel) and the keep mask (1 = the annotator affirmed this pixel as
+evidence). No network here; services/labelstudio.py talks to the server.
 
 Coordinates: Label Studio stores rectangles in percent of the image, so the shown image may be
 an upscaled copy of the model's input; `height`, `width` and `cell` are in model-input pixels.

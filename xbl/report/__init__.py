@@ -1,1 +1,4 @@
-"""The round report: the page a reviewer reads."""
+"""The round report.
+
+page  the page a reviewer reads: table, decision, budget and grids, as HTML and PNG
+"""

@@ -1,4 +1,4 @@
-"""The training loop that `xbl.train.fit` runs, in one process or in each of N: plain
+"""The training loop that `fit` (fit.py) runs, in one process or in each of N: plain
 cross-entropy, or CE + λ·explanation feedback on annotated images (docs/methods.md, "Feedback
 losses"); and the predictions and losses it validates with.
 
