@@ -1,9 +1,7 @@
 """Explanation clustering, propagation by localisation, and the cluster query strategy
-(xbl/query/clustering.py, xbl/query/sampling.py, tasks/queries.py)."""
+(xbl/query/clustering.py, xbl/query/sampling.py, xbl/query/round.py)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -11,18 +9,19 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
-from tasks.queries import cluster_round
 from xbl.config import QueryConfig
 from xbl.data.digits import decoy_digits
 from xbl.query.clustering import (
     cluster_explanations,
+    cluster_queries,
     cluster_suspicion,
     fit_concept,
     localise,
     mask_agreement,
     propagate,
 )
-from xbl.query.sampling import cluster_queries, select_queries
+from xbl.query.round import cluster_round
+from xbl.query.sampling import select_queries
 from xbl.train.checkpoint import initial_model
 
 
@@ -133,8 +132,8 @@ def test_a_cluster_round_queries_one_representative_per_cluster(tmp_path):
     exclude = np.zeros(len(pool), dtype=bool)
     exclude[:5] = True
     cfg = QueryConfig(strategy="cluster", k=3, cluster_pool=120, clusters_max=6)
-    chosen, extras = cluster_round(model, data, probs, exclude, cfg, tmp_path)
-    record = json.loads((tmp_path / "clusters.json").read_text())
+    clustered = cluster_round(model, data, probs, exclude, cfg)
+    chosen, record = clustered.chosen, clustered.record(data.ids)
     assert len(chosen) == min(3, record["k"]) and len(set(chosen)) == len(chosen)
     assert not exclude[chosen].any()
     members = [set(m) for m in record["members"]]

@@ -79,31 +79,6 @@ class Feedback:
         idx = torch.randperm(len(self.images), generator=gen)[: self.per_batch]
         return self.images.take(idx.to(self.images.y.device))
 
-    def job(self) -> dict:
-        """Plain values and tensors that rebuild this feedback in a data-parallel worker."""
-        images = self.images
-        return {
-            "method": self.method.name,
-            "state": self.method.state(),
-            "images": {"x": images.x, "y": images.y, "W": images.W, "M": images.M},
-            "lam": self.lam,
-            "normalize_lambda": self.normalize_lambda,
-            "per_batch": self.per_batch,
-            "every": self.every,
-        }
-
-    @classmethod
-    def from_job(cls, job: dict) -> Feedback:
-        method = METHODS[job["method"]].from_state(job["state"])
-        return cls(
-            method,
-            AnnotatedImages(**job["images"]),
-            job["lam"],
-            job["normalize_lambda"],
-            job["per_batch"],
-            job["every"],
-        )
-
 
 def build_feedback(
     cfg: FeedbackConfig,

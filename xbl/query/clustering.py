@@ -185,6 +185,42 @@ def cluster_suspicion(attr: np.ndarray, images: np.ndarray, clusters: Clusters) 
     )
 
 
+def cluster_queries(representatives: np.ndarray, suspicion: np.ndarray, k: int) -> np.ndarray:
+    """`query.strategy: cluster`: one query per cluster, the representatives of the k most
+    suspicious clusters, most suspicious first (ties keep cluster order). One answer on a
+    representative is carried to its cluster's members (`propagate`)."""
+    order = np.argsort(-np.asarray(suspicion, dtype=np.float64), kind="stable")
+    return np.asarray(representatives)[order][: max(int(k), 0)]
+
+
+@dataclass
+class ClusterRound:
+    """What a cluster round chose: the candidates (pool rows, in pool order), their maps,
+    clusters and suspicion; the representatives asked (positions in the pool, most suspicious
+    first), the cluster of each, and the sample of its members that its montage shows."""
+
+    rows: np.ndarray
+    attr: torch.Tensor
+    clusters: Clusters
+    suspicion: np.ndarray
+    chosen: np.ndarray
+    asked: list[int]
+    shown: list[np.ndarray]
+
+    def members(self, cluster: int, ids: np.ndarray) -> list[str]:
+        return [str(ids[self.rows[m]]) for m in self.clusters.members(cluster)]
+
+    def record(self, ids: np.ndarray) -> dict:
+        """The round's artifact (clusters.json): the clusters, their members and who was asked."""
+        representatives = self.rows[self.clusters.representatives]
+        return {
+            **self.clusters.summary(),
+            "suspicion": [float(v) for v in self.suspicion],
+            "members": [self.members(c, ids) for c in range(self.clusters.k)],
+            "queried": [str(ids[representatives[c]]) for c in self.asked],
+        }
+
+
 def label_purity(labels: np.ndarray) -> float:
     """Share of the members carrying the cluster's most common label."""
     labels = np.asarray(labels)

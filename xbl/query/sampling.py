@@ -81,11 +81,3 @@ def select_queries(
     }[strategy](probs[candidates])
     order = np.argsort(-informativeness, kind="stable")
     return candidates[order][:k]
-
-
-def cluster_queries(representatives: np.ndarray, suspicion: np.ndarray, k: int) -> np.ndarray:
-    """`query.strategy: cluster`: one query per cluster, the representatives of the k most
-    suspicious clusters, most suspicious first (ties keep cluster order). One answer on a
-    representative is carried to its cluster's members (xbl/query/clustering.py)."""
-    order = np.argsort(-np.asarray(suspicion, dtype=np.float64), kind="stable")
-    return np.asarray(representatives)[order][: max(int(k), 0)]

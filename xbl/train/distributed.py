@@ -42,7 +42,7 @@ import xbl
 from xbl.config import TrainConfig
 from xbl.data.images import DiskArray
 from xbl.data.prepared import PreparedData
-from xbl.feedback.methods import AnnotatedImages
+from xbl.feedback.methods import METHODS, AnnotatedImages
 from xbl.feedback.schedule import Feedback
 from xbl.train.checkpoint import checkpoint_meta, initial_model, save_checkpoint, save_last_good
 from xbl.train.loop import FeedbackDiverged, TrainResult, training_loop
@@ -99,6 +99,34 @@ class ShardedStep:
         return ce * self.world, expl * self.world, ce_value, expl_value
 
 
+# ---------------------------------------------------------------- the feedback in the job file
+def _feedback_job(feedback: Feedback) -> dict:
+    """Plain values and tensors that rebuild `feedback` in a worker (torch.load with
+    weights_only takes no objects)."""
+    images = feedback.images
+    return {
+        "method": feedback.method.name,
+        "state": feedback.method.state(),
+        "images": {"x": images.x, "y": images.y, "W": images.W, "M": images.M},
+        "lam": feedback.lam,
+        "normalize_lambda": feedback.normalize_lambda,
+        "per_batch": feedback.per_batch,
+        "every": feedback.every,
+    }
+
+
+def _feedback_from_job(job: dict) -> Feedback:
+    method = METHODS[job["method"]].from_state(job["state"])
+    return Feedback(
+        method,
+        AnnotatedImages(**job["images"]),
+        job["lam"],
+        job["normalize_lambda"],
+        job["per_batch"],
+        job["every"],
+    )
+
+
 # ---------------------------------------------------------------- the worker (one per process)
 def _worker_device(setting: str) -> torch.device:
     """CUDA device LOCAL_RANK when training on CUDA, else the CPU."""
@@ -125,7 +153,7 @@ def _train_here(job: dict, rank: int, world: int, device: torch.device) -> None:
     ddp = DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
-    feedback = Feedback.from_job(job["feedback"]) if job["feedback"] else None
+    feedback = _feedback_from_job(job["feedback"]) if job["feedback"] else None
     meta = checkpoint_meta(cfg.model, data)
     out, lead = Path(job["out"]), rank == 0
 
@@ -308,7 +336,7 @@ def launch(
         "train": asdict(cfg),
         "out": str(out),
         "init": str(init) if isinstance(init, (str, Path)) else init,
-        "feedback": feedback.job() if feedback is not None else None,
+        "feedback": _feedback_job(feedback) if feedback is not None else None,
         "collective_timeout_s": collective_timeout_s,
     }
     try:
