@@ -214,11 +214,11 @@ def _assert_round_is_whole(team, project: Path, n: int, submitted: list[dict]) -
     assert len(versions) == n + 1 and set(versions.values()) == {1}  # baseline + a round each
     run = client.get_run(run_id)
     assert run.data.tags[tracking.FEEDBACK_ROUNDS_TAG] == ",".join(map(str, range(1, n + 1)))
-    # ... and the feedback data it versions: every round's masks, keep masks, manifest and
-    # problems, once (a duplicate or a leftover would change the count)
+    # ... and the feedback data it versions: every round's masks, keep masks, manifest,
+    # problems and cost, once (a duplicate or a leftover would change the count)
     local = Path(client.download_artifacts(run_id, "feedback.dvc", str(project.parent)))
     out = yaml.safe_load(local.read_text())["outs"][0]
-    assert out["nfiles"] == n * (2 * K + 2)
+    assert out["nfiles"] == n * (2 * K + 3)
 
 
 # --- helpers ------------------------------------------------------------------------------------
