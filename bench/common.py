@@ -139,7 +139,7 @@ def train_on(
     )
 
 
-def query_round(
+def choose_queries(
     model: torch.nn.Module, splits: Splits, budget: int | None, strategy: str, seed: int
 ) -> np.ndarray:
     """Dataset indices of the `budget` training images chosen by `strategy` (None: all)."""

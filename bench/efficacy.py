@@ -49,13 +49,13 @@ from bench.common import (
     Clicks,
     accuracy,
     annotations,
+    choose_queries,
     decoy_splits,
     decoy_visibility,
     imperfect,
     listed,
     oracle_clicks,
     pool_saliency,
-    query_round,
 )
 from xbl.feedback.methods import METHODS
 from xbl.labelstudio.oracle import IMPERFECTIONS
@@ -209,7 +209,9 @@ def prepare_seed(seed: int, budgets, strategies, baseline: dict, log, tracker) -
         g: oracle_clicks(attr, splits.data, pool, {"grid_cell": g}, ORACLE_OVERLAP) for g in GRIDS
     }
     queries = {
-        (s, b): np.sort(query_round(base, splits, b, s, seed)) for s in strategies for b in budgets
+        (s, b): np.sort(choose_queries(base, splits, b, s, seed))
+        for s in strategies
+        for b in budgets
     }
     return SeedContext(seed, ref, reference, clicks, queries)
 
@@ -223,7 +225,7 @@ def run(ctx: SeedContext, setting: Setting, feedback: dict, log, tracker) -> dic
     chosen = (
         ctx.queries[key]
         if key in ctx.queries
-        else np.sort(query_round(base, splits, setting.budget, setting.strategy, ctx.seed))
+        else np.sort(choose_queries(base, splits, setting.budget, setting.strategy, ctx.seed))
     )
     answers = ctx.clicks[setting.grid].subset(chosen)
     if setting.annotator != "perfect":

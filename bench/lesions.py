@@ -31,10 +31,10 @@ from bench.common import (
     FEEDBACK,
     accuracy,
     annotations,
+    choose_queries,
     listed,
     oracle_clicks,
     pool_saliency,
-    query_round,
     splits_of,
 )
 from xbl.data.lesions import decoy_lesions
@@ -85,7 +85,7 @@ def retrained(
         return ctx["rows"][key]
     ref, seed = ctx["ref"], ctx["seed"]
     splits = ref.splits
-    chosen = np.sort(query_round(ref.vanilla, splits, budget, strategy, seed))
+    chosen = np.sort(choose_queries(ref.vanilla, splits, budget, strategy, seed))
     ann = annotations(ctx["clicks"].subset(chosen), splits.data)
     settings = {**cfg["feedback"], "lambda": lam, "init": init}
     start = time.perf_counter()

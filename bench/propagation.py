@@ -65,12 +65,12 @@ from bench.common import (
     Clicks,
     Splits,
     annotations,
+    choose_queries,
     decoy_splits,
     imperfect,
     listed,
     oracle_clicks,
     pool_saliency,
-    query_round,
     retrain,
     splits_of,
 )
@@ -352,7 +352,7 @@ def per_image_feedback(ctx: SeedContext, s: Setting) -> Annotations:
     """B per-image answers (strategy `all`: every pool image answered, the reference of what
     the annotator's masks can do at most)."""
     tasks = None if s.strategy == "all" else s.tasks
-    chosen = np.sort(query_round(ctx.ref.vanilla, ctx.splits, tasks, s.strategy, ctx.seed))
+    chosen = np.sort(choose_queries(ctx.ref.vanilla, ctx.splits, tasks, s.strategy, ctx.seed))
     pos = np.searchsorted(ctx.splits.pool, chosen)
     a = answers_of(ctx, s.annotator, s.rate)
     return Annotations(chosen, a.W[pos], a.keep[pos], 0.0, 0.0, 0.0)

@@ -66,6 +66,7 @@ from tasks.runs import (
 )
 from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedback
 from xbl.config import Config, as_params, load_config
+from xbl.feedback.schedule import method_lambda
 from xbl.labelstudio.results import annotation_target
 from xbl.paths import FEEDBACK_ROOT, feedback_dir, feedback_manifest, round_dir, round_name
 
@@ -396,7 +397,5 @@ def _orphan_feedback(rnd: _Round, project_id: int, k: int) -> str:
 
 def _feedback_params(cfg: Config) -> dict:
     """What a feedback run logs: the train settings, and the feedback's with the λ in use."""
-    from xbl.feedback.schedule import method_lambda
-
     feedback = {**as_params(cfg.feedback), "lambda": method_lambda(cfg.feedback)}
     return {**as_params(cfg.train), "feedback": feedback}
