@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from services import offline as _offline  # noqa: F401
-from xbl.errors import ConfigError
+from xbl.errors import ConfigError, XblError
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; a bad setting is one line naming the key, not a traceback."""
     try:
         return _dispatch(argv)
-    except ConfigError as err:
+    except XblError as err:
         print(f"xbl: {err}", file=sys.stderr)
         return 2
 

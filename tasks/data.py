@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import task
 
 from services import dvc
+from tasks import is_transient
 from xbl.paths import FEEDBACK_ROOT
 
 PREPARE_STAGE = "prepare"
@@ -20,7 +21,7 @@ class DataRef:
     out: str  # the DVC-tracked output folder, relative to the project
 
 
-@task(retries=2, retry_delay_seconds=[2, 5])
+@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=is_transient)
 def prepare_data(project: str, out: str) -> DataRef:
     """Run the DVC `prepare` stage (its output: `data.out`), push it, return its version."""
     root = Path(project)
@@ -31,7 +32,7 @@ def prepare_data(project: str, out: str) -> DataRef:
     return DataRef(path=str(root / out), version=version, out=out)
 
 
-@task(retries=2, retry_delay_seconds=[2, 5])
+@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=is_transient)
 def version_feedback(project: str, feedback_root: str = FEEDBACK_ROOT) -> str:
     """Track every round's masks with DVC, push them, and return their content hash."""
     root = Path(project)

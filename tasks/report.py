@@ -10,6 +10,7 @@ from pathlib import Path
 from prefect import task
 
 from services import screenshot, tracking
+from tasks import is_transient
 from xbl.data.prepared import PreparedData
 from xbl.feedback.cost import annotation_budget
 from xbl.report.page import (
@@ -24,7 +25,7 @@ from xbl.report.page import (
 from xbl.train.checkpoint import load_model
 
 
-@task(retries=2, retry_delay_seconds=[5, 15])
+@task(retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=is_transient)
 def round_report(
     project: str,
     dataset: str,
