@@ -17,6 +17,7 @@ from xbl.feedback.losses import (
     exbl_triplet,
     explanation,
     hint_penalty,
+    input_gradient_map,
     input_gradients,
     rrr_g_penalty,
     rrr_penalty,
@@ -76,9 +77,9 @@ def test_input_gradients_of_a_linear_model_by_hand():
     w = net.fc.weight.detach().reshape(4, 2, 3, 3)  # (K,C,H,W)
     p = F.softmax(net(x), dim=1).detach()
     # d/dx sum_k log p_k = sum_k w_k - K * sum_j p_j w_j
-    logp_by_hand = (w.sum(0) - 4 * torch.einsum("nj,jchw->nchw", p, w)).sum(1)
+    logp_by_hand = w.sum(0) - 4 * torch.einsum("nj,jchw->nchw", p, w)
     assert torch.allclose(input_gradients(net, x, "logp"), logp_by_hand, atol=1e-5)
-    output_by_hand = w.sum(0).sum(0).expand(5, 3, 3)
+    output_by_hand = w.sum(0).expand(5, 2, 3, 3)
     assert torch.allclose(input_gradients(net, x, "output"), output_by_hand, atol=1e-6)
 
 
@@ -95,13 +96,34 @@ def test_rrr_penalty_of_a_linear_model_by_hand():
     W = (torch.rand(5, 3, 3) > 0.5).float()
     w = net.fc.weight.detach().reshape(4, 2, 3, 3)
     p = F.softmax(net(x), dim=1).detach()
-    grads = (w.sum(0) - 4 * torch.einsum("nj,jchw->nchw", p, w)).sum(1)
-    assert rrr_penalty(net, x, W).item() == pytest.approx((W * grads**2).sum().item(), rel=1e-5)
+    grads = w.sum(0) - 4 * torch.einsum("nj,jchw->nchw", p, w)  # (N,C,H,W)
+    by_hand = (W.unsqueeze(1) * grads**2).sum()  # each channel squared, then summed
+    assert rrr_penalty(net, x, W).item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+class ColourDifference(nn.Module):
+    """Reads only R − G, and only inside the top-left 4x4 corner: the colour cue of an RGB
+    shortcut whose brightness carries no label."""
+
+    def forward(self, x):
+        cue = (x[:, 0, :4, :4] - x[:, 1, :4, :4]).flatten(1).sum(1)
+        return torch.stack([cue, torch.zeros_like(cue)], dim=1)
+
+
+def test_a_colour_difference_on_the_mask_pays_the_penalty():
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    W = torch.zeros(3, 8, 8)
+    W[:, :4, :4] = 1.0
+    grads = input_gradients(ColourDifference(), x, "output")
+    summed_first = (W * grads.sum(dim=1) ** 2).sum()  # the old penalty: channels cancel
+    assert summed_first.item() == pytest.approx(0.0, abs=1e-10)
+    assert rrr_penalty(ColourDifference(), x, W, "output").item() > 1.0
+    assert input_gradient_map(ColourDifference(), x, "output")[:, :4, :4].min() > 0
 
 
 def test_without_create_graph_rrr_gives_the_weights_no_gradient(model, batch):
     x, y, W, _ = batch
-    detached = (W * input_gradients(model, x, create_graph=False) ** 2).sum()
+    detached = (W.unsqueeze(1) * input_gradients(model, x, create_graph=False) ** 2).sum()
     assert detached.item() > 0 and not detached.requires_grad
 
     # the paper's later code: CE + penalty, where the penalty is a constant -> CE's gradient only

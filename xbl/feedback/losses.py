@@ -26,11 +26,20 @@ def _mask_like(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def input_gradients(
     model: nn.Module, x: torch.Tensor, variant: str = "logp", create_graph: bool = True
 ) -> torch.Tensor:
-    """d/dx of sum_k log p_k ("logp", Ross et al.) or of sum_k z_k ("output", Serrano).
-
-    Summed over channels: (N,H,W). x is cloned, so the caller's tensor never gets requires_grad.
+    """d/dx of sum_k log p_k ("logp", Ross et al.) or of sum_k z_k ("output", Serrano), one
+    value per channel: (N,C,H,W). x is cloned, so the caller's tensor never gets requires_grad.
     """
     return _input_gradients_and_logits(model, x, variant, create_graph)[0]
+
+
+def input_gradient_map(
+    model: nn.Module, x: torch.Tensor, variant: str = "logp", create_graph: bool = True
+) -> torch.Tensor:
+    """Per pixel, the root of the channels' squared input gradients: (N,H,W). This is the
+    quantity the RRR penalty squares, so a model that reads a colour difference (R − G, whose
+    channel gradients cancel in a sum) shows up in it."""
+    grads = input_gradients(model, x, variant, create_graph)
+    return grads.pow(2).sum(dim=1).sqrt()
 
 
 def _input_gradients_and_logits(
@@ -48,13 +57,15 @@ def _input_gradients_and_logits(
                 f"unknown input-gradient variant {variant!r}; choose 'logp' or 'output'"
             )
         (grads,) = torch.autograd.grad(score, x, create_graph=create_graph)
-    return grads.sum(dim=1), logits
+    return grads, logits
 
 
 def rrr_penalty(
     model: nn.Module, x: torch.Tensor, W: torch.Tensor, variant: str = "logp"
 ) -> torch.Tensor:
-    """Right for the right reasons: sum_n sum_ij W * (input gradient)^2, by double backpropagation."""
+    """Right for the right reasons: sum_n sum_c sum_ij W * (input gradient)^2, by double
+    backpropagation. Each channel's gradient is squared before the channels are summed: summed
+    first, the gradients of a model that reads R − G cancel and the penalty misses it."""
     return rrr_penalty_and_logits(model, x, W, variant)[0]
 
 
@@ -65,7 +76,7 @@ def rrr_penalty_and_logits(
     takes these images' cross-entropy from them instead of running the images through the
     model a second time (docs/methods.md, "Feedback cost")."""
     grads, logits = _input_gradients_and_logits(model, x, variant, create_graph=True)
-    return (_mask_like(W, x) * grads**2).sum(), logits
+    return (_mask_like(W, x).unsqueeze(1) * grads**2).sum(), logits
 
 
 def rrr_g_penalty(model: nn.Module, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

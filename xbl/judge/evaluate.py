@@ -10,7 +10,7 @@ from xbl.data.images import to_tensor
 from xbl.data.prepared import AUDIT, PreparedData
 from xbl.explain.metrics import activation_recall, outside_share, wrong_reason_share
 from xbl.explain.saliency import deeplift_blurred, eval_mode, gradcam
-from xbl.feedback.losses import input_gradients
+from xbl.feedback.losses import input_gradient_map
 from xbl.judge.metrics import classification_metrics, confusion_matrix
 from xbl.train.loop import nll, predict_proba
 from xbl.train.runtime import model_device
@@ -52,10 +52,11 @@ def evaluate(model: nn.Module, data: PreparedData) -> tuple[dict, np.ndarray]:
 def _attribution_maps(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-image maps of the deployed model for its predicted class: DeepLIFT against a
     blurred baseline (what annotators see by default), GradCAM (what HINT and eXBL train
-    through) and |∂ Σ_k log p_k / ∂x| (what rrr trains), each scaled to [0,1]."""
+    through) and the per-pixel norm over channels of ∂ Σ_k log p_k / ∂x (what rrr trains),
+    each scaled to [0,1]."""
     x = x.to(model_device(model))
     with eval_mode(model):
-        grads = input_gradients(model, x, create_graph=False).detach().abs()
+        grads = input_gradient_map(model, x, create_graph=False).detach()
         cam = gradcam(model, x)
     grads = grads / grads.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
     lift = deeplift_blurred(model, x).abs()
