@@ -112,19 +112,42 @@ webhook: setup
 	$(VENV)/bin/xbl webhook
 
 # clean: this project's runs, tracking store and prepared data. It keeps Label Studio's data
-# (projects, tasks, annotations) and the annotators' masks: a later run sees rounds that the
-# wiped MLflow store no longer knows, keeps their annotations and opens a new round.
+# (projects, tasks, annotations), the annotators' masks (data/feedback/), the rounds' queries and
+# reports (data/rounds/), your data (data/raw/), DVC's cache and remote, and exports/: a later run
+# sees rounds that the wiped MLflow store no longer knows, keeps their annotations and opens a
+# new round.
 clean:
 	@echo "removing: runs/, the MLflow store (mlflow.db, mlartifacts/), .prefect/, data/prepared/"
-	@echo "keeping:  Label Studio's data (.labelstudio/data), data/feedback/ and the DVC remote (make clean-all removes Label Studio's data too)"
+	@echo "keeping:  Label Studio's data (.labelstudio/data), data/feedback/, data/rounds/, data/raw/, the DVC cache and remote, exports/ (make clean-all removes Label Studio's data too)"
 	rm -rf runs mlflow.db mlartifacts .prefect data/prepared
 
 # clean-all: both stores, for a fresh start: also the local Label Studio's projects and
-# annotations (its install and credentials stay), the rounds' masks and queries, and the
-# webhook receiver's record of deliveries (Label Studio's ids start again at 1).
+# annotations (its install and credentials stay), the rounds' queries and the webhook receiver's
+# record of deliveries (Label Studio's ids start again at 1). Nothing an annotator made is
+# deleted: first every project, task and annotation of the local Label Studio is exported through
+# its API to exports/labelstudio-<UTC time>.json (the server is started for it), and the masks
+# (data/feedback/) move to exports/feedback-<UTC time>/. When Label Studio has data and the
+# export fails, nothing is removed.
 LS_HOME ?= $(or $(XBL_LABEL_STUDIO_HOME),.labelstudio)
-clean-all: clean
+LS_ENV   = XBL_LABEL_STUDIO_HOME=$(abspath $(LS_HOME))
+NOW     := $(shell date -u +%Y%m%d-%H%M%S)
+clean-all:
+	@if [ -e "$(LS_HOME)/data" ]; then \
+		echo "exporting the local Label Studio's projects, tasks and annotations ($(LS_HOME)/data) first"; \
+		refuse() { echo "clean-all: nothing removed: $$1" >&2; exit 1; }; \
+		[ -x "$(PY)" ] || refuse "exporting $(LS_HOME)/data needs the venv: run make setup"; \
+		$(LS_ENV) bash infra/labelstudio.sh start \
+			|| refuse "Label Studio did not start, so $(LS_HOME)/data could not be exported"; \
+		env -u LABEL_STUDIO_URL $(LS_ENV) $(PY) -m services.export --out-dir exports --stamp $(NOW) \
+			|| refuse "the export of $(LS_HOME)/data failed (above)"; \
+	fi
+	@$(MAKE) --no-print-directory clean
+	@if [ -e data/feedback ] || [ -e data/feedback.dvc ]; then \
+		mkdir -p exports/feedback-$(NOW) && { [ -e exports/.gitignore ] || echo '*' > exports/.gitignore; } && \
+		for f in data/feedback data/feedback.dvc; do [ ! -e $$f ] || mv $$f exports/feedback-$(NOW)/; done && \
+		echo "moved:    data/feedback/ and data/feedback.dvc (every round's masks) to exports/feedback-$(NOW)/"; \
+	fi
 	@echo "removing: Label Studio's data ($(LS_HOME)/data): every project, task and annotation;"
-	@echo "          data/feedback/, data/feedback.dvc, data/rounds/, .xbl-webhook/"
-	bash infra/labelstudio.sh stop
-	rm -rf $(LS_HOME)/data data/feedback data/feedback.dvc data/rounds .xbl-webhook
+	@echo "          data/rounds/, .xbl-webhook/"
+	$(LS_ENV) bash infra/labelstudio.sh stop
+	rm -rf $(LS_HOME)/data data/rounds .xbl-webhook

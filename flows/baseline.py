@@ -29,7 +29,7 @@ def baseline_fingerprint(train: TrainConfig) -> str:
 def baseline_flow(project: str = ".", params_file: str = "params.yaml") -> dict:
     root = Path(project).resolve()
     cfg = load_config(root / params_file)
-    data = prepare_data(str(root), cfg.data.out)
+    data = prepare_data(str(root), cfg.data.out, params_file)
     parent = open_parent_run(str(root), cfg.mlflow.experiment, "baseline", data.version)
     trained = train_baseline(data.path, cfg.train, str(run_dir(root) / "baseline.pt"))
     evaluation = evaluate_checkpoint(trained.checkpoint, data.path)

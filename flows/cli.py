@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from services import lock
 from services import offline as _offline  # noqa: F401
 from xbl.errors import ConfigError, XblError
 
@@ -74,6 +75,10 @@ def cmd_round(args) -> int:
     if getattr(args, "dataset", None):
         args.project = str(demo_project(args.dataset))
     project = _checked_project(args)
+    # a round already running here: one line naming it, before Prefect starts (the flow's own
+    # lock stays the guard; this only spares the user the failed flow's traceback)
+    with lock.project_lock(project):
+        pass
     local_server = args.command == "demo" and not os.environ.get("LABEL_STUDIO_URL")
     if local_server and subprocess.call(["bash", str(INFRA / "labelstudio.sh"), "start"]) != 0:
         return 1
@@ -171,10 +176,12 @@ def _oracle_reviews(client, title: str, n: int, oracle) -> int:
 
 
 def cmd_data_checkout(args) -> int:
-    from services.checkout import checkout_run_data
+    from services.checkout import restore_run_data
 
-    version = checkout_run_data(Path(args.project).resolve(), args.run_id)
-    print(f"restored data version {version} used by run {args.run_id} (dvc.lock updated)")
+    restored = restore_run_data(Path(args.project).resolve(), args.run_id)
+    print(f"restored data version {restored.version} used by run {args.run_id} (dvc.lock updated)")
+    if restored.masks is not None:
+        print("\n".join(restored.masks.lines()))
     return 0
 
 
@@ -187,15 +194,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+# `xbl serve` on SIGTERM or Ctrl-C: the Prefect runner and its flow runs get this long to
+# stop on their own (the runner cancels its run and pauses the schedules, over the API), then
+# they are killed, so the command ends before a supervisor's kill (docker stop and Kubernetes
+# wait 10 s) even when the Prefect server is gone and every API call would hang in retries
+SERVE_STOP_S = 7.0
+_SERVE_RUNNER = "XBL_SERVE_RUNNER"  # set in the runner's own process
+
+
 def cmd_serve(args) -> int:
     """Serve prefect.yaml's deployments from this machine against a real Prefect server: the
-    feedback round on the schedule in params.yaml, the baseline on demand."""
-    from prefect import serve
-
-    from flows.baseline import baseline_flow
-    from flows.loop import feedback_round_flow
-    from xbl.config import load_config
-
+    feedback round on the schedule in params.yaml, the baseline on demand. The runner runs in
+    a process group of its own, which SIGTERM or Ctrl-C ends within SERVE_STOP_S; a round it
+    interrupts is resumed by the next run."""
     if not os.environ.get("PREFECT_API_URL"):
         print(
             "xbl serve: set PREFECT_API_URL to a running Prefect server "
@@ -204,9 +215,21 @@ def cmd_serve(args) -> int:
         )
         return 2
     project = Path(args.project).resolve()
-    schedule = load_config(project / args.params).schedule
+    if os.environ.get(_SERVE_RUNNER):
+        return _serve_deployments(project, args.params)
+    return _supervise_runner(project, args.params)
+
+
+def _serve_deployments(project: Path, params_file: str) -> int:
+    from prefect import serve
+
+    from flows.baseline import baseline_flow
+    from flows.loop import feedback_round_flow
+    from xbl.config import load_config
+
+    schedule = load_config(project / params_file).schedule
     timing = {"interval": schedule.interval_s} if schedule.interval_s else {"cron": schedule.cron}
-    where = {"project": str(project), "params_file": args.params}
+    where = {"project": str(project), "params_file": params_file}
     rounds = feedback_round_flow.to_deployment(
         name="scheduled", **timing, parameters={**where, "wait_mode": "resume"}
     )
@@ -215,6 +238,54 @@ def cmd_serve(args) -> int:
     # run beside a round would compete for the same CPU or GPU
     serve(rounds, baseline, limit=1)
     return 0
+
+
+def _supervise_runner(project: Path, params_file: str) -> int:
+    """Run `_serve_deployments` in a child process group until it ends or a stop is asked."""
+    import signal
+    import threading
+
+    from xbl.config import load_config
+
+    load_config(project / params_file)  # a bad setting: one line here, not in the child
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    command = [sys.executable, "-m", "flows.cli", "--project", str(project)]
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    runner = subprocess.Popen(
+        [*command, "--params", params_file, "serve"],
+        env={**os.environ, _SERVE_RUNNER: "1", "PYTHONPATH": path},
+        start_new_session=True,  # its flow runs join its group, and leave with it
+    )
+    while runner.poll() is None and not stop.wait(0.5):
+        pass
+    if not stop.is_set():
+        return runner.returncode
+    print("xbl serve: stopping", file=sys.stderr)
+    _end_process_group(runner, SERVE_STOP_S)
+    return 0
+
+
+def _end_process_group(leader: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the group; then, once the leader has exited or `grace_s` has passed,
+    SIGKILL to whatever is left of it: nothing the runner started outlives `xbl serve`."""
+    import signal
+    from contextlib import suppress
+
+    with suppress(ProcessLookupError):  # the group may have ended by itself
+        os.killpg(leader.pid, signal.SIGTERM)
+    try:
+        leader.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        print(
+            f"xbl serve: the runner did not stop within {grace_s:.0f} s (is the Prefect server "
+            "gone?); killed it and its flow runs",
+            file=sys.stderr,
+        )
+    with suppress(ProcessLookupError):  # no one left: the runner stopped its flow runs
+        os.killpg(leader.pid, signal.SIGKILL)
+    leader.wait()
 
 
 def params_cron(project: str = ".", params_file: str = "params.yaml") -> dict[str, str]:

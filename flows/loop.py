@@ -15,20 +15,34 @@ within a run, each step's result is handed to the next.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import signal
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
+from uuid import UUID
 
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.concurrency.context import ConcurrencyContext
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
+from prefect.variables import Variable
 
 from flows.baseline import baseline_fingerprint, run_dir
 from flows.report import column_checkpoints
-from services import tracking
+from services import lock, tracking
 from tasks.annotation import (
     collect_feedback_masks,
     oracle_answers,
     push_queries,
+    recollect_finished_rounds,
     round_progress,
     wait_for_annotations,
 )
@@ -66,6 +80,7 @@ from tasks.runs import (
 )
 from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedback
 from xbl.config import Config, as_params, load_config
+from xbl.errors import ProjectBusy
 from xbl.feedback.schedule import method_lambda
 from xbl.labelstudio.results import annotation_target
 from xbl.paths import FEEDBACK_ROOT, feedback_dir, feedback_manifest, round_dir, round_name
@@ -97,6 +112,7 @@ class _Round:
     n: int
     title: str
     data: DataRef
+    holder: lock.Holder  # this run, as its round lock records it
 
     @property
     def rounds_dir(self) -> str:
@@ -126,10 +142,15 @@ def feedback_round_flow(
     cfg = load_config(root / params_file)
     if wait_mode is not None:  # a deployment's override, checked like the file's value
         cfg = replace(cfg, wait=replace(cfg.wait, mode=wait_mode))
+    with round_lock(root, cfg.mlflow.experiment) as holder:
+        return _feedback_round(root, cfg, holder, params_file)
+
+
+def _feedback_round(root: Path, cfg: Config, holder: lock.Holder, params_file: str) -> dict:
     title = project_title(cfg)
-    data = prepare_data(str(root), cfg.data.out)
+    data = prepare_data(str(root), cfg.data.out, params_file)
     state = read_round_state(str(root), cfg.mlflow.experiment, title)
-    rnd = _Round(root, cfg, state.number, title, data)
+    rnd = _Round(root, cfg, state.number, title, data, holder)
     opened = _resume_round(rnd, state) if state.open else _open_round(rnd, state)
     oracle = cfg.labelstudio
     if oracle.annotator == "oracle":
@@ -175,6 +196,8 @@ def _open_round(rnd: _Round, state: RoundState) -> _Opened:
     root, data, cfg = str(rnd.root), rnd.data, rnd.cfg
     discard_unpushed(root, cfg.mlflow.experiment, cfg.mlflow.model_name, rnd.n)
     parent = open_parent_run(root, cfg.mlflow.experiment, round_name(rnd.n), data.version)
+    # at once: a later discard_unpushed tells this attempt, alive or dead, by its holder
+    tag_run(root, parent, {tracking.HOLDER_TAG: rnd.holder.to_json()})
     baseline, checkpoint = _baseline(rnd, parent)
     chooser = query_model(
         root, cfg.mlflow.experiment, cfg.mlflow.model_name, data.version, cfg.query.model
@@ -288,6 +311,10 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
     else:
         manifest = collect_feedback_masks(opened.project_id, n, opened.queries, out)
     orphans = {k: _orphan_feedback(rnd, opened.project_id, k) for k in state.orphaned}
+    # edits, deletions and late answers of finished rounds reach the masks DVC versions next
+    answers = recollect_finished_rounds(
+        root, opened.project_id, list(state.completed), rnd.data.path
+    )
     feedback_version = version_feedback(root, FEEDBACK_ROOT)
     by_round = {**earlier_feedback(rnd.root, state.completed), **orphans, n: manifest}
     manifests = list(by_round.values())
@@ -298,6 +325,7 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
         cfg.train,
         cfg.feedback,
         str(run_dir(rnd.root) / "feedback.pt"),
+        rnd.data.version,
     )
     feedback = log_model_run(
         root,
@@ -319,7 +347,15 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
     log_round_annotation(root, feedback["run_id"], manifests, clusters and str(clusters))
     crash_point("retrain")
     promotion = promote(
-        root, cfg.mlflow.model_name, rnd.data.version, opened.baseline, feedback, cfg.promotion
+        root,
+        cfg.mlflow.model_name,
+        rnd.data.version,
+        opened.baseline,
+        feedback,
+        cfg.promotion,
+        rnd.data.path,
+        manifests,
+        cfg.query,
     )
     close_run(root, opened.parent)
     table = compare_models(
@@ -345,6 +381,7 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
         "labelstudio_url": opened.project_url,
         "data_version": rnd.data.version,
         "feedback_version": feedback_version,
+        "answers": answers,
     }
 
 
@@ -399,3 +436,138 @@ def _feedback_params(cfg: Config) -> dict:
     """What a feedback run logs: the train settings, and the feedback's with the λ in use."""
     feedback = {**as_params(cfg.feedback), "lambda": method_lambda(cfg.feedback)}
     return {**as_params(cfg.train), "feedback": feedback}
+
+
+# --- one round per project at a time ------------------------------------------------------------
+
+TEAM_WAIT_S = 3.0  # how long a second run waits for the team-wide slot before it is refused
+TEAM_LEASE_S = 120.0  # a holder that died unseen frees its slot this long after its last renewal
+
+
+@contextmanager
+def round_lock(root: Path, experiment: str) -> Iterator[lock.Holder]:
+    """One round per project at a time, held for the whole run: the project's lock file and,
+    in team mode, a Prefect global concurrency limit named after the experiment, which workers
+    on other hosts (other checkouts, other lock files) share. A second run stops at once with
+    ProjectBusy naming the holder.
+
+    Team mode is a Prefect server this run talks to (PREFECT_API_URL, from the environment or
+    a profile), what `xbl serve` and a team's workers need: without one, each run starts its
+    own temporary server, where a limit would guard nothing."""
+    team = experiment if get_current_settings().api.url else None
+    with ExitStack() as stack:
+        holder = stack.enter_context(
+            lock.project_lock(root, flow_run.get_id(), flow_run.get_name(), team)
+        )
+        if team:
+            stack.enter_context(_team_slot(team, holder))
+        yield holder
+
+
+def team_limit_name(experiment: str) -> str:
+    """The experiment's limit (and holder variable) name, in the characters Prefect allows;
+    the hash keeps apart experiments that spell the same ("Exp A", "exp-a")."""
+    slug = re.sub(r"[^a-z0-9_-]+", "-", experiment.lower())[:80]
+    return f"xbl-round-{slug}-{hashlib.sha256(experiment.encode()).hexdigest()[:8]}"
+
+
+@contextmanager
+def _team_slot(experiment: str, holder: lock.Holder) -> Iterator[None]:
+    """The experiment's one team-wide slot. Its holder is recorded in a Prefect variable of the
+    same name, so a refused run can name it, and a run that finds the holder dead (its flow
+    run ended, or its process is gone from this host) releases the slot at once instead of
+    waiting out the lease."""
+    name = team_limit_name(experiment)
+    _ensure_limit(name)
+    with ExitStack() as stack:
+        if not _take_slot(stack, name, holder):
+            recorded, lease = _recorded_holder(name)
+            if not _release_if_ended(recorded, lease) or not _take_slot(stack, name, holder):
+                raise ProjectBusy(_team_busy(experiment, name, _recorded_holder(name)[0]))
+        Variable.set(name, {"holder": holder.to_json(), "lease": _own_lease()}, overwrite=True)
+        stack.enter_context(lock.holding_team_slot(experiment))
+        try:
+            yield
+        finally:
+            _forget_holder(name, holder)
+
+
+def _forget_holder(name: str, holder: lock.Holder) -> None:
+    """Clear the record as the slot is released. Best effort: a record left behind names a
+    run that has ended, which the next run finds out and overwrites."""
+    try:
+        if _recorded_holder(name)[0] == holder:
+            Variable.unset(name)
+    except Exception as err:  # noqa: BLE001 - the round itself is over
+        get_run_logger().warning("the team-wide round slot's record stays behind: %s", err)
+
+
+def _ensure_limit(name: str) -> None:
+    # another run may create it between the upsert's read and its create
+    with get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+
+
+def _take_slot(stack: ExitStack, name: str, holder: lock.Holder) -> bool:
+    """Enter the limit's slot on `stack`; False when another holds it for longer than
+    TEAM_WAIT_S. A lease renewal that fails (the server restarting) leaves the round running:
+    the project's lock file still guards this checkout."""
+    slot = concurrency(
+        name,
+        occupy=1,
+        timeout_seconds=TEAM_WAIT_S,
+        lease_duration=TEAM_LEASE_S,
+        strict=True,
+        holder=ConcurrencyLeaseHolder(type="flow_run", id=UUID(holder.flow_run)),
+        raise_on_lease_renewal_failure=False,
+    )
+    try:
+        stack.enter_context(slot)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _own_lease() -> str | None:
+    """The lease just taken. `concurrency` hands out no handle on it; the flow run's context
+    lists the leases it holds (to release them should the run be cancelled), newest last."""
+    context = ConcurrencyContext.get()
+    return str(context.cleanup_lease_ids[-1]) if context and context.cleanup_lease_ids else None
+
+
+def _recorded_holder(name: str) -> tuple[lock.Holder | None, str | None]:
+    record = Variable.get(name) or {}
+    return lock.Holder.from_json(record.get("holder")), record.get("lease")
+
+
+def _release_if_ended(holder: lock.Holder | None, lease: str | None) -> bool:
+    """Release a dead holder's lease; True when it was released."""
+    why = _ended(holder) if holder and lease else None
+    if why is None:
+        return False
+    with get_client(sync_client=True) as client:
+        client.release_concurrency_slots_with_lease(UUID(lease))
+    get_run_logger().warning("released the team-wide round slot of %s: %s", holder.describe(), why)
+    return True
+
+
+def _ended(holder: lock.Holder) -> str | None:
+    """Why `holder` has certainly ended, or None when it may be running."""
+    if lock.process_ended(holder):
+        return f"its process is gone from {holder.host}"
+    with get_client(sync_client=True) as client:
+        try:
+            state = client.read_flow_run(UUID(holder.flow_run)).state
+        except ObjectNotFound:
+            return "Prefect has no such flow run"
+    return f"its flow run ended {state.name}" if state is not None and state.is_final() else None
+
+
+def _team_busy(experiment: str, name: str, holder: lock.Holder | None) -> str:
+    who = holder.describe() if holder else "a run that has not yet recorded its name"
+    return (
+        f"experiment {experiment!r} is busy: its team-wide round slot (Prefect concurrency "
+        f"limit {name!r}) is held by {who}. One round per experiment at a time, on any host: "
+        f"wait for it to end. A run that died frees the slot once Prefect marks it crashed, "
+        f"or {TEAM_LEASE_S:.0f} s after its last sign of life."
+    )

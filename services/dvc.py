@@ -7,17 +7,28 @@ process is retried briefly rather than failing the round.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from services.offline import OFFLINE_ENV
+from xbl.errors import ConfigError, XblError
 
 REMOTE_NAME = "local"
 REMOTE_DIR = ".dvc-remote"
+DEFAULT_PARAMS = "params.yaml"
+# dvc.yaml's variable that names the settings file its stage reads and dvc.lock records.
+PARAMS_VAR = "params_file"
+STAGE_USER_ERROR = 2  # a stage's exit code for "fix this input" (xbl/data/prepare.py)
+_PARAMS_VAR_LINE = re.compile(rf"^(\s*-\s*{PARAMS_VAR}:\s*)(\S+)(.*)$", re.MULTILINE)
 
 
 class DvcError(RuntimeError):
@@ -53,8 +64,79 @@ def ensure_repo(project: Path) -> None:
         dvc(project, "remote", "add", "-d", REMOTE_NAME, REMOTE_DIR)
 
 
-def repro(project: Path, stage: str) -> None:
-    dvc(project, "repro", stage)
+def repro(project: Path, stage: str, params_file: str = DEFAULT_PARAMS) -> None:
+    """Reproduce a stage with the settings of `params_file` (a path in the project). A stage
+    that exits with 2 named an input the user must fix: that is an XblError (never retried)."""
+    with stage_params(project, params_file):
+        try:
+            dvc(project, "repro", stage)
+        except DvcError as err:
+            if not str(err).endswith(f", exited with {STAGE_USER_ERROR}"):
+                raise
+            told = [line for line in str(err).splitlines()[1:] if not line.startswith("ERROR:")]
+            raise XblError("\n".join(told) or str(err)) from None
+
+
+def params_in_project(project: Path, params_file: str) -> str:
+    """The settings file as DVC names it: a path inside the project, relative to it."""
+    root = Path(project).resolve()
+    path = (root / params_file).resolve()
+    if not path.is_relative_to(root):
+        raise ConfigError(
+            f"settings file {params_file} is outside the project {root}: DVC records a "
+            "stage's settings only from files inside it; copy the file into the project"
+        )
+    if not path.is_file():
+        raise ConfigError(f"settings file not found: {path}")
+    name = path.relative_to(root).as_posix()
+    if not re.fullmatch(r"[\w./-]+", name):
+        raise ConfigError(
+            f"settings file {name!r}: DVC's stage command takes it unquoted, so its path may "
+            "hold only letters, digits, '_', '-', '.' and '/'; rename it"
+        )
+    return name
+
+
+@contextmanager
+def stage_params(project: Path, params_file: str) -> Iterator[None]:
+    """dvc.yaml's stage reads `params_file` for the length of the block, then params.yaml.
+
+    DVC has no flag for a stage's settings file, and its record (dvc.lock) must name the file
+    and values the data really came from: so the one variable that names it is set in dvc.yaml
+    and set back, leaving `dvc repro` by hand on params.yaml."""
+    spec = Path(project) / "dvc.yaml"
+    name = params_in_project(project, params_file)
+    if name == DEFAULT_PARAMS and _params_var(spec.read_text()) in (None, DEFAULT_PARAMS):
+        yield
+        return
+    _write_params_var(spec, name)
+    try:
+        yield
+    finally:
+        _write_params_var(spec, DEFAULT_PARAMS)
+
+
+def _params_var(text: str) -> str | None:
+    found = _PARAMS_VAR_LINE.search(text)
+    return found[2] if found else None
+
+
+def _write_params_var(spec: Path, value: str) -> None:
+    text = spec.read_text()
+    if _params_var(text) is None:
+        raise ConfigError(
+            f"{spec} names no `{PARAMS_VAR}` under `vars`, so its stage reads params.yaml "
+            f"only: copy this repository's dvc.yaml, or run without --params"
+        )
+    if _params_var(text) != value:
+        _replace_text(spec, _PARAMS_VAR_LINE.sub(rf"\g<1>{value}\g<3>", text, count=1))
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a file whole or not at all (a reader never sees half a dvc.yaml)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def push(project: Path, *targets: str) -> None:
@@ -77,16 +159,34 @@ def locked_out_hash(project: Path, stage: str, out: str) -> str:
     raise DvcError(f"dvc.lock has no output {out!r} for stage {stage!r}")
 
 
-def checkout_lock(project: Path, lock_text: str, targets: list[str]) -> None:
-    """Restore the data a dvc.lock describes: from the cache, else from the remote."""
-    restore(project, "dvc.lock", lock_text, targets)
-
-
-def restore(project: Path, pointer: str, text: str, targets: list[str]) -> None:
-    """Write a DVC pointer (dvc.lock or a .dvc file) and check out what it describes: from
-    the cache, else from the remote."""
-    (Path(project) / pointer).write_text(text)
+def checkout_lock(project: Path, lock_text: str, stage: str) -> None:
+    """Write a dvc.lock and restore the stage's outputs it describes (from the cache, else the
+    remote); nothing outside those outputs is touched."""
+    _replace_text(Path(project) / "dvc.lock", lock_text)
     try:
-        dvc(project, "checkout", "--force", *targets)
+        dvc(project, "checkout", "--force", stage)
     except DvcError:
-        dvc(project, "pull", "--force", *targets)
+        dvc(project, "pull", "--force", stage)
+
+
+@contextmanager
+def checked_out_copy(project: Path, pointer_text: str) -> Iterator[Path]:
+    """What a .dvc pointer describes, checked out (from the cache, else the remote) into a
+    scratch folder of the project for the length of the block; the workspace's own copy of
+    that output is not touched."""
+    meta = yaml.safe_load(pointer_text)
+    project = Path(project)
+    scratch = Path(tempfile.mkdtemp(prefix=".xbl-checkout-", dir=project))
+    try:
+        pointer = scratch / f"{Path(meta['outs'][0]['path']).name}.dvc"
+        pointer.write_text(
+            yaml.safe_dump({**meta, "outs": [{**meta["outs"][0], "path": pointer.stem}]})
+        )
+        target = pointer.relative_to(project).as_posix()
+        try:
+            dvc(project, "checkout", target)
+        except DvcError:
+            dvc(project, "pull", target)
+        yield pointer.with_suffix("")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

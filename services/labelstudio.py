@@ -426,6 +426,50 @@ def collect_annotations(client: LabelStudioClient, project_id: int, round_: int)
     return out
 
 
+def _annotator(annotation: Any) -> str:
+    """Who submitted it: `completed_by` is a user id, or the user itself on some endpoints."""
+    who = _field(annotation, "completed_by")
+    return str(_field(who, "id") if who is not None and not isinstance(who, int) else who)
+
+
+def _each_annotator_latest(done: list) -> list:
+    """Per annotator, the latest of their submitted annotations (a second one from the same
+    person replaces their first), oldest annotator first."""
+    latest: dict[str, Any] = {}
+    for a in sorted(done, key=lambda a: (str(_field(a, "updated_at")), _field(a, "id"))):
+        latest[_annotator(a)] = a
+    return sorted(latest.values(), key=lambda a: _field(a, "id"))
+
+
+def collect_answers(client: LabelStudioClient, project_id: int, round_: int) -> list[dict]:
+    """Every task of the round, with each annotator's latest submitted answer (none when it is
+    open): {image_id, task_id, height, width, answers: [{annotation_id, annotator, result,
+    lead_time, updated_at}]}."""
+    out = []
+    for task in _round_tasks(client, project_id, round_, fields="all"):
+        done, data = _done_annotations(task), task.data
+        answers = [
+            {
+                "annotation_id": _field(a, "id"),
+                "annotator": _annotator(a),
+                "result": _field(a, "result") or [],
+                "lead_time": float(_field(a, "lead_time") or 0.0),
+                "updated_at": str(_field(a, "updated_at")),
+            }
+            for a in _each_annotator_latest(done)
+        ]
+        out.append(
+            {
+                "image_id": str(data["image_id"]),
+                "task_id": task.id,
+                "height": int(data["height"]),
+                "width": int(data["width"]),
+                "answers": answers,
+            }
+        )
+    return out
+
+
 def answer_open_tasks(
     client: LabelStudioClient,
     project_id: int,

@@ -6,6 +6,7 @@ calls on any worker thread.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 
+from services import lock
 from services import offline as _offline  # noqa: F401
 from xbl.paths import round_name
 
@@ -250,6 +252,56 @@ FEEDBACK_ROUNDS_TAG = "xbl.feedback_rounds"  # the rounds whose masks a feedback
 QUERY_MODEL_TAG = "xbl.query_model_run"  # on a round's parent: the model that chose its queries
 COMPARED_WITH_TAG = "xbl.compared_with"  # on a feedback run: the champion it was judged against
 PROMOTED_TAG = "xbl.promoted"  # on a feedback run: true when it became champion
+HOLDER_TAG = "xbl.round_holder"  # on a round's parent: the run that opened it (services.lock)
+# on a feedback run, before the alias moves: the promotion decision as JSON (promote?, why, the
+# evidence, the paired figures, the run compared with); a retry or a rerun reads it back
+DECISION_TAG = "xbl.promotion_decision"
+CHAMPION = "champion"
+
+
+def recorded_decision(client: MlflowClient, run_id: str) -> dict | None:
+    raw = client.get_run(run_id).data.tags.get(DECISION_TAG)
+    return json.loads(raw) if raw else None
+
+
+def record_decision(client: MlflowClient, run_id: str, compared_with: str, decision: dict) -> None:
+    """The decision on the candidate's run, its paired figures as metrics; the JSON tag last
+    (its presence means the decision is complete)."""
+    figures = ("p_value", "difference", "ci_low", "ci_high", "images")
+    log_metrics(client, run_id, {f"promotion/{k}": decision[k] for k in figures if k in decision})
+    client.set_tag(run_id, COMPARED_WITH_TAG, compared_with)
+    client.set_tag(run_id, PROMOTED_TAG, str(decision["promoted"]).lower())
+    client.set_tag(run_id, DECISION_TAG, json.dumps(decision))
+
+
+def finish_recorded_promotion(client: MlflowClient, run_id: str) -> None:
+    """Carry out a recorded decision: the alias to the run's model when it was promoted, then
+    the promotion tag that marks its round done. Idempotent."""
+    decision = recorded_decision(client, run_id)
+    if decision["promoted"]:
+        for version in client.search_model_versions(f"run_id = '{run_id}'"):
+            set_alias(client, version.name, CHAMPION, version.version)
+    client.set_tag(run_id, PROMOTION_TAG, decision["reason"])
+
+
+def finish_recorded_promotions(client: MlflowClient, exp_id: str) -> int:
+    """A run that died between recording its decision and tagging its round done is finished
+    from the record, never judged again nor discarded. Returns how many were finished."""
+    runs = client.search_runs(
+        [exp_id], f"attributes.status = 'FINISHED' and tags.`{DECISION_TAG}` != ''"
+    )
+    unfinished = [r for r in runs if PROMOTION_TAG not in r.data.tags]
+    for run in unfinished:
+        finish_recorded_promotion(client, run.info.run_id)
+    return len(unfinished)
+
+
+def download_checkpoint(client: MlflowClient, run_id: str, out_dir: Path) -> Path:
+    """The checkpoint a model run logged (under `checkpoint/`)."""
+    files = [a.path for a in client.list_artifacts(run_id, "checkpoint") if not a.is_dir]
+    if not files:
+        raise FileNotFoundError(f"run {run_id} logged no checkpoint")
+    return download_artifact(client, run_id, files[0], out_dir / run_id)
 
 
 def round_runs(client: MlflowClient, exp_id: str, round_number: int) -> list:
@@ -293,17 +345,25 @@ def discard_unpushed_round(
 ) -> int:
     """A run that died before pushing its round leaves a parent run and a registered baseline
     that no task points to: fail them and unregister it, so the rerun's baseline is the only
-    one. Returns how many such attempts were discarded."""
+    one. Only an attempt whose holder is gone is discarded (`lock.holder_gone`, read from the
+    parent's HOLDER_TAG): a parent still RUNNING because its run is alive is never touched.
+    Returns how many attempts were discarded."""
     parents = client.search_runs(
         [exp_id],
         f"attributes.run_name = '{round_name(round_number)}' and attributes.status = 'RUNNING'",
     )
-    for parent in parents:
+    dead = [p for p in parents if lock.holder_gone(round_holder(p))]
+    for parent in dead:
         children = client.search_runs(
             [exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
         )
         _discard(client, [*children, parent], registered_name)
-    return len(parents)
+    return len(dead)
+
+
+def round_holder(run) -> lock.Holder | None:
+    """The run that opened a round's parent run, as recorded on it; None when not recorded."""
+    return lock.Holder.from_json(run.data.tags.get(HOLDER_TAG))
 
 
 def discard_unfinished_attempts(
@@ -323,8 +383,13 @@ def discard_unfinished_attempts(
 
 
 def _discard(client: MlflowClient, runs: list, registered_name: str) -> int:
+    """Fail the runs and unregister their models, except the champion's: deleting it would
+    take the alias with it and leave the registry without a champion."""
+    champion = alias_version(client, registered_name, CHAMPION)
     for run in runs:
         for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+            if champion is not None and str(version.version) == str(champion.version):
+                continue
             client.delete_model_version(registered_name, version.version)
         client.set_terminated(run.info.run_id, status="FAILED")
     return len(runs)

@@ -22,11 +22,12 @@ class DataRef:
 
 
 @task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=is_transient)
-def prepare_data(project: str, out: str) -> DataRef:
-    """Run the DVC `prepare` stage (its output: `data.out`), push it, return its version."""
+def prepare_data(project: str, out: str, params_file: str = dvc.DEFAULT_PARAMS) -> DataRef:
+    """Run the DVC `prepare` stage on the run's settings file (its output: `data.out`), push
+    it, return its version."""
     root = Path(project)
     dvc.ensure_repo(root)
-    dvc.repro(root, PREPARE_STAGE)
+    dvc.repro(root, PREPARE_STAGE, params_file)
     dvc.push(root, PREPARE_STAGE)
     version = dvc.locked_out_hash(root, PREPARE_STAGE, out)
     return DataRef(path=str(root / out), version=version, out=out)

@@ -43,9 +43,12 @@ def _carry(model, data: PreparedData, index: dict, query: dict, ignore: np.ndarr
     if not members or not ignore.any() or ignore.all():
         return members, None
     rows = np.array([index[m] for m in members])
+    # by ID, like every mask: the representative's recorded index is its row in the data
+    # version the round was drawn on
+    representative = index[query["image_id"]]
     carried = propagate(
         model,
-        to_tensor(data.images[query["index"] : query["index"] + 1])[0],
+        to_tensor(data.images[representative : representative + 1])[0],
         ignore,
         to_tensor(data.images[rows]),
         threshold=cfg.propagation_threshold,

@@ -14,6 +14,7 @@ from services import labelstudio as ls
 from services import tracking
 from tasks import SERVICE_RETRIES
 from xbl.data.prepared import PreparedData
+from xbl.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ def read_round_state(project: str, experiment: str, title: str) -> RoundState:
     store was wiped, or points elsewhere) cannot be resumed: it is orphaned, its annotations
     stay in Label Studio and join the next retraining, and this run opens a new round."""
     client, exp_id = _experiment(project, experiment)
+    finished = tracking.finish_recorded_promotions(client, exp_id)
+    if finished:
+        get_run_logger().warning(
+            "finished %d promotion(s) that a crash interrupted after the decision", finished
+        )
     completed = tracking.completed_rounds(client, exp_id)
     labelstudio = ls.connect()
     pushed = ls.pushed_rounds(labelstudio, title)
@@ -149,7 +155,7 @@ def queries_from_labelstudio(project_id: int, round_number: int, dataset: str, o
     tasks = ls.round_task_data(ls.connect(), project_id, round_number)
     missing = [t["image_id"] for t in tasks if t["image_id"] not in index]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"round {round_number}: task images {missing[:5]} are not in the "
             "prepared dataset; was the data changed mid-round?"
         )

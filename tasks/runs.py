@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,12 @@ from prefect.artifacts import create_table_artifact
 
 from services import tracking
 from tasks import SERVICE_RETRIES
-from xbl.config import PromotionConfig
+from xbl.config import PromotionConfig, QueryConfig
+from xbl.data.prepared import PreparedData
 from xbl.feedback.cost import annotation_budget, read_cost
+from xbl.feedback.masks import read_feedback
+from xbl.judge.evidence import correct_on, gather_evidence
+from xbl.judge.paired import compare_paired
 from xbl.judge.promotion import promotion_decision
 from xbl.report.page import cost_columns, report_columns
 from xbl.train.checkpoint import load_model
@@ -201,20 +206,67 @@ def promote(
     baseline: dict,
     candidate: dict,
     rule: PromotionConfig,
+    dataset: str,
+    manifests: list[str],
+    query: QueryConfig,
 ) -> dict:
     """Move alias `champion` to the candidate when it beats the current champion (the
-    baseline while there is none). A rejected candidate leaves the champion as it was: the
-    shortcut baseline is never made champion by default."""
+    baseline while there is none) on shortcut-free evidence. A rejected candidate leaves the
+    champion as it was: the shortcut baseline is never made champion by default.
+
+    Atomic: the decision and the run it was compared with are recorded on the candidate's run
+    before the alias moves, and the promotion tag (a round is done once its run has one) comes
+    last. A retry reads the recorded decision back instead of judging again (by then the
+    champion may be the candidate itself), and a crashed round is finished from it
+    (tracking.finish_recorded_promotion)."""
     client = tracking.client_for(Path(project))
-    champion = tracking.model_record(client, registered_name, "champion", data_version) or baseline
-    promoted, reason = promotion_decision(champion["metrics"], candidate["metrics"], rule)
-    if promoted:
-        tracking.set_alias(client, registered_name, "champion", candidate["model_version"])
-    client.set_tag(candidate["run_id"], tracking.COMPARED_WITH_TAG, champion["run_id"])
-    client.set_tag(candidate["run_id"], tracking.PROMOTED_TAG, str(promoted).lower())
-    # last: a round counts as done only once its run carries the promotion decision
-    client.set_tag(candidate["run_id"], tracking.PROMOTION_TAG, reason)
-    return {"promoted": promoted, "reason": reason, "champion": champion}
+    decision = tracking.recorded_decision(client, candidate["run_id"])
+    if decision is None:
+        champion = (
+            tracking.model_record(client, registered_name, "champion", data_version) or baseline
+        )
+        decision = _judge(client, champion, baseline, candidate, rule, dataset, manifests, query)
+        tracking.record_decision(client, candidate["run_id"], champion["run_id"], decision)
+    tracking.finish_recorded_promotion(client, candidate["run_id"])
+    champion = tracking.run_record(client.get_run(decision["compared_with"]), None)
+    return {**decision, "champion": champion}
+
+
+def _judge(client, champion, baseline, candidate, rule, dataset, manifests, query) -> dict:
+    """The decision as a record: promote?, why, on what evidence, the paired figures."""
+    data = PreparedData.load(Path(dataset))
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {
+            role: load_model(tracking.download_checkpoint(client, record["run_id"], Path(tmp)))[0]
+            for role, record in (
+                ("champion", champion),
+                ("candidate", candidate),
+                ("localiser", baseline),
+            )
+        }
+    marks = read_feedback(manifests, data)
+    evidence = gather_evidence(
+        data,
+        models["localiser"],
+        marks.rows,
+        marks.ignore,
+        query.grid_cell,
+        query.propagation_threshold,
+        query.review_confidence,
+    )
+    comparison = None
+    if evidence is not None:
+        comparison = compare_paired(
+            correct_on(models["champion"], evidence), correct_on(models["candidate"], evidence)
+        )
+    decision = promotion_decision(
+        comparison,
+        evidence.describe() if evidence else "none",
+        champion["metrics"],
+        candidate["metrics"],
+        rule,
+    )
+    return {**decision.record(), "compared_with": champion["run_id"]}
 
 
 @task(**SERVICE_RETRIES)

@@ -8,7 +8,8 @@ from prefect import get_run_logger, task
 
 from xbl.config import FeedbackConfig, TrainConfig
 from xbl.data.prepared import PreparedData
-from xbl.feedback.masks import read_feedback
+from xbl.errors import DataError
+from xbl.feedback.masks import JoinedFeedback, read_feedback
 from xbl.feedback.methods import METHODS
 from xbl.judge.evaluate import evaluate
 from xbl.train.checkpoint import load_model
@@ -38,6 +39,34 @@ def evaluate_checkpoint(checkpoint: str, dataset: str) -> dict:
     return {"metrics": metrics, "confusion_matrix": cm.tolist(), "classes": data.classes.tolist()}
 
 
+def _joined_feedback(
+    data: PreparedData,
+    manifests: list[str],
+    data_version: str | None,
+    made_on: dict[int, str] | None,
+) -> JoinedFeedback:
+    """Every round's masks on their images in this data version, with what is left out logged."""
+    joined = read_feedback(manifests, data, data_version, made_on)
+    log = get_run_logger()
+    for note in joined.notes():
+        log.warning("%s", note)
+    log.info("feedback masks: %d on their images, %d left out", len(joined.rows), joined.left_out())
+    return joined
+
+
+@task
+def feedback_join_summary(
+    dataset: str,
+    manifests: list[str],
+    data_version: str | None = None,
+    made_on: dict[int, str] | None = None,
+) -> dict:
+    """Which earlier masks this data version still holds the images of: counts and image IDs of
+    the joined, the gone, the ones no longer in training and the ones that cannot be joined."""
+    data = PreparedData.load(Path(dataset))
+    return _joined_feedback(data, manifests, data_version, made_on).summary()
+
+
 @task
 def train_with_feedback(
     dataset: str,
@@ -46,17 +75,27 @@ def train_with_feedback(
     train: TrainConfig,
     feedback: FeedbackConfig,
     out: str,
+    data_version: str | None = None,
+    made_on: dict[int, str] | None = None,
 ) -> TrainResult:
-    """Retrain with CE + λ·L_expl on every round's annotated images, from a fresh start or
-    warm from the model that chose this round's queries (`feedback.init`, `retraining`)."""
+    """Retrain with CE + λ·L_expl on every round's annotated images, each mask found on its
+    image by ID in this data version (`read_feedback`), from a fresh start or warm from the
+    model that chose this round's queries (`feedback.init`, `retraining`). `made_on` (round ->
+    data version) lets a row written without an image ID join by its index on the data version
+    it was made on."""
     data = PreparedData.load(Path(dataset))
-    indices, W, keep, ratings = read_feedback(manifests)
-    if len(indices) == 0:
-        raise ValueError("no annotated images to learn from: every round's feedback is empty")
+    joined = _joined_feedback(data, manifests, data_version, made_on)
+    if len(joined.rows) == 0:
+        raise DataError(
+            "no annotated images to learn from: every round's feedback is empty or left out "
+            f"({joined.summary()})"
+        )
     judged = None
     if feedback.init == "warm" or METHODS[feedback.method].needs_model:
         judged = load_model(query_checkpoint, resolve_device(train.device))[0]
-    plan = retraining(data, train, feedback, indices, W, keep, ratings, judged)
+    plan = retraining(
+        data, train, feedback, joined.rows, joined.ignore, joined.keep, joined.ratings, judged
+    )
     return fit(
         data, plan.train, Path(out), init=plan.init, feedback=plan.feedback, on_epoch=_log_epoch
     )

@@ -24,6 +24,11 @@ once the target is met, starts the Prefect deployment.
 - `receiver`: checks, records and queues a request; its worker thread starts the runs.
 - `server`: the HTTP endpoint. The secret is never accepted in the URL: /hooks/<anything> is
   refused (403), and request lines are logged with path tokens and query strings masked.
+  The headers are authenticated before a byte of the body is read (401 for an unknown
+  sender, 413 for a body over 10 MiB, "100 Continue" only once they pass); each request must
+  arrive within REQUEST_TIMEOUT_S, and at most MAX_CONNECTIONS are handled at once (503 past
+  that). SIGTERM stops it within STOP_REQUESTS_S + STOP_WORKER_S: a round whose check was
+  cut short is checked at the next start.
 
     xbl webhook --host 127.0.0.1 --port 8787 --state-dir .xbl-webhook
     xbl webhook register --url http://127.0.0.1:8787/hooks [--project-id N]

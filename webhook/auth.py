@@ -22,6 +22,7 @@ SIGNATURE_PREFIX = "sha256="
 AUTH_MODES = ("header", "signature")
 
 FirstUse = Callable[[str, float], bool]  # (signature, timestamp) -> not seen before
+UNAUTHORIZED = 401, "unauthorized"
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -46,6 +47,23 @@ def is_secret(secret: str, *candidates: str | None) -> bool:
     )
 
 
+def _timestamp(headers) -> str | None:
+    """The X-Xbl-Timestamp header when it is Unix seconds, else None."""
+    stamp = (headers.get(TIMESTAMP_HEADER) or "").strip()
+    return stamp if re.fullmatch(r"\d{1,12}", stamp) else None
+
+
+def header_refusal(headers, secret: str, mode: str) -> tuple[int, str] | None:
+    """What the headers alone decide, before one byte of the body is read: None when the body
+    may be read. A static header is judged here in full; a signed request only by the form of
+    its timestamp, since its signature covers the body."""
+    if headers.get(SIGNATURE_HEADER) is not None:
+        return None if _timestamp(headers) else UNAUTHORIZED
+    if mode == "header" and is_secret(secret, headers.get(SECRET_HEADER)):
+        return None
+    return UNAUTHORIZED
+
+
 def refusal(
     headers, body: bytes, secret: str, mode: str, window_s: float, first_use: FirstUse
 ) -> tuple[int, str] | None:
@@ -56,21 +74,21 @@ def refusal(
         return _signature_refusal(headers, given, body, secret, window_s, first_use)
     if mode == "header" and is_secret(secret, headers.get(SECRET_HEADER)):
         return None
-    return 403, "forbidden"
+    return UNAUTHORIZED
 
 
 def _signature_refusal(
     headers, given: str, body: bytes, secret: str, window_s: float, first_use: FirstUse
 ) -> tuple[int, str] | None:
-    stamp = (headers.get(TIMESTAMP_HEADER) or "").strip()
-    if not re.fullmatch(r"\d{1,12}", stamp):
-        return 403, "forbidden"
+    stamp = _timestamp(headers)
+    if stamp is None:
+        return UNAUTHORIZED
     expected = signature(secret, stamp, body)
     if not hmac.compare_digest(given.strip().encode("utf-8", "replace"), expected.encode()):
-        return 403, "forbidden"
+        return UNAUTHORIZED
     # only now, the sender being known, does it learn what else is wrong
     if abs(time.time() - int(stamp)) > window_s:
-        return 403, "timestamp outside the window"
+        return 401, "timestamp outside the window"
     if not first_use(expected, int(stamp)):
         log.warning("replayed signature refused (timestamp %s)", stamp)
         return 409, "replayed signature"

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from webhook.auth import AUTH_MODES, MIN_SECRET_LENGTH, SECRET_ENV, refusal
+from webhook.auth import AUTH_MODES, MIN_SECRET_LENGTH, SECRET_ENV, header_refusal, refusal
 from webhook.delivery import IgnoredDelivery, parse_delivery
 from webhook.store import DeliveryStore
 from xbl.labelstudio.results import annotation_target
@@ -43,6 +43,7 @@ class WebhookReceiver:
     purge_every_s: float = PURGE_EVERY_S
     _queue: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _worker: threading.Thread | None = field(default=None, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def __post_init__(self):
         if len(self.secret or "") < MIN_SECRET_LENGTH:
@@ -56,6 +57,11 @@ class WebhookReceiver:
             raise ValueError(f"auth must be one of {AUTH_MODES}, got {self.auth!r}")
         if not (self.window_s > 0 and self.retention_s > 0):
             raise ValueError("the signature window and the retention must be above 0")
+
+    def authenticate_headers(self, headers) -> tuple[int, str] | None:
+        """None when the body may be read, else (HTTP status, error): the headers alone are
+        checked (`webhook.auth.header_refusal`), so an unknown sender costs no body read."""
+        return header_refusal(headers, self.secret, self.auth)
 
     def authenticate(self, headers, body: bytes) -> tuple[int, str] | None:
         """None when the request may go on, else (HTTP status, error) (`webhook.auth.refusal`)."""
@@ -86,7 +92,16 @@ class WebhookReceiver:
         if started is None:
             return False, None
         flow_run, attempt = started
-        if flow_run is None or self.run_failed is None or not self.run_failed(flow_run):
+        if flow_run is None:  # claimed by a process that stopped before it learnt the run
+            log.warning(
+                "project %d round %d: attempt %d was being started when the receiver stopped;"
+                " starting it again (same idempotency key)",
+                project_id,
+                round_,
+                attempt,
+            )
+            return False, None
+        if self.run_failed is None or not self.run_failed(flow_run):
             log.info("project %d round %d: run %s already started", project_id, round_, flow_run)
             return True, None
         log.warning(
@@ -158,7 +173,7 @@ class WebhookReceiver:
                     log.exception("purging expired delivery records failed")
             if key == ():
                 continue
-            if key is None:
+            if key is None or self._stopping.is_set():  # queued rounds stay unchecked in the store
                 self._queue.task_done()
                 return
             try:
@@ -172,6 +187,7 @@ class WebhookReceiver:
         """Run the worker thread, after deleting expired records; rounds left unchecked by a
         previous process go first."""
         self.purge()
+        self._stopping.clear()
         for key in self.store.unchecked():
             self._queue.put(key)
         self._worker = threading.Thread(target=self._work, name="xbl-webhook-worker", daemon=True)
@@ -181,8 +197,15 @@ class WebhookReceiver:
         """Block until every queued round has been checked."""
         self._queue.join()
 
-    def stop_worker(self, timeout_s: float = 10.0) -> None:
-        if self._worker is not None:
-            self._queue.put(None)
-            self._worker.join(timeout_s)
-            self._worker = None
+    def stop_worker(self, timeout_s: float = 10.0) -> bool:
+        """Stop the worker after the check it is doing; False when that check outlasts
+        `timeout_s` (a hung service): the thread is a daemon and dies with the process, and
+        the rounds it had not checked are checked again at the next start."""
+        if self._worker is None:
+            return True
+        self._stopping.set()
+        self._queue.put(None)
+        self._worker.join(timeout_s)
+        stopped = not self._worker.is_alive()
+        self._worker = None
+        return stopped

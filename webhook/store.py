@@ -91,7 +91,11 @@ class DeliveryStore:
         self, project_id: int, round_: int, failed_run: str | None = None
     ) -> int | None:
         """The attempt number for the first caller only (the round is now taken), else None.
-        With `failed_run`: take over a round whose run `failed_run` ended failed."""
+        With `failed_run`: take over a round whose run `failed_run` ended failed. A claim
+        whose run was never recorded (the process stopped while starting it) is claimed again
+        with its attempt number: the run's idempotency key is the same, so a run the stopped
+        process did create is found, not made twice. One worker thread claims, so no claim
+        of this process is in flight here."""
         if failed_run is None:
             cursor = self._run(
                 "INSERT OR IGNORE INTO started_rounds VALUES (?, ?, NULL, ?, 0)",
@@ -99,7 +103,10 @@ class DeliveryStore:
                 round_,
                 time.time(),
             )
-            return 0 if cursor.rowcount else None
+            if cursor.rowcount:
+                return 0
+            started = self.started_run(project_id, round_)
+            return started[1] if started is not None and started[0] is None else None
         with self._lock, self._db:
             taken = self._db.execute(
                 "UPDATE started_rounds SET flow_run = NULL, attempt = attempt + 1, started_at = ?"
@@ -117,15 +124,15 @@ class DeliveryStore:
         self, project_id: int, round_: int, attempt: int = 0, failed_run: str | None = None
     ) -> None:
         """Undo a claim whose start failed, so a later delivery tries again: the first attempt
-        forgets the round; a retry puts the failed run back (its attempt number stays used)."""
-        if failed_run is None:
+        forgets the round; a retry puts the failed run back (its attempt number stays used);
+        a claim taken again after a stop stays, to be taken again with its attempt number."""
+        if failed_run is None and attempt == 0:
             self._run(
-                "DELETE FROM started_rounds WHERE project_id = ? AND round = ? AND attempt = ?",
+                "DELETE FROM started_rounds WHERE project_id = ? AND round = ? AND attempt = 0",
                 project_id,
                 round_,
-                attempt,
             )
-        else:
+        elif failed_run is not None:
             self._run(
                 "UPDATE started_rounds SET flow_run = ? WHERE project_id = ? AND round = ?",
                 failed_run,

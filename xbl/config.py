@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 import yaml
@@ -97,6 +98,7 @@ class DataConfig(_Section):
             )
         if self.channels not in ("auto", 1, 3):
             raise ConfigError(f"data.channels is {self.channels!r}; allowed: auto, 1 or 3")
+        self._check_out()
         if sorted(self.split) != ["test", "train", "val"]:
             raise ConfigError(
                 f"data.split has keys {sorted(self.split)}; expected exactly train, val and test"
@@ -104,6 +106,23 @@ class DataConfig(_Section):
         if abs(sum(self.split.values()) - 1.0) > 1e-6 or min(self.split.values()) < 0:
             raise ConfigError(
                 f"data.split is {self.split}; the fractions must be non-negative and sum to 1"
+            )
+
+    def _check_out(self) -> None:
+        """Prepare replaces data.out whole: it may not be, or hold, the user's images or the
+        annotators' masks (`data.out: data` once deleted data/raw and data/feedback)."""
+        out = PurePosixPath(os.path.normpath(self.out.replace("\\", "/")))
+        kept = [PurePosixPath(p) for p in ("data/raw", "data/feedback", "data/rounds")]
+        if str(out) in ("", ".") or (not out.is_absolute() and ".." in out.parts):
+            raise ConfigError(
+                f"data.out is {self.out!r}; it must be a folder of its own inside the project, "
+                "such as data/prepared"
+            )
+        clash = [str(k) for k in kept if out == k or out in k.parents or k in out.parents]
+        if clash:
+            raise ConfigError(
+                f"data.out is {self.out!r}, which is or holds {', '.join(clash)}: prepare "
+                "replaces that folder whole; use a folder of its own, such as data/prepared"
             )
 
 
@@ -274,14 +293,15 @@ class FeedbackConfig(_Section):
 @dataclass(frozen=True)
 class PromotionConfig(_Section):
     name = "promotion"
-    min_audit_gain: float = 0.0  # with an audit split: beat the champion's audit accuracy by more
-    max_val_acc_drop: float = 0.02  # without one: explanation score up, val accuracy drop at most
+    level: float = 0.05  # the paired test's level: a candidate must be better with p below it
+    val_veto: bool = False  # veto a candidate whose val accuracy drops more than the next
+    max_val_acc_drop: float = 0.02
 
     def check(self) -> None:
-        if not 0 <= self.max_val_acc_drop <= 1 or not -1 < self.min_audit_gain < 1:
+        if not 0 < self.level < 1 or not 0 <= self.max_val_acc_drop <= 1:
             raise ConfigError(
-                f"promotion: max_val_acc_drop is {self.max_val_acc_drop} and min_audit_gain "
-                f"{self.min_audit_gain}; allowed: a drop in [0, 1] and a gain in (-1, 1)"
+                f"promotion: level is {self.level} and max_val_acc_drop {self.max_val_acc_drop}; "
+                "allowed: a level in (0, 1) and a drop in [0, 1]"
             )
 
 

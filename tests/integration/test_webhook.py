@@ -7,19 +7,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
 from flows.cli import deployment_starter, flow_run_failed
 from flows.cli import main as xbl
 from services.labelstudio import SECRET_HEADER, progress_checker, register_webhook
+from tests.integration.ls_server import free_port
+from tests.integration.project import REPO, make_project
 from webhook import server as http
 from webhook.auth import AUTH_MODES, SECRET_ENV, SIGNATURE_HEADER, sign
 from webhook.delivery import Delivery, IgnoredDelivery, parse_delivery
@@ -133,8 +141,8 @@ def test_missing_or_wrong_secret_is_refused_and_starts_nothing(run_receiver):
     progress, starts = Progress({(PROJECT, 1): (1, 1)}), StartRecorder()
     server = run_receiver(progress, starts)
 
-    assert post(server.url, delivery(1, 10, 1), secret=None)[0] == 403
-    assert post(server.url, delivery(1, 10, 1), secret="x" * len(SECRET))[0] == 403
+    assert post(server.url, delivery(1, 10, 1), secret=None)[0] == 401
+    assert post(server.url, delivery(1, 10, 1), secret="x" * len(SECRET))[0] == 401
     assert post(server.url + "/not-the-secret", delivery(1, 10, 1), secret=None)[0] == 403
     server.receiver.wait_idle()
 
@@ -177,12 +185,12 @@ def test_a_tampered_body_or_another_key_is_refused(run_receiver):
     headers = sign(SECRET, body)
     tampered = body.replace(b'"round": 1', b'"round": 2')
 
-    assert post(server.url, None, secret=None, headers=headers, body=tampered)[0] == 403
-    assert signed_post(server.url, delivery(1, 10, 1), key="k" * len(SECRET))[0] == 403
+    assert post(server.url, None, secret=None, headers=headers, body=tampered)[0] == 401
+    assert signed_post(server.url, delivery(1, 10, 1), key="k" * len(SECRET))[0] == 401
     no_stamp = {SIGNATURE_HEADER: headers[SIGNATURE_HEADER]}
-    assert post(server.url, None, secret=None, headers=no_stamp, body=body)[0] == 403
+    assert post(server.url, None, secret=None, headers=no_stamp, body=body)[0] == 401
     # a valid static header does not rescue a bad signature: the signature is judged alone
-    assert post(server.url, None, headers=headers, body=tampered)[0] == 403
+    assert post(server.url, None, headers=headers, body=tampered)[0] == 401
     server.receiver.wait_idle()
 
     assert starts.calls == [] and progress.calls == 0
@@ -198,7 +206,7 @@ def test_a_timestamp_outside_the_window_is_refused(run_receiver, skew_s):
     inside = signed_post(server.url, delivery(2, 11, 1), timestamp=time.time() - 250)[0]
     server.receiver.wait_idle()
 
-    assert (status, answer["error"]) == (403, "timestamp outside the window")
+    assert (status, answer["error"]) == (401, "timestamp outside the window")
     assert inside == 202 and starts.calls == [(PROJECT, 1)]
 
 
@@ -229,7 +237,7 @@ def test_signature_mode_refuses_the_static_header(run_receiver):
     starts = StartRecorder()
     server = run_receiver(Progress({(PROJECT, 1): (1, 1)}), starts, auth="signature")
 
-    assert post(server.url, delivery(1, 10, 1))[0] == 403
+    assert post(server.url, delivery(1, 10, 1))[0] == 401
     server.receiver.wait_idle()
     assert starts.calls == []
 
@@ -643,3 +651,165 @@ def test_a_real_annotation_starts_one_flow_run_even_when_delivered_twice(labelst
             assert [w.id for w in client.sdk.webhooks.list(project=str(project.id))] == [hook_id]
         finally:
             client.sdk.projects.delete(project.id)
+
+
+# --- stopping on SIGTERM (a supervisor's stop: it kills 10 s later) ------------------------
+
+STOPPED_WITHIN_S = 10.0
+
+
+def wait_for(check, timeout_s: float, what: str, process: subprocess.Popen, log) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"exited while waiting for {what}:\n{log.read_text()}"
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()}")
+
+
+def stop_within(process: subprocess.Popen, limit_s: float = STOPPED_WITHIN_S) -> float:
+    """SIGTERM, then the seconds the process took to exit (it must exit with 0)."""
+    began = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(limit_s) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return time.monotonic() - began
+
+
+def xbl_process(args: list[str], env: dict, log) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def test_the_receiver_stops_on_sigterm_within_10_s_while_a_check_hangs(tmp_path):
+    """Label Studio hangs (it accepts connections and never answers): the worker is stuck in
+    a progress check, and a client holds a connection open. SIGTERM still ends the receiver
+    in time, and the round it could not check is still recorded for the next start."""
+    with socket.create_server(("127.0.0.1", 0)) as hung:
+        port, state, log = free_port(), tmp_path / "state", tmp_path / "receiver.log"
+        env = {
+            **os.environ,
+            SECRET_ENV: SECRET,
+            "LABEL_STUDIO_URL": f"http://127.0.0.1:{hung.getsockname()[1]}",
+            "LABEL_STUDIO_API_KEY": "never-checked",
+            "XBL_WEBHOOK_TARGET_FRACTION": "1",
+        }
+        args = ["--project", str(tmp_path), "webhook", "--port", str(port)]
+        receiver = xbl_process([*args, "--state-dir", str(state)], env, log)
+        url = f"http://127.0.0.1:{port}/hooks"
+        health = url.replace("/hooks", "/health")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        wait_for(lambda: opener.open(health, timeout=2).status == 200, 60, "/health", receiver, log)
+        assert post(url, delivery(1, 10, 1))[0] == 202  # queued; the worker now hangs on it
+        with socket.create_connection(("127.0.0.1", port)):  # silent: it holds a thread
+            time.sleep(0.5)
+            took = stop_within(receiver)
+    assert "Traceback" not in log.read_text(), log.read_text()
+    store = DeliveryStore(state)
+    assert store.unchecked() == [(PROJECT, 1)] and store.count("started_rounds") == 0
+    store.close()
+    print(f"receiver stopped in {took:.1f} s")
+
+
+def prefect_server(home, port: int, log) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    command = [sys.executable, "-m", "prefect", "server", "start", "--no-ui"]
+    return subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (read from /proc)."""
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for task in os.listdir(f"/proc/{parent}/task"):
+            try:
+                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+            except OSError:  # it has just exited
+                continue
+            found |= {int(c) for c in children}
+            todo += [int(c) for c in children]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_xbl_serve_stops_on_sigterm_within_10_s_also_after_its_prefect_server_went_away(
+    tmp_path,
+):
+    """With its server up, the runner stops by itself and pauses its schedules. With the
+    server gone, the runner would retry every API call of that; `xbl serve` ends it and its
+    process group within SERVE_STOP_S all the same."""
+    project = make_project(tmp_path / "project", schedule={"interval_s": 3600})
+    port, server_log = free_port(), tmp_path / "server.log"
+    api = f"http://127.0.0.1:{port}/api"
+    server = prefect_server(tmp_path / "prefect-server", port, server_log)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def deployments() -> dict[str, bool]:
+        """name -> paused"""
+        request = urllib.request.Request(f"{api}/deployments/filter", data=b"{}", method="POST")
+        request.add_header("Content-Type", "application/json")
+        return {d["name"]: d["paused"] for d in json.loads(opener.open(request, timeout=5).read())}
+
+    def start_serving(log) -> subprocess.Popen:
+        env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client")}
+        serve = xbl_process(["--project", str(project), "serve"], env, log)
+        served = {"scheduled": False, "baseline": False}
+        wait_for(lambda: deployments() == served, 180, "the deployments", serve, log)
+        time.sleep(1)  # the runner is polling the server now
+        return serve
+
+    serves = []
+    try:
+        up = f"{api}/health"
+        wait_for(
+            lambda: opener.open(up, timeout=2).status == 200, 120, "Prefect", server, server_log
+        )
+        serves.append(start_serving(tmp_path / "serve.log"))
+        runners = descendants(serves[0].pid)
+        took = stop_within(serves[0])
+        assert "killed it" not in (tmp_path / "serve.log").read_text()
+        assert deployments() == {"scheduled": True, "baseline": True}  # the runner's own stop
+        assert runners and not [pid for pid in runners if alive(pid)]
+        print(f"xbl serve stopped in {took:.1f} s with its Prefect server up")
+
+        serves.append(start_serving(log := tmp_path / "serve-again.log"))
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        runners = descendants(serves[1].pid)
+        took = stop_within(serves[1])
+    finally:
+        for process in (server, *serves):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    assert "killed it" in log.read_text()
+    assert runners and not [pid for pid in runners if alive(pid)], log.read_text()
+    print(f"xbl serve stopped in {took:.1f} s with its Prefect server gone")

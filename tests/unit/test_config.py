@@ -405,3 +405,17 @@ def test_no_function_default_disagrees_with_params_yaml():
     assert {"Feedback.per_batch", "Feedback.every", "saliency_map.sigma"} <= checked
     assert {"select_queries.seed", "cluster_explanations.k_range", "propagate.threshold"} <= checked
     assert set(DIFFERENT_ON_PURPOSE) <= checked  # an exception outlives nothing it excused
+
+
+@pytest.mark.parametrize(
+    "out",
+    ["data", "data/", "./data", "data/raw", "data/raw/prepared", "data/feedback/x", ".", "../x"],
+)
+def test_data_out_may_not_be_or_hold_the_users_images_or_masks(out):
+    """`data.out: data` passed the check and prepare deleted data/raw and data/feedback."""
+    with pytest.raises(ConfigError, match="data.out is"):
+        build_config({"data": {"out": out}})
+
+
+def test_a_folder_of_its_own_is_a_fine_data_out():
+    assert build_config({"data": {"out": "data/prepared-64"}}).data.out == "data/prepared-64"

@@ -11,6 +11,7 @@ from xbl.data.build import build_dataset
 from xbl.data.digits import decoy_digits
 from xbl.data.images import DiskArray
 from xbl.data.manifest import ManifestError, radiography_manifest, read_manifest
+from xbl.data.prepared import PreparedData
 from xbl.feedback.masks import read_feedback, write_feedback
 
 
@@ -276,10 +277,19 @@ def test_path_ids_give_flat_unique_feedback_file_names(tmp_path):
     manifest = write_feedback(tmp_path / "round-1", queries, masks, {}, [], {})
     files = sorted(p.name for p in (tmp_path / "round-1" / "masks").iterdir())
     assert files == ["cat%2F001.png.png", "dog%2F001.png.png"]
-    indices, W, _, _ = read_feedback([str(manifest)])
-    assert indices.tolist() == [0, 1]
-    assert np.array_equal(W[0], masks["cat/001.png"]) and np.array_equal(
-        W[1], ~np.eye(4, dtype=bool)
+    data = PreparedData(
+        images=np.zeros((2, 1, 4, 4), np.uint8),
+        labels=np.array([0, 1]),
+        split=np.array(["train", "train"]),
+        relevance=np.ones((2, 4, 4), bool),
+        confounder=np.zeros((2, 4, 4), bool),
+        ids=np.array(list(masks)),
+        classes=np.array(["cat", "dog"]),
+    )
+    joined = read_feedback([str(manifest)], data)
+    assert joined.rows.tolist() == [0, 1]
+    assert np.array_equal(joined.ignore[0], masks["cat/001.png"]) and np.array_equal(
+        joined.ignore[1], ~np.eye(4, dtype=bool)
     )
 
 

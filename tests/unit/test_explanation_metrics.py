@@ -33,16 +33,26 @@ def test_activation_recall_is_nan_for_an_empty_mask_and_accepts_torch():
 
 
 def test_wrong_reason_share_by_hand():
-    W_true = np.array([[[1, 0], [0, 0]]] * 4, dtype=float)  # the confounder is the top-left pixel
+    W_true = np.array([[[1, 0], [0, 0]]] * 3, dtype=float)  # the confounder is the top-left pixel
     A = np.array(
         [
             [[3.0, 0.0], [0.0, 0.0]],  # all attribution on the confounder -> 1
             [[0.0, 2.0], [1.0, 0.0]],  # none on it -> 0
             [[-1.0, 1.0], [-1.0, 1.0]],  # |A| counts: 1 of 4 -> 0.25
-            [[0.0, 0.0], [0.0, 0.0]],  # no attribution anywhere -> 0, not NaN
         ]
     )
-    assert wrong_reason_share(A, W_true) == pytest.approx([1.0, 0.0, 0.25, 0.0])
+    assert wrong_reason_share(A, W_true) == pytest.approx([1.0, 0.0, 0.25])
+
+
+def test_a_dead_map_is_flagged_never_scored_as_a_right_reason():
+    from xbl.explain.metrics import dead_maps, outside_share
+
+    W_true = np.array([[[1, 0], [0, 0]]] * 3, dtype=float)
+    A = np.array([[[0.0, 0.0], [0.0, 0.0]], [[np.nan, 1.0], [0.0, 0.0]], [[0.0, 1.0], [0, 0]]])
+    assert dead_maps(A).tolist() == [True, True, False]
+    share = wrong_reason_share(A, W_true)
+    assert np.isnan(share[:2]).all() and share[2] == 0.0
+    assert np.isnan(outside_share(A, W_true > 0)[:2]).all()
 
 
 def test_wrong_reason_share_single_map_and_torch():
@@ -84,5 +94,5 @@ def test_outside_share_counts_attribution_off_the_evidence_and_skips_uninformati
         [[[3.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]], [[1, 1], [1, 1]], [[1, 0], [0, 0]]]
     )
     share = outside_share(A, M)
-    assert share[:2] == pytest.approx([0.25, 0.0])
-    assert np.isnan(share[2:]).all()
+    assert share[0] == pytest.approx(0.25)
+    assert np.isnan(share[1:]).all()  # [1]: a dead map

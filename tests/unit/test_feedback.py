@@ -16,7 +16,7 @@ from xbl.data.images import to_tensor
 from xbl.explain.metrics import activation_recall
 from xbl.explain.saliency import gradcam
 from xbl.feedback.losses import explanation
-from xbl.feedback.masks import read_feedback, write_feedback
+from xbl.feedback.masks import read_feedback, read_mask_records, write_feedback
 from xbl.feedback.methods import METHODS
 from xbl.feedback.schedule import build_feedback, method_lambda
 from xbl.train.models import SmallCNN
@@ -286,14 +286,14 @@ def test_manifest_round_trip_carries_ignore_and_keep_masks_and_ratings(tmp_path)
     assert rows[0]["kept_pixels"] == str(int(keep["a"].sum())) and rows[1]["kept_pixels"] == "0"
     assert (tmp_path / "round-2" / "problems.txt").read_text() == "a problem\n"
 
-    indices, W, kept, got_ratings = read_feedback([str(manifest)])
-    assert indices.tolist() == [7, 3] and got_ratings == {0: "bad"}
-    assert np.array_equal(W, np.stack([masks["a"], masks["b"]]))
-    assert np.array_equal(kept[0], keep["a"]) and kept[0].any()
-    assert kept.shape == W.shape and not kept[1].any()
+    records = read_mask_records([str(manifest)])
+    assert [(r.image_id, r.index, r.rating) for r in records] == [("a", 7, "bad"), ("b", 3, "")]
+    assert np.array_equal(np.stack([r.ignore for r in records]), np.stack([masks["a"], masks["b"]]))
+    assert np.array_equal(records[0].keep, keep["a"]) and records[0].keep.any()
+    assert records[1].keep.shape == masks["b"].shape and not records[1].keep.any()
 
 
-def _old_manifest(folder, index: int, mask: np.ndarray, rating: str) -> str:
+def _old_manifest(folder, image_id: str, index: int, mask: np.ndarray, rating: str) -> str:
     """A round's manifest as written before keep masks were stored: no keep column."""
     (folder / "masks").mkdir(parents=True)
     Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / "old.png")
@@ -303,7 +303,7 @@ def _old_manifest(folder, index: int, mask: np.ndarray, rating: str) -> str:
         writer.writeheader()
         writer.writerow(
             {
-                "image_id": "old",
+                "image_id": image_id,
                 "index": index,
                 "round": 1,
                 "mask": "masks/old.png",
@@ -318,18 +318,19 @@ def test_a_manifest_without_keep_masks_reads_with_empty_ones(tmp_path, data, mod
     """Old rounds still train: their images keep no evidence, so HINT gets no term from them."""
     idx = data.indices("train")[:2]
     old_W = data.confounder[idx[0]]
-    old = _old_manifest(tmp_path / "round-1", int(idx[0]), old_W, "good")
+    old = _old_manifest(tmp_path / "round-1", str(data.ids[idx[0]]), int(idx[0]), old_W, "good")
     kept_cells = {"new": np.zeros((28, 28), bool)}
     kept_cells["new"][8:16, 8:16] = True
     new = write_feedback(
         tmp_path / "round-2",
-        {"new": {"index": int(idx[1]), "round": 2}},
-        {"new": np.zeros((28, 28), bool)},
-        {"new": "bad"},
+        {str(data.ids[idx[1]]): {"index": int(idx[1]), "round": 2}},
+        {str(data.ids[idx[1]]): np.zeros((28, 28), bool)},
+        {str(data.ids[idx[1]]): "bad"},
         [],
-        kept_cells,
+        {str(data.ids[idx[1]]): kept_cells["new"]},
     )
-    indices, W, keep, ratings = read_feedback([old, str(new)])
+    joined = read_feedback([old, str(new)], data)
+    indices, W, keep, ratings = joined.rows, joined.ignore, joined.keep, joined.ratings
     assert indices.tolist() == idx.tolist() and ratings == {0: "good", 1: "bad"}
     assert np.array_equal(W[0], old_W) and not keep[0].any()
     assert np.array_equal(keep[1], kept_cells["new"])

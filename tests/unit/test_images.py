@@ -10,6 +10,7 @@ from xbl.config import TrainConfig
 from xbl.data.digits import decoy_digits
 from xbl.data.images import DiskArray
 from xbl.data.prepared import PreparedData
+from xbl.errors import DataError
 from xbl.train.loop import predict_proba, training_loop
 from xbl.train.models import SmallCNN
 
@@ -77,15 +78,31 @@ def test_training_from_disk_learns_the_same_weights_as_from_memory(stored):
     assert [r["val_loss"] for r in ha] == pytest.approx([r["val_loss"] for r in hb])
 
 
-def test_a_truncated_array_file_is_a_clear_error(stored, tmp_path):
+def test_a_truncated_array_file_is_refused_when_loaded_not_rows_into_an_epoch(stored, tmp_path):
     memory, _ = stored
     memory.save(tmp_path / "prepared")
     images = tmp_path / "prepared" / "images.npy"
     images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"images.npy is truncated: .*prepare the data again"):
+        PreparedData.load(tmp_path / "prepared")
+
+
+def test_an_array_file_cut_short_after_it_was_opened_names_the_row(stored, tmp_path):
+    memory, _ = stored
+    memory.save(tmp_path / "prepared")
     data = PreparedData.load(tmp_path / "prepared")
+    images = tmp_path / "prepared" / "images.npy"
+    images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])
     data.images[0]  # the first rows are intact
-    with pytest.raises(OSError, match="truncated"):
+    with pytest.raises(DataError, match=f"row {len(data) - 1} is truncated"):
         data.images[len(data) - 1]
+
+
+@pytest.mark.parametrize("content", [b"", b"not numpy at all", b"\x93NUMPY\x01\x00\x10\x00{'de"])
+def test_a_file_that_is_no_numpy_array_is_a_clear_error(tmp_path, content):
+    (tmp_path / "images.npy").write_bytes(content)
+    with pytest.raises(DataError, match="images.npy is not a numpy array file"):
+        DiskArray(tmp_path / "images.npy")
 
 
 def test_a_folder_without_an_index_names_the_prepare_stage(tmp_path):

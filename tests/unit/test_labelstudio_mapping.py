@@ -335,12 +335,14 @@ def test_masks_from_annotations_name_the_task_of_each_problem():
         "to_name": "image",
         "value": {"x": 0, "y": 0, "width": 10, "height": 10, "rectanglelabels": ["dog"]},
     }
+    good = relabel(cell_predictions([(1, 1)], 4, 28, 28, "m")["result"], "ignore")
     annotations = [
-        {"image_id": "a", "task_id": 11, "annotation_id": 5, "result": [bad]},
+        {"image_id": "a", "task_id": 11, "annotation_id": 5, "result": [*good, bad]},
         {"image_id": "b", "task_id": 12, "annotation_id": 6, "result": []},
     ]
     masks, keep, ratings, problems, _ = masks_from_annotations(annotations, 28, 28)
     assert set(masks) == set(keep) == {"a", "b"} and ratings == {"a": None, "b": None}
+    np.testing.assert_array_equal(masks["a"], cells_to_mask([(1, 1)], 4, 28, 28))
     assert problems == [
         "task 11 (image a, annotation 5): region r9: unknown label 'dog' "
         "(expected 'ignore' or 'model attention')"

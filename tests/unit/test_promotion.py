@@ -1,67 +1,131 @@
 """The promotion rule: the candidate must beat the current champion on evidence free of the
-shortcut (docs/methods.md, "Promotion")."""
+shortcut, by a paired test (docs/methods.md, "Promotion")."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from scipy.stats import binomtest
 
 from xbl.config import PromotionConfig
-from xbl.judge.promotion import promotion_decision
+from xbl.feedback.counterfactual import counterfactual_images, fill_from_surround, to_cells
+from xbl.judge.paired import compare_paired, mcnemar_p, paired_bootstrap_ci
+from xbl.judge.promotion import NO_EVIDENCE, promotion_decision
 
 RULE = PromotionConfig()
 
 
-def model(audit=None, val=0.95, wrs=None, outside=None) -> dict:
-    metrics = {"val_accuracy": val}
-    if audit is not None:
-        metrics["audit_accuracy"] = audit
-    if wrs is not None:
-        metrics["val_wrong_reason_share_deeplift"] = wrs
-    if outside is not None:
-        metrics["val_outside_share_deeplift"] = outside
-    return metrics
+def outcomes(both: int, gained: int, lost: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
+    """Champion and candidate correctness on the same images."""
+    champion = [1] * both + [0] * gained + [1] * lost + [0] * neither
+    candidate = [1] * both + [1] * gained + [0] * lost + [0] * neither
+    return np.array(champion, bool), np.array(candidate, bool)
 
 
-def test_with_an_audit_split_the_higher_audit_accuracy_wins_whatever_val_says():
-    shortcut = model(audit=0.74, val=0.98, wrs=0.4)
-    fixed = model(audit=0.93, val=0.95, wrs=0.05)  # val drops 0.03: the shortcut is gone
-    promoted, why = promotion_decision(shortcut, fixed, RULE)
-    assert promoted and why.startswith("audit accuracy 0.930 against the champion's 0.740")
-    assert not promotion_decision(fixed, shortcut, RULE)[0]
+def test_mcnemar_is_the_exact_one_sided_binomial_test_on_the_discordant_images():
+    for gained, lost in ((9, 1), (5, 5), (0, 3), (30, 12)):
+        expected = binomtest(gained, gained + lost, 0.5, alternative="greater").pvalue
+        assert mcnemar_p(gained, lost) == pytest.approx(expected)
+    assert mcnemar_p(0, 0) == 1.0
 
 
-def test_a_candidate_that_only_ties_the_champion_or_misses_the_gain_is_rejected():
-    champion = model(audit=0.90)
-    assert not promotion_decision(champion, model(audit=0.90), RULE)[0]
-    rule = PromotionConfig(min_audit_gain=0.02)
-    promoted, why = promotion_decision(champion, model(audit=0.91), rule)
-    assert not promoted and "required gain 0.02" in why
-    assert promotion_decision(champion, model(audit=0.93), rule)[0]
+def test_the_paired_comparison_counts_only_disagreements():
+    champion, candidate = outcomes(both=300, gained=12, lost=2, neither=46)
+    c = compare_paired(champion, candidate)
+    assert (c.images, c.gained, c.lost) == (360, 12, 2)
+    assert c.difference == pytest.approx(10 / 360)
+    assert c.ci_low < c.difference < c.ci_high
+    assert c.p_value == pytest.approx(mcnemar_p(12, 2))
+    with pytest.raises(ValueError, match="same images"):
+        compare_paired(champion, candidate[:-1])
 
 
-def test_without_an_audit_split_explanations_come_first():
-    champion = model(val=0.95, wrs=0.30)
-    assert promotion_decision(champion, model(val=0.94, wrs=0.10), RULE)[0]
-    promoted, why = promotion_decision(champion, model(val=0.96, wrs=0.35), RULE)
-    assert not promoted and "explanation score 0.650 not above the champion's 0.700" in why
-    promoted, why = promotion_decision(champion, model(val=0.90, wrs=0.10), RULE)
-    assert not promoted and "val accuracy dropped 0.050" in why
+def test_the_bootstrap_interval_keeps_an_image_s_two_answers_together():
+    same = np.ones(200, bool)
+    assert paired_bootstrap_ci(same, same) == (0.0, 0.0)  # always agree: no spread at all
+    low, high = paired_bootstrap_ci(*outcomes(100, 30, 10, 60))
+    assert 0 < low < 0.1 < high < 0.2
 
 
-def test_user_data_scores_attribution_off_the_relevance_masks():
-    champion, candidate = model(outside=0.6), model(outside=0.3)
-    promoted, why = promotion_decision(champion, candidate, RULE)
-    assert promoted and "outside the relevance masks" in why
+def test_a_candidate_better_by_the_test_is_promoted_whatever_val_says():
+    champion, candidate = outcomes(both=250, gained=40, lost=5, neither=65)
+    decision = promotion_decision(
+        compare_paired(champion, candidate),
+        "audit, 360 of 360 images",
+        {"val_accuracy": 0.98},
+        {"val_accuracy": 0.93},  # val drops 0.05: the confounded split rewarded the shortcut
+        RULE,
+    )
+    assert decision.promoted and decision.reason.startswith("audit, 360 of 360 images: 0.806")
+    assert "McNemar p = " in decision.reason and "95 % CI" in decision.reason
+    record = decision.record()
+    assert record["p_value"] < 1e-6 and record["evidence"] == "audit, 360 of 360 images"
 
 
-def test_with_nothing_shortcut_free_to_judge_by_the_champion_stays():
-    promoted, why = promotion_decision(model(val=0.90), model(val=0.99), RULE)
-    assert not promoted and "champion kept" in why
+def test_a_small_gain_that_chance_explains_is_not_promoted():
+    """The old rule promoted any audit gain above 0: 3 images of 360 won it."""
+    champion, candidate = outcomes(both=300, gained=5, lost=2, neither=53)
+    decision = promotion_decision(compare_paired(champion, candidate), "audit", {}, {}, RULE)
+    assert not decision.promoted and "not better at level 0.05" in decision.reason
+    worse = promotion_decision(compare_paired(candidate, champion), "audit", {}, {}, RULE)
+    assert not worse.promoted
 
 
-@pytest.mark.parametrize("values", [{"max_val_acc_drop": -0.1}, {"min_audit_gain": 1.5}])
-def test_nonsense_rules_are_refused_at_load(values):
+def test_val_vetoes_only_when_the_setting_asks():
+    champion, candidate = outcomes(both=250, gained=40, lost=5, neither=65)
+    comparison = compare_paired(champion, candidate)
+    vals = ({"val_accuracy": 0.98}, {"val_accuracy": 0.90})
+    assert promotion_decision(comparison, "audit", *vals, RULE).promoted
+    veto = promotion_decision(comparison, "audit", *vals, PromotionConfig(val_veto=True))
+    assert not veto.promoted and "val_veto" in veto.reason
+
+
+def test_without_evidence_it_says_how_to_get_some():
+    decision = promotion_decision(None, "none", {"val_accuracy": 0.9}, {"val_accuracy": 1}, RULE)
+    assert not decision.promoted and decision.reason == NO_EVIDENCE
+    for way in ("split=audit", "confounder masks", "answer one round"):
+        assert way in NO_EVIDENCE
+
+
+def test_level_is_checked():
     from xbl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="promotion"):
-        PromotionConfig(**values)
+    with pytest.raises(ConfigError, match="level"):
+        PromotionConfig(level=0).check()
+
+
+# ---------------------------------------------------------------- the counterfactual replacement
+def test_the_fill_grows_the_mark_to_whole_cells_and_takes_the_surround():
+    image = np.full((3, 12, 12), 40, np.uint8)
+    image[0, 1:3, 1:3] = 250  # a red mark, not aligned with the 4-px grid's cell edges
+    mask = np.zeros((1, 12, 12), bool)
+    mask[0, 1:3, 1:3] = True
+    cells = to_cells(mask, 4)
+    assert cells[0, :4, :4].all() and cells.sum() == 16
+    out = counterfactual_images(image[None], mask, 4)[0]
+    assert (out == 40).all()  # mark gone, and no outline of it left
+    assert (out[:, 4:, 4:] == image[:, 4:, 4:]).all()  # the rest untouched
+
+
+def test_the_fill_reaches_a_large_region_and_an_image_marked_everywhere_keeps_its_mean():
+    image = np.zeros((1, 32, 32), np.uint8)
+    image[0, :, 16:] = 200
+    region = np.zeros((32, 32), bool)
+    region[4:28, 4:28] = True
+    out = fill_from_surround(image, region)
+    assert out[0, 16, 5] < 100 < out[0, 16, 26]  # each side takes its own surround
+    everywhere = fill_from_surround(image, np.ones((32, 32), bool))
+    assert (everywhere == 100).all()
+
+
+def test_a_donor_gives_each_image_a_shortcut_that_carries_no_label():
+    """The audit's images keep a shortcut, drawn from another image: the model that reads it
+    is misled as on a true audit split, whose decoys are re-drawn at random."""
+    images = np.zeros((2, 1, 8, 8), np.uint8)
+    images[0, 0, :2, :2] = 200  # image 0's mark, top left
+    images[1, 0, 6:, 6:] = 90  # image 1's mark, bottom right
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, :2, :2] = masks[1, 6:, 6:] = True
+    out = counterfactual_images(images, masks, 2, donors=np.array([1, 0]))
+    assert (out[0, 0, 6:, 6:] == 90).all() and (out[0, 0, :2, :2] == 0).all()
+    assert (out[1, 0, :2, :2] == 200).all() and (out[1, 0, 6:, 6:] == 0).all()

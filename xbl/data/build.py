@@ -9,7 +9,7 @@ import numpy as np
 from xbl.config import DataConfig
 from xbl.data.digits import decoy_digits
 from xbl.data.lesions import decoy_lesions
-from xbl.data.manifest import folder_manifest, read_manifest
+from xbl.data.manifest import check_out_folder, folder_manifest, read_manifest
 from xbl.data.prepared import PreparedData
 
 
@@ -19,10 +19,11 @@ def build_dataset(cfg: DataConfig, root: Path = Path("."), out: Path | None = No
     if cfg.dataset not in ("decoy-digits", "decoy-lesions"):
         source = root / cfg.dataset
         manifest = folder_manifest(source, cfg.split, cfg.seed) if source.is_dir() else source
-        return read_manifest(manifest, cfg.image_size, _channels(cfg), out)
+        return read_manifest(manifest, cfg.image_size, _channels(cfg), out, project=root)
     data = _built_in(cfg)
     if out is None:
         return data
+    check_out_folder(out, root)  # data.out names a folder of its own, never data/raw
     data.save(out)
     return PreparedData.load(out)
 

@@ -16,6 +16,26 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from xbl.errors import DataError
+
+_PREPARE_AGAIN = "prepare the data again (dvc repro prepare, or dvc checkout data/prepared)"
+
+
+def _npy_header(path: str) -> tuple[tuple, bool, np.dtype, int]:
+    """(shape, Fortran order, dtype, offset of the first row) of a `.npy` file."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(fh)
+            return shape, fortran, dtype, fh.tell()
+    except (ValueError, EOFError) as exc:  # numpy's words for a file that is no .npy
+        raise DataError(f"{path} is not a numpy array file ({exc}); {_PREPARE_AGAIN}") from None
+
 
 class DiskArray:
     """The rows of a `.npy` file, read on demand (one `pread` per row).
@@ -27,19 +47,17 @@ class DiskArray:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        with open(self.path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(fh)
-            self._offset = fh.tell()
+        shape, fortran, dtype, self._offset = _npy_header(self.path)
         if fortran:
-            raise ValueError(f"{self.path}: Fortran-ordered arrays cannot be read by row")
+            raise DataError(f"{self.path}: Fortran-ordered arrays cannot be read by row")
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        size, promised = os.path.getsize(self.path), self._offset + len(self) * self._row_bytes
+        if size < promised:  # found now, not rows into an epoch
+            raise DataError(
+                f"{self.path} is truncated: {size} bytes, its header promises {promised}; "
+                f"{_PREPARE_AGAIN}"
+            )
         self._fd: int | None = None
         self._pid: int | None = None
 
@@ -82,9 +100,10 @@ class DiskArray:
 
     def _row(self, r: int) -> np.ndarray:
         buf = os.pread(self._file(), self._row_bytes, self._offset + r * self._row_bytes)
-        if len(buf) != self._row_bytes:
-            raise OSError(
-                f"{self.path}: row {r} is truncated (the file is shorter than its header)"
+        if len(buf) != self._row_bytes:  # cut short since it was opened
+            raise DataError(
+                f"{self.path}: row {r} is truncated (the file is shorter than its header); "
+                f"{_PREPARE_AGAIN}"
             )
         return np.frombuffer(buf, dtype=self.dtype).reshape(self.shape[1:])
 
@@ -220,3 +239,7 @@ class RowWriter:
         self._fh.close()
         if self.written != self.n:
             raise ValueError(f"{self.path.name}: {self.written} rows written of {self.n}")
+
+    def discard(self) -> None:
+        """Close the file unfinished, when a bad row means it will not be used."""
+        self._fh.close()

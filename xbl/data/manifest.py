@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import os
+import re
 import shutil
+import struct
 import tempfile
+import warnings
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from xbl.data.images import DiskArray, RowWriter
 from xbl.data.prepared import AUDIT, IMAGE_SIZED, INDEX, SPLITS, PreparedData, stratified_split
+from xbl.errors import DataError
+from xbl.paths import FEEDBACK_ROOT, ROUNDS_ROOT
 
 
 # ---------------------------------------------------------------- user manifests
-class ManifestError(ValueError):
+class ManifestError(DataError):
     """A manifest with bad rows; the message names every row and its problem."""
 
 
@@ -25,6 +33,30 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 _GREY_MODES = ("1", "L", "LA", "I", "F") + tuple(m for m in Image.MODES if m.startswith("I;16"))
+
+# What Pillow's decoders raise on a damaged file: OSError for a truncated or garbled stream
+# (UnidentifiedImageError is one), SyntaxError for a broken PNG chunk met while decoding, and
+# the rest from a plugin that read a header field past the end of its data.
+_UNDECODABLE = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    IndexError,
+    KeyError,
+)
+
+
+def _too_large(path: Path, kind: str, exc: Exception) -> str:
+    pixels = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(pixels[1]):,} pixels" if pixels else "more pixels than Pillow allows"
+    return (
+        f"{kind} {path} has {size}, over Pillow's decompression-bomb limit of "
+        f"{Image.MAX_IMAGE_PIXELS:,}; resize it (prepare scales every image down to "
+        "data.image_size anyway) and list the smaller file"
+    )
 
 
 def _open_rgb_or_grey(path: Path, kind: str) -> Image.Image:
@@ -34,7 +66,12 @@ def _open_rgb_or_grey(path: Path, kind: str) -> Image.Image:
     convert("L") would. An RGB file whose three channels are equal everywhere is greyscale.
     """
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it; either is refused here, before
+            # the pixels are decoded
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             im.load()
             if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit PNGs open as I;16 or I
                 wide = np.asarray(im, dtype=np.float64).clip(0, 65535)
@@ -42,8 +79,10 @@ def _open_rgb_or_grey(path: Path, kind: str) -> Image.Image:
             if im.mode in _GREY_MODES:
                 return im.convert("L")
             rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"unreadable {kind} {path}: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(_too_large(path, kind, exc)) from None
+    except _UNDECODABLE as exc:
+        raise ValueError(f"unreadable {kind} {path}: {type(exc).__name__}: {exc}") from None
     arr = np.asarray(rgb)
     grey = (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
     return Image.fromarray(arr[..., 0]) if grey else rgb
@@ -156,6 +195,10 @@ class _ImageRows:
         if self.channels is None and not self.colour:
             _narrow_to_grey(self.folder / "images.npy")
 
+    def discard(self) -> None:
+        for writer in (self.images, *self.masks.values()):
+            writer.discard()
+
 
 def _narrow_to_grey(path: Path, chunk: int = 1024) -> None:
     """Rewrite an RGB images.npy whose images are all greyscale with one channel."""
@@ -169,7 +212,11 @@ def _narrow_to_grey(path: Path, chunk: int = 1024) -> None:
 
 
 def read_manifest(
-    path: str | Path, image_size: int, channels: int | None = None, out: Path | None = None
+    path: str | Path,
+    image_size: int,
+    channels: int | None = None,
+    out: Path | None = None,
+    project: Path = Path("."),
 ) -> PreparedData:
     """Load a CSV manifest: image, label, split[, mask][, confounder_mask].
 
@@ -178,41 +225,28 @@ def read_manifest(
     image listed twice is an error. split is train, val, test or audit (held-out images without
     the shortcut, judged for promotion). `mask` marks the evidence (relevance; all of the image
     without one), `confounder_mask` the known shortcut (none without one). `channels` is 1, 3,
-    or None: 3 if any image is in colour, else 1.
+    or None: 3 if any image is in colour, else 1. The file is UTF-8 (with or without a BOM) or
+    UTF-16 with a BOM, separated by ',' or, when its header says so, by ';', tab or '|'.
 
     Every row is checked before anything trains; all problems are reported at once. Rows are
     written to the prepared folder `out` as they are read, so memory does not grow with the
     manifest, and the data returned reads from there; `out` stays as it was when a row is bad.
+    `out` is replaced whole, so it must hold nothing prepare did not write, and may not be or
+    hold the images' folder or the `project`'s folder, data/raw, feedback or rounds.
     Without `out` the data is returned in memory (small sets).
     """
     path = Path(path)
-    rows = _manifest_rows(path)
     if out is None:
         with tempfile.TemporaryDirectory(prefix="xbl-manifest-") as tmp:
             return _in_memory(read_manifest(path, image_size, channels, Path(tmp) / "prepared"))
     out = Path(out)
+    rows = _manifest_rows(path)
+    check_out_folder(out, Path(project), path.parent)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        ids, problems = _write_rows(path, rows, image_size, channels, staging)
-        labels = [(r.get("label") or "").strip() for r in rows]
-        splits = [(r.get("split") or "").strip() for r in rows]
-        trained = {lab for lab, s in zip(labels, splits) if s == "train" and lab}
-        for lab in sorted(set(labels) - trained - {""}):
-            problems.append(f"{path.name}: class {lab!r} has no training images")
-        if problems:
-            raise ManifestError(
-                f"{len(problems)} problem(s) in {path}:\n  " + "\n  ".join(problems)
-            )
-        classes = np.array(sorted(set(labels)))
-        index = {
-            "labels": np.searchsorted(classes, labels).astype(np.int64),
-            "split": np.array(splits),
-            "ids": np.array(ids),
-            "classes": classes,
-        }
-        np.savez(staging / INDEX, **index)
+        _write_prepared(path, rows, image_size, channels, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -221,34 +255,167 @@ def read_manifest(
     return PreparedData.load(out)
 
 
-def _manifest_rows(path: Path) -> list[dict]:
+def _write_prepared(
+    path: Path, rows: list[tuple[int, dict]], size: int, channels: int | None, folder: Path
+) -> None:
+    """Every row written to `folder` with the index, or ManifestError naming every bad row."""
+    ids, problems = _write_rows(path, rows, size, channels, folder)
+    labels = [(r.get("label") or "").strip() for _, r in rows]
+    splits = [(r.get("split") or "").strip() for _, r in rows]
+    trained = {lab for lab, s in zip(labels, splits) if s == "train" and lab}
+    for lab in sorted(set(labels) - trained - {""}):
+        problems.append(f"{path.name}: class {lab!r} has no training images")
+    if problems:
+        raise ManifestError(f"{len(problems)} problem(s) in {path}:\n  " + "\n  ".join(problems))
+    classes = np.array(sorted(set(labels)))
+    index = {
+        "labels": np.searchsorted(classes, labels).astype(np.int64),
+        "split": np.array(splits),
+        "ids": np.array(ids),
+        "classes": classes,
+    }
+    np.savez(folder / INDEX, **index)
+
+
+# What prepare leaves in its folder: the arrays, the index and the stage's summary.json.
+PREPARED_FILES = frozenset({*(f"{name}.npy" for name in IMAGE_SIZED), INDEX, "summary.json"})
+_OWN_FOLDER = "data.out must be a folder of its own, such as data/prepared"
+
+
+def check_out_folder(out: Path, project: Path = Path("."), images: Path | None = None) -> None:
+    """Refuse, as ManifestError, an `out` that prepare may not replace whole: one holding
+    anything prepare did not write, or that is or holds the `images`' folder, the `project`
+    folder or its data/raw, feedback or rounds."""
+    guarded = {
+        "the project folder": project,
+        **{p: project / p for p in ("data/raw", FEEDBACK_ROOT, ROUNDS_ROOT)},
+        **({"the images' folder": images} if images is not None else {}),
+    }
+    for name, folder in guarded.items():
+        if folder.resolve().is_relative_to(out.resolve()):
+            raise ManifestError(f"{out} is or holds {name} ({folder}); {_OWN_FOLDER}")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ManifestError(f"{out} is not a folder prepare made; {_OWN_FOLDER}")
+    foreign = sorted(
+        p.name for p in (out.iterdir() if out.is_dir() else ()) if not _prepared_file(p)
+    )
+    if foreign:
+        more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
+        raise ManifestError(
+            f"{out} holds {foreign[:10]}{more}, which prepare did not write, and prepare "
+            f"replaces the whole folder; {_OWN_FOLDER}"
+        )
+
+
+def _prepared_file(path: Path) -> bool:
+    return path.name in PREPARED_FILES and path.is_file() and not path.is_symlink()
+
+
+_REQUIRED = frozenset({"image", "label", "split"})
+_SEPARATORS = (",", ";", "\t", "|")  # ',' first: it wins a tie
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # Excel's "Unicode text" is UTF-16
+
+
+def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
+    """Each row with the line it ends on (a quoted value may span lines; blank lines are
+    skipped). Fields past the header's are kept under None, for the row check to report."""
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"image", "label", "split"} - set(reader.fieldnames or [])
-        if missing:
-            raise ManifestError(f"{path}: missing column(s) {sorted(missing)}")
-        rows = list(reader)
+    text = _manifest_text(path)
+    separator = _separator(text)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        _check_header(path, header, separator)
+        rows = [(reader.line_num, _row(header, fields)) for fields in reader if fields]
+    except csv.Error as exc:  # a NUL byte, an unclosed quote at the end, a huge field
+        raise ManifestError(f"{path} line {reader.line_num}: {exc}") from None
     if not rows:
         raise ManifestError(f"{path}: no rows")
     return rows
 
 
+def _manifest_text(path: Path) -> str:
+    raw = path.read_bytes()
+    encoding = "utf-16" if raw.startswith(_UTF16_BOMS) else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        where = _undecodable_lines(raw) if encoding == "utf-8-sig" else f"at byte {exc.start}"
+        raise ManifestError(
+            f"{path} is not {encoding.removesuffix('-sig').upper()} text: {where}. Save it as "
+            'UTF-8 (in Excel: "CSV UTF-8"; or iconv -f cp1252 -t utf-8 OLD > NEW)'
+        ) from None
+
+
+def _undecodable_lines(raw: bytes) -> str:
+    """Which lines hold bytes that are not UTF-8, and the first such byte (no UTF-8 sequence
+    contains a newline byte, so lines can be split before decoding)."""
+    bad, offset = [], 0
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad.append((number, offset + exc.start, line[exc.start : exc.start + 1]))
+        offset += len(line) + 1
+    number, byte, value = bad[0]
+    lines = ", ".join(str(n) for n, _, _ in bad)
+    return f"line(s) {lines} (the first at byte {byte}: {value!r} on line {number})"
+
+
+def _separator(text: str) -> str:
+    """The separator that splits the header into the most of the required columns."""
+    header = text.split("\n", 1)[0].rstrip("\r")
+
+    def required(separator: str) -> int:
+        names = next(csv.reader([header], delimiter=separator), [])
+        return len(_REQUIRED & {name.strip() for name in names})
+
+    return max(_SEPARATORS, key=required)
+
+
+def _check_header(path: Path, header: list[str], separator: str) -> None:
+    missing = _REQUIRED - set(header)
+    if missing:
+        read = "" if separator == "," else f", read with {separator!r} as the separator"
+        raise ManifestError(
+            f"{path}: missing column(s) {sorted(missing)} (the header line gives {header}{read})"
+        )
+
+
+def _row(header: list[str], fields: list[str]) -> dict:
+    row: dict = dict(zip(header, fields))
+    if len(fields) > len(header):
+        row[None] = fields[len(header) :]
+    return row
+
+
 def _write_rows(
-    path: Path, rows: list[dict], image_size: int, channels: int | None, folder: Path
+    path: Path, rows: list[tuple[int, dict]], image_size: int, channels: int | None, folder: Path
 ) -> tuple[list[str], list[str]]:
     """Check every row and write each good one while none was bad: (IDs, problems)."""
     writer = _ImageRows(folder, len(rows), image_size, channels)
+    try:
+        ids, problems = _check_rows(path, rows, image_size, writer)
+    except BaseException:
+        writer.discard()
+        raise
+    if problems:
+        writer.discard()
+    else:
+        writer.close()
+    return ids, problems
+
+
+def _check_rows(
+    path: Path, rows: list[tuple[int, dict]], image_size: int, writer: _ImageRows
+) -> tuple[list[str], list[str]]:
     ids, problems, first_line = [], [], {}
-    for line, row in enumerate(rows, start=2):  # line 1 is the header
+    for line, row in rows:
         where = f"{path.name} line {line} ({row.get('image')})"
-        label, split = (row.get("label") or "").strip(), (row.get("split") or "").strip()
-        if not label:
-            problems.append(f"{where}: empty class label")
-            continue
-        if split not in (*SPLITS, AUDIT):
-            problems.append(f"{where}: unknown split {split!r} (use train, val, test or audit)")
+        problem = _field_problem(row)
+        if problem:
+            problems.append(f"{where}: {problem}")
             continue
         try:
             one = _load_row(row, path.parent, image_size)
@@ -264,9 +431,22 @@ def _write_rows(
         ids.append(one.image_id)
         if not problems:
             writer.write(one)
-    if not problems:
-        writer.close()
     return ids, problems
+
+
+def _field_problem(row: dict) -> str | None:
+    """What is wrong with a row's fields before its files are opened, if anything."""
+    if None in row:
+        given = len(row) - 1 + len(row[None])
+        return (
+            f"{given} fields, the header has {len(row) - 1} (quote a value holding the separator)"
+        )
+    if not (row.get("label") or "").strip():
+        return "empty class label"
+    split = (row.get("split") or "").strip()
+    if split not in (*SPLITS, AUDIT):
+        return f"unknown split {split!r} (use train, val, test or audit)"
+    return None
 
 
 def _in_memory(data: PreparedData) -> PreparedData:

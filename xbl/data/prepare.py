@@ -1,4 +1,5 @@
-"""DVC stage `prepare`: build the dataset named in params.yaml into data/prepared/."""
+"""DVC stage `prepare`: build the dataset named in the settings file (`--params`, the file
+dvc.yaml's `params_file` names: params.yaml unless `xbl --params FILE` runs) into `data.out`."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xbl.config import ConfigError, load_config
+from xbl.config import load_config
 from xbl.data.build import build_dataset
-from xbl.data.manifest import ManifestError
+from xbl.errors import XblError
 
 
 def summary(data) -> dict:
@@ -26,13 +27,13 @@ def summary(data) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="the settings file")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.params).data
         out = Path(cfg.out)
         data = build_dataset(cfg, Path("."), out)
-    except (ConfigError, ManifestError) as exc:
+    except (XblError, FileNotFoundError) as exc:  # a setting or an input the user must fix
         print(f"prepare: {exc}", file=sys.stderr)
         return 2
     (out / "summary.json").write_text(json.dumps(summary(data), indent=2) + "\n")

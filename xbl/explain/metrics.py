@@ -23,23 +23,33 @@ def activation_recall(G, M) -> np.ndarray:
     return np.divide((M * G).sum(axis=1), evidence, out=np.full(len(M), np.nan), where=evidence > 0)
 
 
+def dead_maps(A) -> np.ndarray:
+    """Per image: the map is all zero or holds a non-finite value. Such a map explains nothing,
+    so no score may call it right (a dead map would otherwise put no share on the shortcut)."""
+    A = _per_image(A)
+    return ~np.isfinite(A).all(axis=1) | ~(np.abs(A) > 0).any(axis=1)
+
+
 def wrong_reason_share(A, W_true) -> np.ndarray:
     """sum(W_true * |A|) / sum(|A|) per image: the share of attribution on the known confounder.
 
-    0 where A is all zero: a map that points nowhere does not point at the confounder.
+    NaN where the map is dead (`dead_maps`): a map that points nowhere is not a right reason.
     """
-    A, W_true = np.abs(_per_image(A)), _per_image(W_true)
+    dead = dead_maps(A)
+    A, W_true = np.abs(np.nan_to_num(_per_image(A))), _per_image(W_true)
     total = A.sum(axis=1)
-    return np.divide((W_true * A).sum(axis=1), total, out=np.zeros(len(A)), where=total > 0)
+    share = np.divide((W_true * A).sum(axis=1), total, out=np.zeros(len(A)), where=total > 0)
+    return np.where(dead, np.nan, share)
 
 
 def outside_share(A, M) -> np.ndarray:
     """sum(~M * |A|) / sum(|A|) per image: the share of attribution off the marked evidence.
 
     NaN where M is empty or covers the whole image (no mask says nothing about where the
-    evidence is not), and 0 where A is all zero.
+    evidence is not), and where the map is dead (`dead_maps`).
     """
-    A, M = np.abs(_per_image(A)), _per_image(M) > 0
+    dead = dead_maps(A)
+    A, M = np.abs(np.nan_to_num(_per_image(A))), _per_image(M) > 0
     total, covered = A.sum(axis=1), M.mean(axis=1)
     share = np.divide((~M * A).sum(axis=1), total, out=np.zeros(len(A)), where=total > 0)
-    return np.where((covered > 0) & (covered < 1), share, np.nan)
+    return np.where((covered > 0) & (covered < 1) & ~dead, share, np.nan)

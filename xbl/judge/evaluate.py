@@ -8,7 +8,7 @@ from torch import nn
 
 from xbl.data.images import to_tensor
 from xbl.data.prepared import AUDIT, PreparedData
-from xbl.explain.metrics import activation_recall, outside_share, wrong_reason_share
+from xbl.explain.metrics import activation_recall, dead_maps, outside_share, wrong_reason_share
 from xbl.explain.saliency import deeplift_blurred, eval_mode, gradcam
 from xbl.feedback.losses import input_gradient_map
 from xbl.judge.metrics import classification_metrics, confusion_matrix
@@ -72,7 +72,8 @@ def explanation_metrics(
 ) -> dict[str, float]:
     """Per explainer: activation recall and the share of attribution outside the relevance
     masks, and the wrong-reason share on confounder masks; each mean is over the images that
-    have a mask of that kind (docs/methods.md, "Metrics")."""
+    have a mask of that kind (docs/methods.md, "Metrics"). A dead map (all zero or non-finite)
+    is left out of every score and counted in `dead_map_share_<explainer>`."""
     idx = data.indices(split)
     scores: dict[str, list] = {}
     for start in range(0, len(idx), batch_size):
@@ -87,6 +88,7 @@ def explanation_metrics(
             scores.setdefault(f"wrong_reason_share_{name}", []).append(
                 wrong_reason_share(A[has_confounder], confounder[has_confounder])
             )
+            scores.setdefault(f"dead_map_share_{name}", []).append(dead_maps(A).astype(float))
     out = {}
     for name, parts in scores.items():
         values = np.concatenate(parts)
@@ -99,10 +101,14 @@ def explanation_score(metrics: dict, split: str = "val") -> tuple[float | None, 
     """One number, higher = righter reasons, by an explainer no feedback term optimises, and
     what it rests on: 1 − wrong-reason share where confounder masks exist, else 1 − the share
     of attribution outside the relevance masks, else nothing (None)."""
+    dead = metrics.get(f"{split}_dead_map_share_{SCORED_BY}", 0.0)
+    flag = f"; {dead:.0%} of the maps dead, left out" if dead > 0 else ""
     wrs = metrics.get(f"{split}_wrong_reason_share_{SCORED_BY}")
     if wrs is not None:
-        return 1.0 - wrs, f"1 − wrong-reason share ({SCORED_BY}, confounder masks)"
+        return 1.0 - wrs, f"1 − wrong-reason share ({SCORED_BY}, confounder masks{flag})"
     outside = metrics.get(f"{split}_outside_share_{SCORED_BY}")
     if outside is not None:
-        return 1.0 - outside, f"1 − attribution outside the relevance masks ({SCORED_BY})"
+        return 1.0 - outside, f"1 − attribution outside the relevance masks ({SCORED_BY}{flag})"
+    if dead >= 1.0:
+        return None, f"every {SCORED_BY} map is dead (all zero or non-finite): no explanation score"
     return None, "no masks: no explanation score"

@@ -41,7 +41,7 @@ def query_records(
         records.append(
             {
                 "image_id": image_id,
-                "index": int(i),
+                "index": int(i),  # its row in this data version only: later rounds join by ID
                 "round": round_number,
                 "image_path": str(image_png(image, out / f"{stem}.png", scale)),
                 "overlay_path": str(

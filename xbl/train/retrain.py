@@ -32,10 +32,11 @@ def retraining(
     ratings: dict[int, str] | None = None,
     judged: nn.Module | None = None,
 ) -> Retraining:
-    """Retraining on the annotated images `indices` (ignore masks W, kept evidence `keep`) from
-    a fresh start or warm from `judged`, the model whose explanations annotators judged
-    (`feedback.init`). eXBL's exemplars are that model's either way: those are what annotators
-    judged; `judged` may be None when neither needs it."""
+    """Retraining on the annotated images `indices`, rows of `data` (ignore masks W, kept
+    evidence `keep`; `read_feedback` finds each mask's row by image ID), from a fresh start or
+    warm from `judged`, the model whose explanations annotators judged (`feedback.init`).
+    eXBL's exemplars are that model's either way: those are what annotators judged; `judged`
+    may be None when neither needs it."""
     fb = build_feedback(
         feedback, data, indices, W, train.seed, model=judged, ratings=ratings, keep=keep
     )
