@@ -90,7 +90,6 @@ def seed_study(name: str, seed: int, log) -> dict:
         ann.indices,
         ann.W,
         cell,
-        CONFIG.query.propagation_threshold,
         CONFIG.query.review_confidence,
     )
     log(f"{name} seed {seed}: counterfactual audit {cf.describe() if cf else 'none'}")

@@ -267,7 +267,7 @@ def recorded_decision(client: MlflowClient, run_id: str) -> dict | None:
 def record_decision(client: MlflowClient, run_id: str, compared_with: str, decision: dict) -> None:
     """The decision on the candidate's run, its paired figures as metrics; the JSON tag last
     (its presence means the decision is complete)."""
-    figures = ("p_value", "difference", "ci_low", "ci_high", "images")
+    figures = ("p_value", "candidate_accuracy", "difference", "ci_low", "ci_high", "images")
     log_metrics(client, run_id, {f"promotion/{k}": decision[k] for k in figures if k in decision})
     client.set_tag(run_id, COMPARED_WITH_TAG, compared_with)
     client.set_tag(run_id, PROMOTED_TAG, str(decision["promoted"]).lower())

@@ -251,7 +251,6 @@ def _judge(client, champion, baseline, candidate, rule, dataset, manifests, quer
         marks.rows,
         marks.ignore,
         query.grid_cell,
-        query.propagation_threshold,
         query.review_confidence,
     )
     comparison = None

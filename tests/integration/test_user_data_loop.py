@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from flows.loop import feedback_round_flow
 from services import tracking
 from tests.integration.project import make_project
-from xbl.data.prepared import PreparedData
+from xbl.data.prepared import AUDIT, PreparedData
 
 pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
 
@@ -26,7 +26,9 @@ SMALL = {
 }
 
 
-def draw(label: int, tag_codes_label: bool, rng) -> tuple[Image.Image, Image.Image, Image.Image]:
+def draw(
+    label: int, tag_codes_label: bool, rng, tags=((220, 30, 30), (30, 30, 220))
+) -> tuple[Image.Image, Image.Image, Image.Image]:
     """(RGB image, relevance mask, confounder mask): a circle (0) or a square (1) somewhere in
     the middle, and a 6-px tag in a random corner, red for 0 and blue for 1 when it codes the
     label, of a random colour otherwise."""
@@ -42,12 +44,12 @@ def draw(label: int, tag_codes_label: bool, rng) -> tuple[Image.Image, Image.Ima
     colour = label if tag_codes_label else int(rng.integers(0, 2))
     cx, cy = rng.choice([1, SIZE - 7]), rng.choice([1, SIZE - 7])
     tag = (cx, cy, cx + 5, cy + 5)
-    ImageDraw.Draw(image).rectangle(tag, fill=((220, 30, 30), (30, 30, 220))[colour])
+    ImageDraw.Draw(image).rectangle(tag, fill=tags[colour])
     ImageDraw.Draw(confounder).rectangle(tag, fill=255)
     return image, relevance, confounder
 
 
-def write_dataset(root, n: int, with_masks: bool, seed: int = 0) -> list[dict]:
+def write_dataset(root, n: int, with_masks: bool, seed: int = 0, **tags) -> list[dict]:
     """n images per class; manifest rows (train/val coded, test/audit random)."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -55,7 +57,7 @@ def write_dataset(root, n: int, with_masks: bool, seed: int = 0) -> list[dict]:
         for i in range(n):
             split = ("train",) * 6 + ("val", "val", "test", "audit")
             split = split[i % len(split)]
-            image, relevance, confounder = draw(label, split in ("train", "val"), rng)
+            image, relevance, confounder = draw(label, split in ("train", "val"), rng, **tags)
             folder = root / name
             folder.mkdir(parents=True, exist_ok=True)
             image_file = folder / f"{i:03d}.png"
@@ -104,10 +106,12 @@ def test_an_rgb_folder_without_masks_runs_the_round(tmp_path, team_env):
     assert data.images.shape[1:] == (3, 32, 32)  # auto: colour images stay RGB
     assert set(data.ids) >= {"circle/000.png", "square/000.png"}  # same file name, two ids
     assert not data.confounder.any()  # nothing known about the shortcut
-    # no audit rows in a folder layout and no masks: nothing shortcut-free to judge by
+    # no audit rows in a folder layout, no relevance masks, so no cell was marked "ignore":
+    # nothing shortcut-free to judge by, and the reason says how to get some
     assert "audit_accuracy" not in result["feedback"]["metrics"]
     assert not result["promotion"]["promoted"]
-    assert "champion kept" in result["promotion"]["reason"]
+    assert result["promotion"]["reason"].startswith("no shortcut-free evidence")
+    assert "split=audit" in result["promotion"]["reason"]
     manifest = project / "data" / "feedback" / "round-1" / "manifest.csv"
     with manifest.open() as fh:
         assert len(list(csv.DictReader(fh))) == 4  # every query answered, masks saved
@@ -140,9 +144,45 @@ def test_a_manifest_with_relevance_and_confounder_masks_is_judged_on_its_audit_r
         "test_outside_share_deeplift",
     ):
         assert key in metrics, key
-    assert result["promotion"]["reason"].startswith("audit accuracy")
+    assert result["promotion"]["evidence"].startswith("audit, 4 of 4 images")
+    assert "McNemar p = " in result["promotion"]["reason"]
     # the oracle marked cells off the shapes: some answer says "ignore" somewhere
     masks = project / "data" / "feedback" / "round-1" / "masks"
     assert any(np.asarray(Image.open(p)).any() for p in masks.glob("*.png"))
     roles = {row["role"] for row in result["table"]}
     assert roles == {"baseline = champion", "candidate"}
+
+
+def test_a_manifest_without_audit_rows_is_judged_on_its_counterfactual_audit(tmp_path, team_env):
+    """No audit rows: the val split is confounded, so the old rule (val may drop 0.02) vetoed
+    every real fix. The answers' "ignore" marks build the counterfactual audit instead, where
+    the shortcut model loses what val credited it with. (That a fix is promoted there is
+    tests/integration/test_promotion.py's, on decoy-digits without its audit rows.)"""
+    project = make_project(
+        tmp_path / "project",
+        mlflow={"experiment": "user-no-audit"},
+        data={"dataset": "data/raw/tags/manifest.csv", "image_size": 32},
+        query={"grid_cell": 4, "top_cells": 6},
+    )
+    root = project / "data" / "raw" / "tags"
+    # a tag as bright as the shapes, or half as bright: a shortcut a small CNN takes at once
+    rows = write_dataset(root, n=150, with_masks=True, seed=1, tags=((250,) * 3, (110,) * 3))
+    for row in rows:
+        row["split"] = "test" if row["split"] == "audit" else row["split"]
+        del row["confounder_mask"]  # what the user knows: where the evidence is, no more
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["image", "label", "split", "mask"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    result, data = run_round(project, "user-no-audit")
+
+    assert AUDIT not in set(data.split) and not data.confounder.any()
+    promotion = result["promotion"]
+    assert promotion["evidence"].startswith("counterfactual audit, 60 of 60 images"), promotion
+    assert "McNemar p = " in promotion["reason"] and 0 <= promotion["p_value"] <= 1
+    baseline_val = result["baseline"]["metrics"]["val_accuracy"]
+    assert baseline_val > 0.95  # the shortcut: val credits it fully
+    # on the counterfactual audit the shortcut model is near chance, as on the random-tag test
+    champion_cf = promotion["champion_accuracy"]
+    assert champion_cf < 0.75 and abs(champion_cf - result["table"][0]["test_accuracy"]) < 0.15

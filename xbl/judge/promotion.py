@@ -35,6 +35,8 @@ class Decision:
             c = self.comparison
             out.update(
                 p_value=c.p_value,
+                champion_accuracy=c.champion_accuracy,
+                candidate_accuracy=c.candidate_accuracy,
                 difference=c.difference,
                 ci_low=c.ci_low,
                 ci_high=c.ci_high,
@@ -57,7 +59,7 @@ def promotion_decision(
         return Decision(False, NO_EVIDENCE, "none")
     verdict = f"{evidence}: {comparison.summary()}"
     drop = champion.get("val_accuracy", 0.0) - candidate.get("val_accuracy", 0.0)
-    context = f"; val accuracy {drop:+.3f} drop{_explanations(champion, candidate)}"
+    context = f"; val accuracy {-drop:+.3f}{_explanations(champion, candidate)}"
     if comparison.difference <= 0 or comparison.p_value >= rule.level:
         return Decision(
             False, f"{verdict}: not better at level {rule.level}{context}", evidence, comparison
