@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from services.faults import crash_point
 from services.offline import OFFLINE_ENV
 from xbl.errors import ConfigError, XblError
 
@@ -146,6 +147,7 @@ def push(project: Path, *targets: str) -> None:
 def add(project: Path, path: str) -> str:
     """Track a folder (e.g. a round's feedback masks) and return its content hash."""
     dvc(project, "add", path)
+    crash_point("dvc-add")  # fault drill: added (cached, .dvc written), not pushed
     meta = yaml.safe_load((Path(project) / f"{path}.dvc").read_text())
     return meta["outs"][0]["md5"]
 

@@ -28,6 +28,7 @@ import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
+from services.faults import crash_point
 from xbl.labelstudio.interface import labeling_config, review_labeling_config
 from xbl.labelstudio.payloads import (
     cell_predictions,
@@ -344,6 +345,7 @@ def _task(client: LabelStudioClient, images_id: int, query: dict, model_version:
     }
     if "montage_path" in query:
         urls["montage_url"] = upload_file(client, images_id, query["montage_path"])
+    crash_point("push-partial")  # fault drill: files uploaded, the round's tasks not created
     task = task_payload({**query, **urls})
     task["predictions"] = [
         cell_predictions(

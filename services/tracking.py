@@ -284,16 +284,25 @@ def finish_recorded_promotion(client: MlflowClient, run_id: str) -> None:
     client.set_tag(run_id, PROMOTION_TAG, decision["reason"])
 
 
-def finish_recorded_promotions(client: MlflowClient, exp_id: str) -> int:
+def _close_parent(client: MlflowClient, run) -> None:
+    """The round's parent run, left RUNNING by a process that died after the decision."""
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    if parent_id and client.get_run(parent_id).info.status == "RUNNING":
+        client.set_terminated(parent_id)
+
+
+def finish_recorded_promotions(client: MlflowClient, exp_id: str) -> list[str]:
     """A run that died between recording its decision and tagging its round done is finished
-    from the record, never judged again nor discarded. Returns how many were finished."""
+    from the record, never judged again nor discarded, and its round's parent run is closed.
+    Returns the runs finished (their rounds' reports are still to draw)."""
     runs = client.search_runs(
         [exp_id], f"attributes.status = 'FINISHED' and tags.`{DECISION_TAG}` != ''"
     )
     unfinished = [r for r in runs if PROMOTION_TAG not in r.data.tags]
     for run in unfinished:
         finish_recorded_promotion(client, run.info.run_id)
-    return len(unfinished)
+        _close_parent(client, run)
+    return [r.info.run_id for r in unfinished]
 
 
 def download_checkpoint(client: MlflowClient, run_id: str, out_dir: Path) -> Path:

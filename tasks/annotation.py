@@ -13,6 +13,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from services import labelstudio as ls
+from services.faults import crash_point
 from tasks import SERVICE_RETRIES
 from xbl.config import WaitConfig
 from xbl.data.prepared import PreparedData
@@ -177,6 +178,7 @@ def _write_round(
         {k: row["source"] for k, (row, _) in carried.items()},
         {k: float(row["confidence"]) for k, (row, _) in carried.items() if row["confidence"]},
     )
+    crash_point("masks-partial")  # fault drill: masks written, the folder not complete
     write_cost(out, _answer_costs(tasks, queries, read))
     write_agreement(out, read)
 

@@ -27,6 +27,9 @@ class RoundState:
     project_id: int | None  # the experiment's Label Studio project, once pushed to
     project_url: str | None
     orphaned: tuple[int, ...] = ()  # pushed rounds whose baseline this MLflow store lacks
+    # feedback runs whose promotion this run finished from the record (a crash came between
+    # the decision and the round's end): their reports are drawn before the next round
+    finished_from_record: tuple[str, ...] = ()
 
 
 @task(**SERVICE_RETRIES)
@@ -37,10 +40,12 @@ def read_round_state(project: str, experiment: str, title: str) -> RoundState:
     store was wiped, or points elsewhere) cannot be resumed: it is orphaned, its annotations
     stay in Label Studio and join the next retraining, and this run opens a new round."""
     client, exp_id = _experiment(project, experiment)
-    finished = tracking.finish_recorded_promotions(client, exp_id)
+    finished = tuple(tracking.finish_recorded_promotions(client, exp_id))
     if finished:
         get_run_logger().warning(
-            "finished %d promotion(s) that a crash interrupted after the decision", finished
+            "finished the promotion of run(s) %s from the decision recorded before a crash; "
+            "drawing their round reports",
+            list(finished),
         )
     completed = tracking.completed_rounds(client, exp_id)
     labelstudio = ls.connect()
@@ -63,9 +68,11 @@ def read_round_state(project: str, experiment: str, title: str) -> RoundState:
     done, asked = tuple(sorted(completed)), tuple(sorted(pushed.queried))
     if open_rounds:
         n = open_rounds[-1]
-        return RoundState(n, True, pushed.rounds[n], done, asked, pushed.project_id, url, orphaned)
+        return RoundState(
+            n, True, pushed.rounds[n], done, asked, pushed.project_id, url, orphaned, finished
+        )
     n = max([*completed, *pushed.rounds, 0]) + 1
-    return RoundState(n, False, None, done, asked, pushed.project_id, url, orphaned)
+    return RoundState(n, False, None, done, asked, pushed.project_id, url, orphaned, finished)
 
 
 def _experiment(project: str, experiment: str):

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from services import tracking
+from services.faults import crash_point
 from tasks import SERVICE_RETRIES
 from xbl.config import PromotionConfig, QueryConfig
 from xbl.data.prepared import PreparedData
@@ -77,6 +78,7 @@ def log_model_run(
     if trained.effective_lambda is not None:
         final["effective_lambda"] = trained.effective_lambda
     tracking.log_metrics(client, run_id, final)
+    crash_point("mlflow-logging")  # fault drill: the run started, its model not logged
     tracking.log_confusion_matrix(
         client, run_id, np.array(evaluation["confusion_matrix"]), evaluation["classes"]
     )
@@ -227,6 +229,7 @@ def promote(
         )
         decision = _judge(client, champion, baseline, candidate, rule, dataset, manifests, query)
         tracking.record_decision(client, candidate["run_id"], champion["run_id"], decision)
+    crash_point("promotion")  # fault drill: the decision recorded, not carried out
     tracking.finish_recorded_promotion(client, candidate["run_id"])
     champion = tracking.run_record(client.get_run(decision["compared_with"]), None)
     return {**decision, "champion": champion}

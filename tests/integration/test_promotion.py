@@ -162,7 +162,7 @@ def test_a_crash_before_the_alias_moves_is_finished_from_the_record(store, model
     assert tracking.PROMOTION_TAG not in client.get_run(candidate["run_id"]).data.tags
     assert 1 not in tracking.completed_rounds(client, exp)
     # the next run's first step (read_round_state) finishes it from the record
-    assert tracking.finish_recorded_promotions(client, exp) == 1
+    assert tracking.finish_recorded_promotions(client, exp) == [candidate["run_id"]]
     assert _champion_run(client) == candidate["run_id"]
     assert 1 in tracking.completed_rounds(client, exp)
 
