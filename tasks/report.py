@@ -13,6 +13,7 @@ from services import screenshot, tracking
 from tasks import is_transient
 from xbl.data.prepared import PreparedData
 from xbl.feedback.cost import annotation_budget
+from xbl.labelstudio.agreement import read_agreement
 from xbl.report.page import (
     PAGE_WIDTH,
     RoundPage,
@@ -47,7 +48,10 @@ def round_report(
     models = {title: load_model(path)[0] for title, path in checkpoints.items()}
     out = Path(out_dir)
     grids = round_grids(models, data, _asked(queries_json), out)
-    page = RoundPage(round_number, table, promotion, annotation_budget(manifests), grids, runs)
+    annotators = read_agreement(manifests[-1]) if manifests else None
+    page = RoundPage(
+        round_number, table, promotion, annotation_budget(manifests), grids, runs, annotators
+    )
     (out / "report.html").write_text(report_html(page))
     report_png(out / "report.html", page)
     client = tracking.client_for(Path(project))

@@ -78,6 +78,22 @@ def test_the_page_states_the_decision_and_escapes_what_it_quotes():
     assert "Promotion: champion kept" in kept
 
 
+def test_several_annotators_and_unreadable_answers_are_shown_only_when_there_are_some():
+    quiet = report_html(a_page(annotators={"tasks_with_several_annotators": 0, "unreadable": []}))
+    assert "Annotators:" not in quiet and "could not be read" not in quiet
+    record = {
+        "tasks_with_several_annotators": 3,
+        "mean_ignore_iou": 0.625,
+        "agree_on_nothing": 2,
+        "disagree_on_nothing": 1,
+        "unreadable": [{"task_id": 17, "image_id": "a.png", "reason": "value is a string"}],
+    }
+    page = report_html(a_page(annotators=record))
+    assert "3 task(s) answered by several; mean IoU of their ignore marks 0.62" in page
+    assert "2 agree and 1 disagree on nothing to ignore" in page
+    assert "1 annotation(s) could not be read, left out: task 17" in page
+
+
 def test_the_table_has_the_rounds_own_columns_and_marks_what_a_model_lacks():
     page = report_html(a_page())
 

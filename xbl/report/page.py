@@ -44,6 +44,9 @@ class RoundPage:
     budget: dict
     grids: dict[str, Path]
     runs: dict[str, str]
+    # the round's annotators (xbl/labelstudio/agreement.py's record): shown when several
+    # answered one task or an answer could not be read
+    annotators: dict | None = None
 
 
 def probe_indices(data: PreparedData, n: int = PROBES) -> np.ndarray:
@@ -193,6 +196,7 @@ img{{max-width:100%}}</style></head><body>
 <p><b>Promotion: {_verdict(page.promotion)}</b> — {html.escape(page.promotion["reason"])}</p>
 <table><tr>{head}</tr>{rows}</table>
 <p>{html.escape(_budget_line(page.budget))}</p>
+{"".join(f"<p>{html.escape(line)}</p>" for line in _annotator_lines(page.annotators))}
 <ul>{run_list}</ul>
 {figures}
 </body></html>
@@ -255,8 +259,30 @@ def _figure_lines(page: RoundPage) -> list[str]:
     return [
         f"Promotion: {_verdict(page.promotion)} — {page.promotion['reason']}",
         _budget_line(page.budget),
+        *_annotator_lines(page.annotators),
         *(f"{role}: {run}" for role, run in page.runs.items()),
     ]
+
+
+def _annotator_lines(record: dict | None) -> list[str]:
+    """Several annotators' agreement and the answers left out, when there are any."""
+    if not record:
+        return []
+    lines = []
+    shared = record.get("tasks_with_several_annotators", 0)
+    if shared:
+        iou = record.get("mean_ignore_iou")
+        lines.append(
+            f"Annotators: {shared} task(s) answered by several; mean IoU of their ignore marks "
+            f"{iou:.2f}; {record.get('agree_on_nothing', 0)} agree and "
+            f"{record.get('disagree_on_nothing', 0)} disagree on nothing to ignore; the union "
+            "of their marks trains"
+        )
+    unreadable = record.get("unreadable", [])
+    if unreadable:
+        tasks = ", ".join(str(u["task_id"]) for u in unreadable)
+        lines.append(f"{len(unreadable)} annotation(s) could not be read, left out: task {tasks}")
+    return lines
 
 
 def _draw_heading(ax, round_number: int, wrapped: list[str], text_px: int) -> None:
