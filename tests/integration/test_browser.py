@@ -384,10 +384,10 @@ def test_a_feedback_run_in_mlflow_learnt_from_those_answers(pushed, retrained, t
     version = run.data.tags[tracking.FEEDBACK_VERSION_TAG]
     assert version == retrained["feedback_version"]
     # the versioned masks are these answers: masks + keep masks per answer, manifest, problems,
-    # and the round's annotation cost (cost.json)
+    # the round's annotation cost (cost.json) and the annotators' agreement (agreement.json)
     dvc_file = project / "data" / "feedback.dvc"
     (out,) = yaml.safe_load(dvc_file.read_text())["outs"]
-    assert (out["md5"], out["nfiles"]) == (version, 2 * ANSWERED + 3)
+    assert (out["md5"], out["nfiles"]) == (version, 2 * ANSWERED + 4)
     assert (project / "data" / "feedback" / "round-1" / "cost.json").is_file()
     logged = Path(client.download_artifacts(run.info.run_id, "feedback.dvc", str(tmp_path)))
     assert logged.read_text() == dvc_file.read_text()

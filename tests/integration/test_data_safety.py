@@ -202,9 +202,11 @@ def annotate(client: ls.LabelStudioClient, title: str, verdict: str) -> int:
 
 
 def exported_verdicts(path: Path) -> dict[int, list[str]]:
+    """Every exported annotation's chosen verdicts (the session's server also holds other
+    tests' projects, whose annotations draw regions instead)."""
     snapshot = json.loads(path.read_text())
     return {
-        a["id"]: a["result"][0]["value"]["choices"]
+        a["id"]: [c for r in a["result"] for c in r.get("value", {}).get("choices", [])]
         for p in snapshot["projects"]
         for t in p["tasks"]
         for a in t["annotations"]

@@ -120,7 +120,8 @@ def test_feedback_beats_the_baseline_on_shortcut_free_evidence_and_is_promoted(o
     key = "test_wrong_reason_share_gradcam"
     assert after[key] <= 0.05, (key, before[key], after[key])
     assert result["promotion"]["promoted"], result["promotion"]["reason"]
-    assert result["promotion"]["reason"].startswith("audit accuracy")
+    assert result["promotion"]["evidence"].startswith("audit, ")
+    assert result["promotion"]["p_value"] < 0.05 and result["promotion"]["ci_low"] > 0
 
 
 def test_checkout_of_a_feedback_run_restores_its_masks(oracle_round):

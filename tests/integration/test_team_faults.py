@@ -215,10 +215,10 @@ def _assert_round_is_whole(team, project: Path, n: int, submitted: list[dict]) -
     run = client.get_run(run_id)
     assert run.data.tags[tracking.FEEDBACK_ROUNDS_TAG] == ",".join(map(str, range(1, n + 1)))
     # ... and the feedback data it versions: every round's masks, keep masks, manifest,
-    # problems and cost, once (a duplicate or a leftover would change the count)
+    # problems, cost and agreement, once (a duplicate or a leftover would change the count)
     local = Path(client.download_artifacts(run_id, "feedback.dvc", str(project.parent)))
     out = yaml.safe_load(local.read_text())["outs"][0]
-    assert out["nfiles"] == n * (2 * K + 3)
+    assert out["nfiles"] == n * (2 * K + 4)
 
 
 # --- helpers ------------------------------------------------------------------------------------
