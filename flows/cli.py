@@ -77,8 +77,7 @@ def cmd_round(args) -> int:
     project = _checked_project(args)
     # a round already running here: one line naming it, before Prefect starts (the flow's own
     # lock stays the guard; this only spares the user the failed flow's traceback)
-    with lock.project_lock(project):
-        pass
+    lock.check_free(project)
     local_server = args.command == "demo" and not os.environ.get("LABEL_STUDIO_URL")
     if local_server and subprocess.call(["bash", str(INFRA / "labelstudio.sh"), "start"]) != 0:
         return 1

@@ -107,10 +107,7 @@ def project_lock(
     # outlives this process cannot keep the project locked.
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ProjectBusy(busy_message(project, _record(fd))) from None
+        _take(fd, fcntl.LOCK_EX, project)
         holder = _new_holder(path, flow_run, flow_run_name, team)
         _write(fd, holder.to_json())
         _HELD[str(path)] = holder
@@ -121,6 +118,42 @@ def project_lock(
             _write(fd, "")  # nobody holds it now: a reader must not name a finished run
     finally:
         os.close(fd)  # the last descriptor closed drops the flock
+
+
+def check_free(project: Path) -> None:
+    """Raise ProjectBusy, naming the holder, if a round holds `project`'s lock now.
+
+    A peek: it takes the lock shared for an instant and writes nothing, so it never shows up
+    as a holder in another run's refusal (two peeks do not exclude each other)."""
+    path = Path(project).resolve() / LOCK_FILE
+    if not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _take(fd, fcntl.LOCK_SH, project)
+    finally:
+        os.close(fd)
+
+
+NAMING_WAIT_S = 2.0  # how long a refusal waits for a holder to write its name
+
+
+def _take(fd: int, mode: int, project: Path) -> None:
+    """flock `fd` in `mode` at once, or raise ProjectBusy naming the holder.
+
+    An empty record while the lock is held means a peek (`check_free`) holds it shared for an
+    instant, or a holder has not yet written its name: try again for a moment rather than
+    refuse a free project or name nobody."""
+    deadline = time.monotonic() + NAMING_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = _record(fd)
+            if holder is not None or time.monotonic() > deadline:
+                raise ProjectBusy(busy_message(project, holder)) from None
+        time.sleep(0.05)
 
 
 def busy_message(project: Path, holder: Holder | None) -> str:

@@ -3,10 +3,12 @@ process dies, and the rule that tells a dead attempt (safe to clean up) from a l
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -144,3 +146,38 @@ def test_a_holder_on_another_host_is_gone_only_to_the_holder_of_its_team_slot(tm
 def test_an_unrecorded_attempt_counts_as_gone():
     """A parent run opened before holders were recorded; the caller holds the lock."""
     assert lock.holder_gone(None)
+
+
+def test_the_cli_peek_names_the_holder_and_never_shows_up_as_one(tmp_path, holder):
+    with pytest.raises(ProjectBusy, match="'brave-fox'"):
+        lock.check_free(tmp_path)
+    holder.stdin.close()
+    holder.wait()
+    lock.check_free(tmp_path)  # free again: the peek passes and leaves no name behind
+    assert (tmp_path / lock.LOCK_FILE).read_text() == ""
+
+
+def test_a_run_waits_out_a_peek_instead_of_being_refused_by_it(tmp_path):
+    """Two `xbl round` at once: one's peek may hold the lock, shared, in the very instant the
+    other's flow takes it. The flow waits that instant out; the peek is nobody to name."""
+    (tmp_path / ".xbl").mkdir()
+    fd = os.open(tmp_path / lock.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    threading.Timer(0.3, os.close, (fd,)).start()
+    with lock.project_lock(tmp_path, "run-a") as mine:
+        assert _recorded(tmp_path) == mine
+
+
+def test_a_holder_that_never_names_itself_is_refused_after_a_moment(tmp_path):
+    (tmp_path / ".xbl").mkdir()
+    fd = os.open(tmp_path / lock.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ProjectBusy, match="not yet written its name"), lock.project_lock(
+            tmp_path
+        ):
+            pass
+        assert lock.NAMING_WAIT_S <= time.monotonic() - started < lock.NAMING_WAIT_S + 1
+    finally:
+        os.close(fd)
