@@ -40,7 +40,7 @@ from xbl.data.digits import decoy_digits
 from xbl.data.lesions import decoy_lesions
 from xbl.judge.evidence import correct_on, counterfactual_audit, true_audit
 from xbl.judge.paired import compare_paired
-from xbl.judge.promotion import promotion_decision
+from xbl.judge.promotion import level_for, promotion_decision
 
 METHODS = ("rrr", "rrr_output", "rrr_g", "counterexamples", "hint")
 LAMBDA_SCALES = (1.0, 0.01)  # the method's λ, and one too weak to fix much
@@ -52,9 +52,10 @@ DATASETS = {
 }
 
 
-def gate(champion, candidate, evidence) -> dict:
+def gate(champion, candidate, evidence, earlier: int = 0) -> dict:
+    """The pipeline's decision; `earlier`: the comparisons already made on these images."""
     comparison = compare_paired(correct_on(champion, evidence), correct_on(candidate, evidence))
-    decision = promotion_decision(comparison, evidence.kind, {}, {}, CONFIG.promotion)
+    decision = promotion_decision(comparison, evidence.kind, {}, {}, CONFIG.promotion, earlier)
     return {
         "promoted": decision.promoted,
         "difference": comparison.difference,
@@ -128,16 +129,22 @@ def no_new_information(splits, vanilla, ann, cf, seed: int, log, rounds: int = 1
     """The default method on the same answers, a new seed each round, judged against the
     champion of the moment: how often does the champion change?"""
     method = CONFIG.feedback.method
-    champion, changes = vanilla, []
+    champion, changes, p_values = vanilla, [], []
     for r in range(rounds):
         candidate = retrain(vanilla, splits, method, ann, seed + 1000 + r)[0]
-        promoted = gate(champion, candidate, cf)["promoted"]
+        judged = gate(champion, candidate, cf, earlier=r)
+        promoted = judged["promoted"]
         changes.append(promoted)
+        p_values.append(judged["p_value"])
         if promoted:
             champion = candidate
     log(f"  10 rounds, same answers: champion changed {sum(changes)} times {changes}")
     # the first change replaces the shortcut model (information); later ones are chance
-    return {"promotions": changes, "changes_after_first": max(sum(changes) - 1, 0)}
+    return {
+        "promotions": changes,
+        "p_values": p_values,
+        "changes_after_first": max(sum(changes) - 1, 0),
+    }
 
 
 def page(result: dict) -> str:
@@ -149,7 +156,8 @@ def page(result: dict) -> str:
         machine_line(result["machine"]),
         "",
         f"Decisions that agree with the true-audit gate: **{agree} of {len(rows)}** "
-        f"({agree / len(rows):.0%}); level {CONFIG.promotion.level}.",
+        f"({agree / len(rows):.0%}); each a first comparison on its images, at level "
+        f"{level_for(CONFIG.promotion.level, 1):.3g} (budget {CONFIG.promotion.level}).",
         "",
     ]
     for s in result["per_seed"]:
@@ -160,6 +168,7 @@ def page(result: dict) -> str:
             f"{cov[0] if cov else 0} of {cov[1] if cov else '–'} val images; the answers marked "
             f"the decoy on {s['marked']:.0%} of the queries; 10 rounds with no new information: "
             f"{chance['promotions'] if chance else '–'}"
+            + (f", p-values {[float(f'{p:.2g}') for p in chance['p_values']]}" if chance else "")
         )
     lines += [
         "",

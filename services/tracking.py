@@ -267,11 +267,38 @@ def recorded_decision(client: MlflowClient, run_id: str) -> dict | None:
 def record_decision(client: MlflowClient, run_id: str, compared_with: str, decision: dict) -> None:
     """The decision on the candidate's run, its paired figures as metrics; the JSON tag last
     (its presence means the decision is complete)."""
-    figures = ("p_value", "candidate_accuracy", "difference", "ci_low", "ci_high", "images")
+    figures = (
+        "p_value",
+        "candidate_accuracy",
+        "difference",
+        "ci_low",
+        "ci_high",
+        "images",
+        "level",
+        "champion_evidence_explanation_score",
+        "candidate_evidence_explanation_score",
+    )
     log_metrics(client, run_id, {f"promotion/{k}": decision[k] for k in figures if k in decision})
     client.set_tag(run_id, COMPARED_WITH_TAG, compared_with)
     client.set_tag(run_id, PROMOTED_TAG, str(decision["promoted"]).lower())
     client.set_tag(run_id, DECISION_TAG, json.dumps(decision))
+
+
+def judged_comparisons(client: MlflowClient, candidate_run: str, data_version: str) -> int:
+    """How many paired comparisons were decided before on this data version's images (in the
+    candidate's experiment, the candidate's own excluded): the promotion level shrinks with
+    each (xbl/judge/promotion.py, level_for). A wiped tracking store starts the count again."""
+    exp_id = client.get_run(candidate_run).info.experiment_id
+    runs = client.search_runs(
+        [exp_id],
+        f"tags.`{DECISION_TAG}` != '' and tags.`{DATA_VERSION_TAG}` = '{data_version}'",
+        max_results=10000,
+    )
+    return sum(
+        run.info.run_id != candidate_run
+        and json.loads(run.data.tags[DECISION_TAG]).get("evidence", "none") != "none"
+        for run in runs
+    )
 
 
 def finish_recorded_promotion(client: MlflowClient, run_id: str) -> None:

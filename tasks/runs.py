@@ -17,7 +17,7 @@ from xbl.config import PromotionConfig, QueryConfig
 from xbl.data.prepared import PreparedData
 from xbl.feedback.cost import annotation_budget, read_cost
 from xbl.feedback.masks import read_feedback
-from xbl.judge.evidence import correct_on, gather_evidence
+from xbl.judge.evidence import correct_on, explanation_on, gather_evidence
 from xbl.judge.paired import compare_paired
 from xbl.judge.promotion import promotion_decision
 from xbl.report.page import cost_columns, report_columns
@@ -227,7 +227,10 @@ def promote(
         champion = (
             tracking.model_record(client, registered_name, "champion", data_version) or baseline
         )
-        decision = _judge(client, champion, baseline, candidate, rule, dataset, manifests, query)
+        earlier = tracking.judged_comparisons(client, candidate["run_id"], data_version)
+        decision = _judge(
+            client, champion, baseline, candidate, rule, dataset, manifests, query, earlier
+        )
         tracking.record_decision(client, candidate["run_id"], champion["run_id"], decision)
     crash_point("promotion")  # fault drill: the decision recorded, not carried out
     tracking.finish_recorded_promotion(client, candidate["run_id"])
@@ -235,8 +238,9 @@ def promote(
     return {**decision, "champion": champion}
 
 
-def _judge(client, champion, baseline, candidate, rule, dataset, manifests, query) -> dict:
-    """The decision as a record: promote?, why, on what evidence, the paired figures."""
+def _judge(client, champion, baseline, candidate, rule, dataset, manifests, query, earlier) -> dict:
+    """The decision as a record: promote?, why, on what evidence, the paired figures; the
+    `earlier + 1`-th comparison on these images."""
     data = PreparedData.load(Path(dataset))
     with tempfile.TemporaryDirectory() as tmp:
         models = {
@@ -256,19 +260,38 @@ def _judge(client, champion, baseline, candidate, rule, dataset, manifests, quer
         query.grid_cell,
         query.review_confidence,
     )
-    comparison = None
+    comparison, metrics = None, {"champion": champion["metrics"], "candidate": candidate["metrics"]}
     if evidence is not None:
         comparison = compare_paired(
             correct_on(models["champion"], evidence), correct_on(models["candidate"], evidence)
         )
+        for role in metrics:
+            metrics[role] = {**metrics[role], **_evidence_explanation(models[role], evidence)}
     decision = promotion_decision(
         comparison,
         evidence.describe() if evidence else "none",
-        champion["metrics"],
-        candidate["metrics"],
+        metrics["champion"],
+        metrics["candidate"],
         rule,
+        earlier,
     )
-    return {**decision.record(), "compared_with": champion["run_id"]}
+    return {
+        **decision.record(),
+        **{
+            f"{role}_{k}": v for role, m in metrics.items() for k, v in m.items() if "evidence" in k
+        },
+        "compared_with": champion["run_id"],
+    }
+
+
+def _evidence_explanation(model, evidence) -> dict:
+    found = explanation_on(model, evidence)
+    if found is None or found["score"] is None:
+        return {}
+    return {
+        "evidence_explanation_score": found["score"],
+        "evidence_dead_map_share": found["dead_map_share"],
+    }
 
 
 @task(**SERVICE_RETRIES)

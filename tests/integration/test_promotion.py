@@ -18,6 +18,7 @@ from xbl.config import load_config
 from xbl.data.digits import decoy_digits
 from xbl.data.prepared import AUDIT, PreparedData
 from xbl.feedback.masks import write_feedback
+from xbl.judge.promotion import level_for
 from xbl.train.checkpoint import load_model
 from xbl.train.fit import fit
 from xbl.train.retrain import retraining
@@ -116,7 +117,7 @@ def test_a_fix_is_promoted_on_data_without_audit_rows_and_a_retry_reuses_the_dec
     result = _promote(project, baseline, candidate, root / "no-audit", manifest)
     assert result["promoted"], result["reason"]
     assert result["evidence"].startswith("counterfactual audit, ")
-    assert "McNemar p = " in result["reason"] and result["p_value"] < CONFIG.promotion.level
+    assert "McNemar p = " in result["reason"] and result["p_value"] < result["level"]
     assert _champion_run(client) == candidate["run_id"]
     tags = client.get_run(candidate["run_id"]).data.tags
     assert tags[tracking.PROMOTED_TAG] == "true"
@@ -125,6 +126,39 @@ def test_a_fix_is_promoted_on_data_without_audit_rows_and_a_retry_reuses_the_dec
     again = _promote(project, baseline, candidate, root / "no-audit", manifest)
     assert again["promoted"] and again["reason"] == result["reason"]
     assert again["champion"]["run_id"] == baseline["run_id"]
+    # the share of attribution on the shortcut's cells of the counterfactual images: the fix
+    # puts a fraction of what the shortcut model puts there
+    shortcut, fix = (
+        1 - result[f"{role}_evidence_explanation_score"] for role in ("champion", "candidate")
+    )
+    assert fix < shortcut / 3
+    assert "on the audit images " in result["reason"]
+
+
+def test_confounder_masks_in_the_manifest_are_evidence_before_any_round_is_answered(store, models):
+    project, _, _, baseline, candidate = store
+    root = models[0]
+    result = promote.fn(
+        str(project), NAME, "v1", baseline, candidate, CONFIG.promotion,
+        str(root / "no-audit"), [], CONFIG.query,
+    )  # fmt: skip
+    assert "confounder masks from the manifest localised in the val images" in result["evidence"]
+    assert result["promoted"], result["reason"]
+
+
+def test_each_later_comparison_on_the_same_images_is_tested_at_a_smaller_level(store, models):
+    project, client, exp, baseline, candidate = store
+    root, _, fixed, manifest = models
+    first = _promote(project, baseline, candidate, root / "no-audit", manifest)
+    assert first["comparison_number"] == 1 and first["promoted"]
+    parent = tracking.start_run(client, exp, "round-002")
+    later = _logged(project, parent, "feedback-round-2", fixed, root / "no-audit", 2)
+    second = _promote(project, baseline, later, root / "no-audit", manifest)
+    assert second["comparison_number"] == 2
+    assert second["level"] == pytest.approx(level_for(CONFIG.promotion.level, 2))
+    assert not second["promoted"]  # the same model again: no better than the champion
+    assert "comparison 2 on these images" in second["reason"]
+    assert _champion_run(client) == candidate["run_id"]
 
 
 def test_a_candidate_that_only_raises_val_accuracy_is_not_promoted(store, models):

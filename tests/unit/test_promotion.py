@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 from scipy.stats import binomtest
 
 from xbl.config import PromotionConfig
 from xbl.feedback.counterfactual import counterfactual_images, fill_from_surround, to_cells
 from xbl.judge.paired import compare_paired, mcnemar_p, paired_bootstrap_ci
-from xbl.judge.promotion import NO_EVIDENCE, promotion_decision
+from xbl.judge.evidence import COUNTERFACTUAL, Evidence, explanation_on
+from xbl.judge.promotion import NO_EVIDENCE, level_for, promotion_decision
 
 RULE = PromotionConfig()
 
@@ -66,9 +69,81 @@ def test_a_small_gain_that_chance_explains_is_not_promoted():
     """The old rule promoted any audit gain above 0: 3 images of 360 won it."""
     champion, candidate = outcomes(both=300, gained=5, lost=2, neither=53)
     decision = promotion_decision(compare_paired(champion, candidate), "audit", {}, {}, RULE)
-    assert not decision.promoted and "not better at level 0.05" in decision.reason
+    assert not decision.promoted and "not better at level 0.03 (comparison 1" in decision.reason
     worse = promotion_decision(compare_paired(candidate, champion), "audit", {}, {}, RULE)
     assert not worse.promoted
+
+
+def test_the_level_budget_holds_over_any_number_of_comparisons_on_the_same_images():
+    levels = [level_for(0.05, k) for k in range(1, 100_001)]
+    assert sum(levels) < 0.05 and sum(levels) > 0.0499
+    assert all(a > b for a, b in zip(levels, levels[1:]))
+    with pytest.raises(ValueError):
+        level_for(0.05, 0)
+
+
+def test_the_same_gain_that_wins_a_first_comparison_loses_a_later_one():
+    champion, candidate = outcomes(both=300, gained=14, lost=3, neither=43)  # p ≈ 0.006
+    comparison = compare_paired(champion, candidate)
+    first = promotion_decision(comparison, "audit", {}, {}, RULE)
+    third = promotion_decision(comparison, "audit", {}, {}, RULE, earlier=2)
+    assert first.promoted and "comparison 1 on these images" in first.reason
+    assert not third.promoted and "comparison 3 on these images" in third.reason
+    assert third.record()["level"] == pytest.approx(level_for(0.05, 3))
+    assert third.record()["comparison_number"] == 3
+
+
+def test_ten_rounds_of_candidates_no_better_rarely_move_the_champion():
+    """Chance alone (each discordant image a coin toss) over 10 rounds on the same images: the
+    champion moves in at most about `level` of such histories, where a fixed level per round
+    moves it in about 10 times as many."""
+    rng = np.random.default_rng(7)
+    histories, moved, moved_fixed = 4000, 0, 0
+    for _ in range(histories):
+        discordant = rng.integers(10, 60, size=10)
+        gained = rng.binomial(discordant, 0.5)
+        p = [mcnemar_p(int(g), int(n - g)) for g, n in zip(gained, discordant)]
+        moved += any(p[k] < level_for(0.05, k + 1) for k in range(10))
+        moved_fixed += any(pk < 0.05 for pk in p)
+    assert moved / histories <= 0.05
+    assert moved_fixed / histories > 3 * moved / histories
+
+
+def _reads_only(where: np.ndarray) -> nn.Module:
+    """A linear model whose class-1 logit sums the pixels in `where` (H,W), and nothing else."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(where.size, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.zero_()
+        model[1].weight[1] = torch.as_tensor(where.ravel(), dtype=torch.float32)
+    return model
+
+
+def test_the_explanation_score_on_the_audit_images_tells_shortcut_from_evidence():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(12, 1, 16, 16), dtype=np.uint8)
+    shortcut = np.zeros((12, 16, 16), bool)
+    shortcut[:, :4, :4] = True  # the pasted shortcut's cells
+    evidence = Evidence(COUNTERFACTUAL, images, np.zeros(12, int), 12, 12, "", None, shortcut)
+    corner, centre = shortcut[0].astype(float), np.zeros((16, 16))
+    centre[6:10, 6:10] = 1
+    assert explanation_on(_reads_only(corner), evidence)["score"] < 0.05
+    assert explanation_on(_reads_only(centre), evidence)["score"] > 0.95
+    dead = explanation_on(_reads_only(np.zeros((16, 16))), evidence)  # attributes nothing
+    assert dead == {"score": None, "dead_map_share": 1.0}  # flagged, never a perfect score
+    no_place = Evidence(COUNTERFACTUAL, images, np.zeros(12, int), 12, 12, "")
+    assert explanation_on(_reads_only(corner), no_place) is None
+
+
+def test_the_decision_reports_the_explanation_score_on_the_audit_images():
+    champion, candidate = outcomes(both=250, gained=40, lost=5, neither=65)
+    metrics = (
+        {"evidence_explanation_score": 0.21, "evidence_dead_map_share": 0.0},
+        {"evidence_explanation_score": 0.87, "evidence_dead_map_share": 0.05},
+    )
+    decision = promotion_decision(compare_paired(champion, candidate), "audit", *metrics, RULE)
+    assert "on the audit images 0.210 → 0.870" in decision.reason
+    assert "up to 5% of the maps dead, left out" in decision.reason
 
 
 def test_val_vetoes_only_when_the_setting_asks():

@@ -19,7 +19,9 @@ from torch import nn
 
 from xbl.data.images import to_tensor
 from xbl.data.prepared import AUDIT, PreparedData
-from xbl.feedback.counterfactual import counterfactual_images
+from xbl.explain.metrics import dead_maps, wrong_reason_share
+from xbl.explain.saliency import deeplift_blurred
+from xbl.feedback.counterfactual import counterfactual_images, to_cells
 from xbl.query.clustering import fit_concept, layer_activations, localise_cells, marked_cells
 from xbl.train.loop import predict_proba
 
@@ -39,6 +41,9 @@ class Evidence:
     of: int  # validation (or audit) images there were
     how: str  # how the shortcut-free images were obtained
     regions: np.ndarray | None = None  # (n,H,W) the located confounder (counterfactual only)
+    # (n,H,W) where each image's shortcut is, carrying no label: the true audit's confounder
+    # masks, or the donor's cells pasted into a counterfactual image; None when unknown
+    shortcut: np.ndarray | None = None
 
     def describe(self) -> str:
         return f"{self.kind}, {self.covered} of {self.of} images ({self.how})"
@@ -49,7 +54,11 @@ def true_audit(data: PreparedData) -> Evidence | None:
     if len(idx) == 0:
         return None
     how = "held-out images whose shortcut does not follow the label"
-    return Evidence(TRUE_AUDIT, data.images[idx], data.labels[idx], len(idx), len(idx), how)
+    masks = data.confounder[idx]
+    shortcut = masks if masks.any() else None
+    return Evidence(
+        TRUE_AUDIT, data.images[idx], data.labels[idx], len(idx), len(idx), how, None, shortcut
+    )
 
 
 def _spread(count: int, most: int) -> np.ndarray:
@@ -104,6 +113,7 @@ def counterfactual_audit(
     split: str = "val",
     seed: int = 0,
     threshold: float = CELL_STRENGTH,
+    source: str = "marked regions",
 ) -> Evidence | None:
     """The `split` images that show a marked concept with at least `confidence`: that region
     filled from the surround, then the located region of a random one of them (`seed`) pasted
@@ -115,7 +125,7 @@ def counterfactual_audit(
     if not found.any():
         return None
     how = (
-        f"{len(marked_rows)} marked regions localised in the {split} images (as many cells as "
+        f"{len(marked_rows)} {source} localised in the {split} images (as many cells as "
         f"marked, strength ≥ {threshold}, confidence ≥ {confidence}), each filled from its image's surround and "
         "given the region of a randomly drawn image"
     )
@@ -129,6 +139,7 @@ def counterfactual_audit(
         len(rows),
         how,
         regions[found],
+        to_cells(regions[found], cell)[donors],
     )
 
 
@@ -140,14 +151,50 @@ def gather_evidence(
     cell: int,
     confidence: float,
 ) -> Evidence | None:
-    """The true audit when there is one, else the counterfactual audit, else None."""
+    """The true audit when there is one, else the counterfactual audit built from the marked
+    regions, or from the manifest's confounder masks of training images while nothing is
+    marked yet, else None."""
     audit = true_audit(data)
-    if audit is not None or len(marked_rows) == 0:
+    if audit is not None:
         return audit
-    return counterfactual_audit(localiser, data, marked_rows, ignore_masks, cell, confidence)
+    source = "marked regions"
+    if len(marked_rows) == 0:
+        marked_rows, ignore_masks = given_confounders(data)
+        source = "confounder masks from the manifest"
+    if len(marked_rows) == 0:
+        return None
+    return counterfactual_audit(
+        localiser, data, marked_rows, ignore_masks, cell, confidence, source=source
+    )
+
+
+def given_confounders(data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows that come with a confounder mask, and those masks."""
+    rows = data.indices("train")
+    masks = np.asarray(data.confounder[rows], dtype=bool)
+    given = masks.any(axis=(1, 2))
+    return rows[given], masks[given]
 
 
 def correct_on(model: nn.Module, evidence: Evidence) -> np.ndarray:
     """Per evidence image: does the model predict its label?"""
     probs = predict_proba(model, to_tensor(evidence.images))
     return probs.argmax(1) == np.asarray(evidence.labels)
+
+
+def explanation_on(model: nn.Module, evidence: Evidence, batch_size: int = 128) -> dict | None:
+    """How little the model's DeepLIFT attribution rests on the shortcut in the evidence images
+    (1 − wrong-reason share: higher = righter reasons), and the share of dead maps (all zero or
+    non-finite), which are left out rather than scored as perfect. None when the evidence does
+    not say where the shortcut is."""
+    if evidence.shortcut is None:
+        return None
+    shares, dead = [], []
+    for start in range(0, len(evidence.images), batch_size):
+        maps = deeplift_blurred(model, to_tensor(evidence.images[start : start + batch_size]))
+        maps = maps.abs().cpu().numpy()
+        shares.append(wrong_reason_share(maps, evidence.shortcut[start : start + batch_size]))
+        dead.append(dead_maps(maps))
+    share, dead_share = np.concatenate(shares), float(np.concatenate(dead).mean())
+    score = float(1 - np.nanmean(share)) if np.isfinite(share).any() else None
+    return {"score": score, "dead_map_share": dead_share}
