@@ -7,10 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from services import lock
 from services import offline as _offline  # noqa: F401
+from xbl.config import WaitConfig
 from xbl.errors import ConfigError, XblError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,7 +83,7 @@ def cmd_round(args) -> int:
     local_server = args.command == "demo" and not os.environ.get("LABEL_STUDIO_URL")
     if local_server and subprocess.call(["bash", str(INFRA / "labelstudio.sh"), "start"]) != 0:
         return 1
-    result = feedback_round_flow(str(project), args.params)
+    result = feedback_round_flow(str(project), args.params, getattr(args, "wait_mode", None))
     if result["status"] == "waiting":
         print(
             f"round {result['round']}: {result['annotated']}/{result['total']} "
@@ -191,6 +193,83 @@ def cmd_report(args) -> int:
     page = report_flow(args.run_id, str(project), args.params)
     print(f"round report: {page} (also logged to run {args.run_id} under report/)")
     return 0
+
+
+def cmd_status(args) -> int:
+    """Where the project stands, in a fraction of a second: no torch, no Prefect, one short
+    try per service (services/status.py)."""
+    from services.status import project_status
+
+    project = Path(args.project).resolve()
+    if not (project / args.params).is_file():
+        print(f"xbl status: {project} has no {args.params}: not an xbl project", file=sys.stderr)
+        return 2
+    print("\n".join(status_lines(project_status(project, args.params))))
+    return 0
+
+
+def status_lines(status) -> list[str]:
+    """`xbl status`'s lines, one per question: which project, which round, who runs it, how
+    far its answers are, the champion, the last decision."""
+    tracked = status.tracked
+    lines = [f"project   {status.project} (experiment {status.experiment!r})"]
+    lines.append(f"round     {_round_line(status)}")
+    lines.append(f"running   {status.running or 'no (the round lock is free)'}")
+    if status.labelstudio is not None:
+        lines.append(f"answers   {_answers_line(status.labelstudio)}")
+    lines.append(f"champion  {_champion_line(tracked)}")
+    decision = tracked.decision
+    if decision is not None:
+        verdict = "promoted" if decision.promoted else "champion kept"
+        rnd = f"round {decision.round}, " if decision.round is not None else ""
+        lines.append(f"decision  {verdict} ({rnd}run {decision.run_id}): {decision.reason}")
+    lines.append(f"mlflow    {tracked.error or tracked.uri}")
+    return lines
+
+
+def _round_line(status) -> str:
+    if status.tracked.error:
+        return "unknown: the tracking store, which says which rounds are finished, is unreachable"
+    if status.open_round is not None:
+        return f"{status.open_round} open (queries in data/rounds/round-{status.open_round})"
+    done = sorted(status.tracked.completed)
+    if not done:
+        return "none yet; the first run opens round 1"
+    finished = ", ".join(map(str, done))
+    return f"none open; round(s) {finished} finished, the next run opens {done[-1] + 1}"
+
+
+def _answers_line(progress) -> str:
+    if progress.error:
+        return progress.error
+    if progress.project_id is None:
+        return f"the round is not in Label Studio yet ({progress.url})"
+    where = f"{progress.url}/projects/{progress.project_id}/data"
+    return f"{progress.annotated}/{progress.total} tasks answered ({where})"
+
+
+def _champion_line(tracked) -> str:
+    if tracked.error:
+        return "unknown"
+    model = tracked.champion or tracked.baseline
+    if model is None:
+        return "no baseline yet (`xbl baseline` or a first round trains one)"
+    metrics = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in model.metrics.items())
+    who = f"version {model.version}, run {model.run_id} ({model.run_name})"
+    standing_in = "" if tracked.champion else "none promoted yet; the baseline stands in: "
+    return f"{standing_in}{who}" + (f": {metrics}" if metrics else "")
+
+
+def package_version() -> str:
+    """The installed package's version; pyproject.toml's in a checkout that is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("xbl")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
 # `xbl serve` on SIGTERM or Ctrl-C: the Prefect runner and its flow runs get this long to
@@ -416,10 +495,17 @@ def _webhook_parser() -> argparse.ArgumentParser:
         "the round's deployment once enough of the round is annotated.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
-    parser.add_argument("--port", type=int, default=8787)
-    parser.add_argument("--state-dir", default=".xbl-webhook")
+    parser.add_argument("--port", type=int, default=8787, help="port to listen on (default: 8787)")
     parser.add_argument(
-        "--deployment", default=os.environ.get("XBL_WEBHOOK_DEPLOYMENT", DEFAULT_DEPLOYMENT)
+        "--state-dir",
+        default=".xbl-webhook",
+        help="where the deliveries already seen are kept (default: .xbl-webhook)",
+    )
+    parser.add_argument(
+        "--deployment",
+        default=os.environ.get("XBL_WEBHOOK_DEPLOYMENT", DEFAULT_DEPLOYMENT),
+        help="the Prefect deployment a complete round starts (default: "
+        f"XBL_WEBHOOK_DEPLOYMENT, else {DEFAULT_DEPLOYMENT})",
     )
     parser.add_argument(
         "--target-fraction",
@@ -487,28 +573,62 @@ def cmd_webhook(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and option of `xbl`; building it runs nothing and imports no flow."""
     parser = argparse.ArgumentParser(prog="xbl", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"xbl {package_version()}")
     parser.add_argument(
         "--project",
         default=os.environ.get("XBL_PROJECT", "."),
-        help="project folder (params.yaml, dvc.yaml); default: current folder",
+        help="project folder (params.yaml, dvc.yaml); default: XBL_PROJECT, else the current "
+        "folder",
     )
-    parser.add_argument("--params", default="params.yaml")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--params",
+        default="params.yaml",
+        help="the settings file, relative to the project (default: params.yaml)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _round_commands(sub)
+    status = sub.add_parser(
+        "status",
+        help="the open round, its answers, the champion and the last decision "
+        "(no torch; under a second)",
+    )
+    status.set_defaults(func=cmd_status)
+    _data_commands(sub)
+    _service_commands(sub)
+    return parser
+
+
+def _round_commands(sub) -> None:
+    """The loop's own steps: baseline, a round (or the demo's), the oracle, the report."""
     sub.add_parser("baseline", help="prepare data, train and log the baseline").set_defaults(
         func=cmd_baseline
     )
-    for name, text in (
-        ("demo", "start Label Studio and run one unattended round with the oracle"),
-        ("round", "run one feedback round against the configured Label Studio"),
-    ):
-        sub.add_parser(name, help=text).set_defaults(func=cmd_round)
-    sub.choices["demo"].add_argument(
+    demo = sub.add_parser(
+        "demo", help="start Label Studio and run one unattended round with the oracle"
+    )
+    demo.add_argument(
         "--dataset",
         default=None,
+        choices=sorted(p.stem for p in DEMOS.glob("*.yaml")),
         help="run the demo in demos/<DATASET>/ with the settings of demos/<DATASET>.yaml "
-        "(e.g. decoy-lesions: RGB lesions with a ResNet-18)",
+        "(decoy-lesions: RGB lesions with a ResNet-18; cluster: one cluster round on "
+        "decoy-digits, with review tasks); "
+        "default: this project",
     )
+    round_ = sub.add_parser(
+        "round", help="run one feedback round against the configured Label Studio"
+    )
+    round_.add_argument(
+        "--wait-mode",
+        choices=_setting_choices(WaitConfig, "mode"),
+        default=None,
+        help="block: wait for the annotators in this run; resume: push the queries and end, a "
+        "later run carries on (default: wait.mode of params.yaml)",
+    )
+    for command in (demo, round_):
+        command.set_defaults(func=cmd_round)
     annotate = sub.add_parser("annotate", help="answer the open round with the simulated annotator")
     annotate.add_argument(
         "--oracle",
@@ -516,32 +636,59 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the simulated annotator (the only automatic one)",
     )
-    annotate.add_argument("--round", type=int, default=None)
+    annotate.add_argument(
+        "--round", type=int, default=None, help="the round to answer (default: the newest pushed)"
+    )
     annotate.set_defaults(func=cmd_annotate)
-    data = sub.add_parser("data", help="data versions").add_subparsers(dest="action", required=True)
-    checkout = data.add_parser("checkout", help="restore the exact data an MLflow run used")
-    checkout.add_argument("run_id")
-    checkout.set_defaults(func=cmd_data_checkout)
     report = sub.add_parser("report", help="draw a finished round's report again")
-    report.add_argument("run_id", help="the round's feedback run")
+    report.add_argument("run_id", help="the round's feedback run (an MLflow run id)")
     report.set_defaults(func=cmd_report)
+
+
+def _setting_choices(section, key: str) -> tuple[str, ...]:
+    """The values params.yaml allows for a key, from the typed config (their one home)."""
+    return next(f for f in fields(section) if f.name == key).metadata["choices"]
+
+
+def _data_commands(sub) -> None:
+    data = sub.add_parser("data", help="data versions").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    checkout = data.add_parser("checkout", help="restore the exact data an MLflow run used")
+    checkout.add_argument("run_id", help="the MLflow run whose data (and masks) to restore")
+    checkout.set_defaults(func=cmd_data_checkout)
+
+
+def _service_commands(sub) -> None:
+    """The servers around the loop: Prefect deployments, the UIs, Label Studio, a team's
+    stack, the webhook receiver."""
     sub.add_parser(
         "serve",
         help="serve the feedback round (on the schedule in params.yaml) and "
         "the baseline as Prefect deployments (needs PREFECT_API_URL)",
     ).set_defaults(func=cmd_serve)
     server = sub.add_parser("server", help="local Prefect and MLflow servers for their UIs")
-    server.add_argument("action", choices=["start", "stop", "status"])
+    server.add_argument(
+        "action", choices=["start", "stop", "status"], help="start, stop or check both servers"
+    )
     server.set_defaults(func=cmd_server)
     ls = sub.add_parser("labelstudio", help="the local Label Studio server")
-    ls.add_argument("action", choices=["install", "start", "stop", "status"])
+    ls.add_argument(
+        "action",
+        choices=["install", "start", "stop", "status"],
+        help="install it (a venv of its own), start, stop or check it",
+    )
     ls.set_defaults(func=cmd_labelstudio)
     team = sub.add_parser(
         "team",
         help="the team topology without Docker: PostgreSQL, S3 (moto), MLflow, Label Studio, "
         "Prefect server and worker on 127.0.0.1 (throwaway)",
     )
-    team.add_argument("action", choices=["up", "down", "status"])
+    team.add_argument(
+        "action",
+        choices=["up", "down", "status"],
+        help="up: start it; down: stop it and delete its data; status: check each service",
+    )
     team.add_argument("--home", default=None, help="state folder (default: <project>/.xbl-team)")
     team.add_argument(
         "--no-deploy", action="store_true", help="up: do not register prefect.yaml's deployments"
@@ -558,9 +705,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="receive Label Studio's annotation webhooks and start the round's "
         "deployment (`xbl webhook --help`)",
     )
-    hook.add_argument("webhook_args", nargs=argparse.REMAINDER)
+    hook.add_argument(
+        "webhook_args",
+        nargs=argparse.REMAINDER,
+        help="the receiver's options (`xbl webhook --help`), or `register --url URL`",
+    )
     hook.set_defaults(func=cmd_webhook)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

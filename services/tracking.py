@@ -22,8 +22,6 @@ from xbl.paths import round_name
 DATA_VERSION_TAG = "xbl.data_version"
 TRAIN_SETTINGS_TAG = "xbl.train_settings"  # fingerprint of params' train section (a baseline's)
 FEEDBACK_VERSION_TAG = "xbl.feedback_version"
-# Spelled out so log_model does not spend seconds inferring them (and never asks the network).
-MODEL_REQUIREMENTS = ["torch", "numpy"]
 
 
 def tracking_uri(project: Path) -> str:
@@ -139,27 +137,55 @@ def log_confusion_matrix(
         client.log_artifact(run_id, str(path))
 
 
-def log_model(run_id: str, model, example: np.ndarray, registered_name: str) -> str:
-    """Log and register the model with its signature; returns the registered version."""
-    from mlflow.models import infer_signature
+CLASSIFIER_CODE = Path(__file__).with_name("mlflow_classifier.py")
+
+
+def log_model(
+    run_id: str, model, channels: int, size: int, classes: list[str], registered_name: str
+) -> str:
+    """Log and register the model as a pyfunc that loads with only mlflow, numpy and torch
+    (services/mlflow_classifier.py): the network as a `torch.export` program with a dynamic
+    batch, the class names, an input example and pinned requirements. `channels` and `size`:
+    the images it takes, (N, channels, size, size) uint8. Returns the registered version."""
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
     model = model.cpu().eval()
-    import torch
-
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, output)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
+    example = np.zeros((1, channels, size, size), np.uint8)
+    program = torch.export.export(
+        model,
+        (torch.zeros(2, channels, size, size),),
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+    )
+    card = {"classes": list(classes), "channels": channels, "image_size": size}
+    outputs = [ColSpec("string", "class"), ColSpec("double", "probability")]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, size, size))]),
+        outputs=Schema([*outputs, *(ColSpec("float", f"p_{name}") for name in classes)]),
+    )
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        torch.export.save(program, Path(tmp) / "model.pt2")
+        (Path(tmp) / "card.json").write_text(json.dumps(card))
+        info = mlflow.pyfunc.log_model(
             name="model",
+            python_model=str(CLASSIFIER_CODE),
+            artifacts={"program": f"{tmp}/model.pt2", "card": f"{tmp}/card.json"},
             signature=signature,
-            pip_requirements=MODEL_REQUIREMENTS,
-            # pickle keeps a dynamic batch size; pt2 would trace one.
-            serialization_format="pickle",
+            input_example=example,
+            pip_requirements=model_requirements(),
+            metadata=card,
             registered_model_name=registered_name,
         )
     return str(info.registered_model_version)
+
+
+def model_requirements() -> list[str]:
+    """What loading the model needs, pinned to what logged it (a local build tag such as
+    `+cpu` dropped, so a CUDA machine installs its own build of the same release)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("mlflow", "torch", "numpy")]
 
 
 def set_alias(client: MlflowClient, registered_name: str, alias: str, version: str) -> None:

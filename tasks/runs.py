@@ -87,10 +87,14 @@ def log_model_run(
         if path.is_file():
             tracking.log_file(client, run_id, path)
     model, meta = load_model(trained.checkpoint)
-    example = np.zeros(
-        (1, meta["in_channels"], meta["image_size"], meta["image_size"]), dtype=np.float32
+    version = tracking.log_model(
+        run_id,
+        model,
+        meta["in_channels"],
+        meta["image_size"],
+        evaluation["classes"],
+        registered_name,
     )
-    version = tracking.log_model(run_id, model, example, registered_name)
     client.set_terminated(run_id)
     return {"run_id": run_id, "name": name, "model_version": version, "metrics": final}
 

@@ -38,7 +38,7 @@ def test_a_retried_model_run_leaves_one_run_and_one_registered_version(store):
     }
     # the first attempt died after registering its model, before finishing its run
     first = tracking.start_run(client, exp, "baseline", parent, {})
-    tracking.log_model(first, model, np.zeros((1, 1, 28, 28), np.float32), "retry-model")
+    tracking.log_model(first, model, 1, 28, [str(c) for c in range(10)], "retry-model")
 
     result = log_model_run.fn(
         str(project), parent, "baseline", {"lr": 0.1}, outcome, evaluation, "v1", "retry-model"
@@ -71,7 +71,7 @@ def test_a_stored_baseline_is_reused_only_for_the_same_data_and_train_settings(s
         parent,
         {tracking.DATA_VERSION_TAG: "v1", tracking.TRAIN_SETTINGS_TAG: baseline_fingerprint(train)},
     )
-    version = tracking.log_model(run, SmallCNN(), np.zeros((1, 1, 28, 28), np.float32), "m")
+    version = tracking.log_model(run, SmallCNN(), 1, 28, [str(c) for c in range(10)], "m")
     client.set_terminated(run)
     tracking.set_alias(client, "m", "baseline", version)
 

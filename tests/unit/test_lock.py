@@ -174,8 +174,9 @@ def test_a_holder_that_never_names_itself_is_refused_after_a_moment(tmp_path):
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         started = time.monotonic()
-        with pytest.raises(ProjectBusy, match="not yet written its name"), lock.project_lock(
-            tmp_path
+        with (
+            pytest.raises(ProjectBusy, match="not yet written its name"),
+            lock.project_lock(tmp_path),
         ):
             pass
         assert lock.NAMING_WAIT_S <= time.monotonic() - started < lock.NAMING_WAIT_S + 1

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from scipy.stats import binomtest
+from torch import nn
 
 from xbl.config import PromotionConfig
 from xbl.feedback.counterfactual import counterfactual_images, fill_from_surround, to_cells
-from xbl.judge.paired import compare_paired, mcnemar_p, paired_bootstrap_ci
 from xbl.judge.evidence import COUNTERFACTUAL, Evidence, explanation_on
+from xbl.judge.paired import compare_paired, mcnemar_p, paired_bootstrap_ci
 from xbl.judge.promotion import NO_EVIDENCE, level_for, promotion_decision
 
 RULE = PromotionConfig()
