@@ -59,10 +59,22 @@ def ensure_repo(project: Path) -> None:
         scm = (project / ".git").exists()
         dvc(project, "init", *([] if scm else ["--no-scm"]))
         dvc(project, "config", "core.analytics", "false")
+    _ignore_bytecode(project)
     if not dvc(project, "remote", "list").strip():
         (project / REMOTE_DIR).mkdir(exist_ok=True)
         # Given relative to the project; DVC stores it relative to .dvc/, so it moves along.
         dvc(project, "remote", "add", "-d", REMOTE_NAME, REMOTE_DIR)
+
+
+def _ignore_bytecode(project: Path) -> None:
+    """Python's bytecode caches beside a stage's code dependencies would make the stage look
+    changed after every import, and dvc.lock would record them."""
+    ignore = project / ".dvcignore"
+    have = ignore.read_text().splitlines() if ignore.exists() else []
+    missing = [p for p in ("__pycache__/", "*.pyc") if p not in have]
+    if missing:
+        with ignore.open("a") as out:
+            out.write("".join(f"{p}\n" for p in missing))
 
 
 def repro(project: Path, stage: str, params_file: str = DEFAULT_PARAMS) -> None:
