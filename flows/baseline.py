@@ -9,9 +9,10 @@ from prefect.runtime import flow_run
 
 from services import tracking
 from tasks.data import prepare_data
+from tasks.links import link_mlflow_runs
 from tasks.runs import close_run, log_model_run, open_parent_run, publish_table, set_model_alias
 from tasks.training import evaluate_checkpoint, train_baseline
-from xbl.config import TrainConfig, as_params, fingerprint, load_config
+from xbl.config import TrainConfig, as_params, fingerprint, load_config, with_overrides
 
 
 def run_dir(project: Path) -> Path:
@@ -26,9 +27,26 @@ def baseline_fingerprint(train: TrainConfig) -> str:
 
 
 @flow(name="xbl-baseline", log_prints=True)
-def baseline_flow(project: str = ".", params_file: str = "params.yaml") -> dict:
+def baseline_flow(
+    project: str = ".",
+    params_file: str = "params.yaml",
+    train_model: str | None = None,
+    train_lr: float | None = None,
+    train_epochs: int | None = None,
+) -> dict:
+    """Prepare the data, train the baseline, log it. A setting left empty is params.yaml's;
+    one given replaces it for this run only, checked as the file's value is.
+
+    Args:
+        project: the project folder (params.yaml, dvc.yaml, data/)
+        params_file: the settings file, relative to the project
+        train_model: small_cnn, resnet18 or resnet34; empty: train.model
+        train_lr: the learning rate; empty: train.lr
+        train_epochs: the most epochs (early stopping may end sooner); empty: train.epochs
+    """
     root = Path(project).resolve()
-    cfg = load_config(root / params_file)
+    given = {"train.model": train_model, "train.lr": train_lr, "train.epochs": train_epochs}
+    cfg = with_overrides(load_config(root / params_file), given)
     data = prepare_data(str(root), cfg.data.out, params_file)
     parent = open_parent_run(str(root), cfg.mlflow.experiment, "baseline", data.version)
     trained = train_baseline(data.path, cfg.train, str(run_dir(root) / "baseline.pt"))
@@ -52,6 +70,7 @@ def baseline_flow(project: str = ".", params_file: str = "params.yaml") -> dict:
         "baseline-metrics",
         "Baseline: confounded validation vs decoy-randomized test",
     )
+    link_mlflow_runs(str(root), cfg.mlflow.experiment, {"baseline": child["run_id"]})
     get_run_logger().info(
         "baseline run %s, model %s v%s", child["run_id"], name, child["model_version"]
     )

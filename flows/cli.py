@@ -12,7 +12,7 @@ from pathlib import Path
 
 from services import lock
 from services import offline as _offline  # noqa: F401
-from xbl.config import WaitConfig
+from xbl.config import FEEDBACK_METHODS, QUERY_STRATEGIES, WaitConfig
 from xbl.errors import ConfigError, XblError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,18 +72,25 @@ def cmd_baseline(args) -> int:
 
 def cmd_round(args) -> int:
     """One feedback round; `demo` first makes sure the local Label Studio is up."""
-    from flows.loop import feedback_round_flow
+    from flows.loop import ROUND_SETTINGS, feedback_round_flow, round_overrides
+    from xbl.config import load_config, with_overrides
 
     if getattr(args, "dataset", None):
         args.project = str(demo_project(args.dataset))
-    project = _checked_project(args)
+    # the options given (`round`'s; `demo` has none), under the flow's parameter names, and
+    # checked with the file as _checked_project does
+    given = {name: getattr(args, name, None) for name in ROUND_SETTINGS}
+    given = {name: value for name, value in given.items() if value is not None}
+    project = Path(args.project).resolve()
+    cfg = load_config(project / args.params)
+    with_overrides(cfg, round_overrides(cfg.feedback.method, **given))
     # a round already running here: one line naming it, before Prefect starts (the flow's own
     # lock stays the guard; this only spares the user the failed flow's traceback)
     lock.check_free(project)
     local_server = args.command == "demo" and not os.environ.get("LABEL_STUDIO_URL")
     if local_server and subprocess.call(["bash", str(INFRA / "labelstudio.sh"), "start"]) != 0:
         return 1
-    result = feedback_round_flow(str(project), args.params, getattr(args, "wait_mode", None))
+    result = feedback_round_flow(str(project), args.params, **given)
     if result["status"] == "waiting":
         print(
             f"round {result['round']}: {result['annotated']}/{result['total']} "
@@ -301,6 +308,16 @@ def cmd_serve(args) -> int:
 def _serve_deployments(project: Path, params_file: str) -> int:
     from prefect import serve
 
+    # one run at a time: two runs of the same round would race for its tasks, and a baseline
+    # run beside a round would compete for the same CPU or GPU
+    serve(*served_deployments(project, params_file), limit=1)
+    return 0
+
+
+def served_deployments(project: Path, params_file: str) -> list:
+    """The round on params.yaml's schedule, and the baseline on demand. Their parameters are
+    the flows' own: a custom run in the Prefect UI varies a setting for that run (the feedback
+    method, λ, the query strategy, k, the wait mode; the baseline's model, lr and epochs)."""
     from flows.baseline import baseline_flow
     from flows.loop import feedback_round_flow
     from xbl.config import load_config
@@ -311,11 +328,7 @@ def _serve_deployments(project: Path, params_file: str) -> int:
     rounds = feedback_round_flow.to_deployment(
         name="scheduled", **timing, parameters={**where, "wait_mode": "resume"}
     )
-    baseline = baseline_flow.to_deployment(name="baseline", parameters=where)
-    # one run at a time: two runs of the same round would race for its tasks, and a baseline
-    # run beside a round would compete for the same CPU or GPU
-    serve(rounds, baseline, limit=1)
-    return 0
+    return [rounds, baseline_flow.to_deployment(name="baseline", parameters=where)]
 
 
 def _supervise_runner(project: Path, params_file: str) -> int:
@@ -333,7 +346,7 @@ def _supervise_runner(project: Path, params_file: str) -> int:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     runner = subprocess.Popen(
         [*command, "--params", params_file, "serve"],
-        env={**os.environ, _SERVE_RUNNER: "1", "PYTHONPATH": path},
+        env={**os.environ, **runner_env(), _SERVE_RUNNER: "1", "PYTHONPATH": path},
         start_new_session=True,  # its flow runs join its group, and leave with it
     )
     while runner.poll() is None and not stop.wait(0.5):
@@ -343,6 +356,18 @@ def _supervise_runner(project: Path, params_file: str) -> int:
     print("xbl serve: stopping", file=sys.stderr)
     _end_process_group(runner, SERVE_STOP_S)
     return 0
+
+
+# Seconds between the runner's polls for runs to start. Prefect's default, 10, made a run
+# created in the UI, by the webhook or by `prefect deployment run` wait 0-10 s before starting
+# (bench/prefect_start.py measures it); a poll is one light API call.
+RUNNER_POLL_S = 1
+
+
+def runner_env() -> dict[str, str]:
+    """What `xbl serve` sets for its runner, unless the environment sets it already."""
+    key = "PREFECT_RUNNER_POLL_FREQUENCY"
+    return {key: os.environ.get(key, str(RUNNER_POLL_S))}
 
 
 def _end_process_group(leader: subprocess.Popen, grace_s: float) -> None:
@@ -627,6 +652,7 @@ def _round_commands(sub) -> None:
         help="block: wait for the annotators in this run; resume: push the queries and end, a "
         "later run carries on (default: wait.mode of params.yaml)",
     )
+    _variant_options(round_)
     for command in (demo, round_):
         command.set_defaults(func=cmd_round)
     annotate = sub.add_parser("annotate", help="answer the open round with the simulated annotator")
@@ -643,6 +669,42 @@ def _round_commands(sub) -> None:
     report = sub.add_parser("report", help="draw a finished round's report again")
     report.add_argument("run_id", help="the round's feedback run (an MLflow run id)")
     report.set_defaults(func=cmd_report)
+
+
+def _variant_options(round_) -> None:
+    """The settings a person varies between rounds, for this run only (params.yaml unchanged;
+    MLflow records the values in use among the feedback run's params)."""
+    round_.add_argument(
+        "--method",
+        dest="feedback_method",
+        choices=FEEDBACK_METHODS,
+        default=None,
+        help="the feedback method (default: feedback.method of params.yaml)",
+    )
+    round_.add_argument(
+        "--lambda",
+        dest="feedback_lambda",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help="the feedback term's weight for the method in use (default: its entry in "
+        "feedback.lambda, else the method's own default)",
+    )
+    round_.add_argument(
+        "--strategy",
+        dest="query_strategy",
+        choices=QUERY_STRATEGIES,
+        default=None,
+        help="how the round's queries are chosen (default: query.strategy of params.yaml)",
+    )
+    round_.add_argument(
+        "--k",
+        dest="query_k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="images asked in the round (default: query.k of params.yaml)",
+    )
 
 
 def _setting_choices(section, key: str) -> tuple[str, ...]:

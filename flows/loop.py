@@ -19,7 +19,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
@@ -45,6 +45,7 @@ from tasks.annotation import (
     wait_for_annotations,
 )
 from tasks.data import DataRef, prepare_data, version_feedback
+from tasks.links import link_labelstudio, link_mlflow_runs
 from tasks.propagation import (
     collect_cluster_feedback,
     is_cluster_round,
@@ -77,7 +78,7 @@ from tasks.runs import (
     tag_run,
 )
 from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedback
-from xbl.config import Config, as_params, load_config
+from xbl.config import Config, as_params, load_config, with_overrides
 from xbl.errors import ProjectBusy
 from xbl.feedback.schedule import method_lambda
 from xbl.labelstudio.results import annotation_target
@@ -134,24 +135,85 @@ class _Opened:
 
 @flow(name="xbl-feedback-round", log_prints=True)
 def feedback_round_flow(
-    project: str = ".", params_file: str = "params.yaml", wait_mode: str | None = None
+    project: str = ".",
+    params_file: str = "params.yaml",
+    wait_mode: str | None = None,
+    feedback_method: str | None = None,
+    feedback_lambda: float | None = None,
+    query_strategy: str | None = None,
+    query_k: int | None = None,
 ) -> dict:
+    """One feedback round. A setting left empty is params.yaml's; one given replaces it for
+    this run only, checked as the file's value is.
+
+    Args:
+        project: the project folder (params.yaml, dvc.yaml, data/)
+        params_file: the settings file, relative to the project
+        wait_mode: block (wait for the annotators in this run) or resume (push the queries
+            and end; a later run carries on); empty: wait.mode
+        feedback_method: rrr, rrr_output, rrr_g, hint, exbl or counterexamples; empty:
+            feedback.method
+        feedback_lambda: the feedback term's weight λ for the method in use; empty: its
+            feedback.lambda entry, else the method's default
+        query_strategy: entropy, least_confidence, margin, random, confident_mistakes or
+            cluster; empty: query.strategy
+        query_k: images asked per round; empty: query.k
+    """
     root = Path(project).resolve()
-    cfg = load_config(root / params_file)
-    if wait_mode is not None:  # a deployment's override, checked like the file's value
-        cfg = replace(cfg, wait=replace(cfg.wait, mode=wait_mode))
+    loaded = load_config(root / params_file)
+    given = round_overrides(
+        loaded.feedback.method,
+        wait_mode=wait_mode,
+        feedback_method=feedback_method,
+        feedback_lambda=feedback_lambda,
+        query_strategy=query_strategy,
+        query_k=query_k,
+    )
+    cfg = with_overrides(loaded, given)
+    if given:
+        get_run_logger().info("this run replaces settings of %s: %s", params_file, given)
     with round_lock(root, cfg.mlflow.experiment) as holder:
-        return _feedback_round(root, cfg, holder, params_file)
+        return _feedback_round(root, cfg, holder, params_file, given)
 
 
-def _feedback_round(root: Path, cfg: Config, holder: lock.Holder, params_file: str) -> dict:
+# a flow parameter (and `xbl round` option) → the setting it replaces for one run
+ROUND_SETTINGS = {
+    "wait_mode": "wait.mode",
+    "feedback_method": "feedback.method",
+    "feedback_lambda": "feedback.lambda",
+    "query_strategy": "query.strategy",
+    "query_k": "query.k",
+}
+
+
+def round_overrides(file_method: str, **given: object) -> dict[str, object]:
+    """The dotted settings a round's parameters replace (those given, not None). λ is the
+    entry of the method in use: the one given, else the file's."""
+    method = given.get("feedback_method") or file_method
+    dotted = {**ROUND_SETTINGS, "feedback_lambda": f"feedback.lambda.{method}"}
+    return {dotted[name]: value for name, value in given.items() if value is not None}
+
+
+def _feedback_round(
+    root: Path, cfg: Config, holder: lock.Holder, params_file: str, given: dict
+) -> dict:
     title = project_title(cfg)
     data = prepare_data(str(root), cfg.data.out, params_file)
     state = read_round_state(str(root), cfg.mlflow.experiment, title)
+    late = sorted(key for key in given if key.startswith("query."))
+    if state.open and late:
+        get_run_logger().warning(
+            "round %d is open: the run that opened it chose its queries; %s apply from the "
+            "next round",
+            state.number,
+            ", ".join(late),
+        )
     for run_id in state.finished_from_record:  # the end a crash cut short, from MLflow
         report_flow(run_id, str(root), params_file)
     rnd = _Round(root, cfg, state.number, title, data, holder)
     opened = _resume_round(rnd, state) if state.open else _open_round(rnd, state)
+    link_labelstudio(opened.project_url, rnd.n, cfg.mlflow.experiment)
+    link_mlflow_runs(str(root), cfg.mlflow.experiment, {"round": opened.parent})
     oracle = cfg.labelstudio
     if oracle.annotator == "oracle":
         oracle_answers(
@@ -358,14 +420,13 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
         cfg.query,
     )
     close_run(root, opened.parent)
-    table = compare_models(
-        root,
-        {
-            "baseline": opened.baseline["run_id"],
-            "champion": promotion["champion"]["run_id"],
-            "candidate": feedback["run_id"],
-        },
-    )
+    roles = {
+        "baseline": opened.baseline["run_id"],
+        "champion": promotion["champion"]["run_id"],
+        "candidate": feedback["run_id"],
+    }
+    table = compare_models(root, roles)
+    link_mlflow_runs(root, cfg.mlflow.experiment, roles)
     get_run_logger().info("round %d done; promotion: %s", n, promotion["reason"])
     report = _report(rnd, opened, manifests, table, promotion, feedback, tuned.checkpoint)
     return {
@@ -433,9 +494,10 @@ def _orphan_feedback(rnd: _Round, project_id: int, k: int) -> str:
 
 
 def _feedback_params(cfg: Config) -> dict:
-    """What a feedback run logs: the train settings, and the feedback's with the λ in use."""
+    """What a feedback run logs: the train settings, the feedback's with the λ in use, and the
+    query's (strategy and k chose what was annotated), so variants compare as MLflow params."""
     feedback = {**as_params(cfg.feedback), "lambda": method_lambda(cfg.feedback)}
-    return {**as_params(cfg.train), "feedback": feedback}
+    return {**as_params(cfg.train), "feedback": feedback, "query": as_params(cfg.query)}
 
 
 # --- one round per project at a time ------------------------------------------------------------

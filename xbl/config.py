@@ -282,8 +282,10 @@ class FeedbackConfig(_Section):
 
     def check(self) -> None:
         _allowed("feedback.method", self.method, tuple(FEEDBACK_METHODS))
-        for name in self.lambda_:
+        for name, weight in self.lambda_.items():
             _allowed("feedback.lambda", name, tuple(FEEDBACK_METHODS))
+            if weight < 0:  # a negative weight would reward the very reasons annotators refused
+                raise ConfigError(f"feedback.lambda.{name} is {weight}; allowed: 0 or more")
         _positive("feedback.per_batch", self.per_batch)
         _positive("feedback.every", self.every)
         _positive("feedback.epochs", self.epochs)
@@ -431,6 +433,38 @@ def _grid_from_cells_per_side(cfg: Config) -> Config:
     return dataclasses.replace(
         cfg, query=dataclasses.replace(cfg.query, grid_cell=-(-size // grid))
     )
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """`cfg` with dotted settings replaced, as a flow parameter or a command option gives them:
+    {"feedback.method": "rrr", "query.k": 10}, or one entry of a mapping, "feedback.lambda.rrr".
+    Each touched section is rebuilt through the file's own path, so a bad value is refused with
+    the ConfigError params.yaml would give (None values are skipped: no override)."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        name, _, key = dotted.partition(".")
+        section = _overridden_section(cfg, name)
+        values = by_section.setdefault(name, as_params(section))
+        key, _, entry = key.partition(".")
+        if entry:
+            if not isinstance(values.get(key), dict):
+                raise ConfigError(f"{dotted} is not a setting; {name}.{key} is not a mapping")
+            value = {**values[key], entry: value}
+        values[key] = value
+    if not by_section:
+        return cfg
+    hints = typing.get_type_hints(Config)
+    rebuilt = {name: _section(hints[name], name, values) for name, values in by_section.items()}
+    return _grid_from_cells_per_side(dataclasses.replace(cfg, **rebuilt))
+
+
+def _overridden_section(cfg: Config, name: str) -> Any:
+    hints = typing.get_type_hints(Config)
+    if name not in hints:
+        raise ConfigError(f"{name} is not a section; allowed: {', '.join(hints)}")
+    return getattr(cfg, name)
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:
