@@ -29,6 +29,7 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from services.faults import crash_point
+from xbl.errors import XblError
 from xbl.labelstudio.interface import labeling_config, review_labeling_config
 from xbl.labelstudio.payloads import (
     cell_predictions,
@@ -60,6 +61,11 @@ class LabelStudioError(RuntimeError):
 
 class LabelStudioUnavailable(LabelStudioError):
     """The server could not be reached."""
+
+
+class LabelStudioRefused(LabelStudioError, XblError):
+    """A setting the user must fix (no token, a rejected token): a retry cannot help, so
+    Prefect's tasks never retry it (tasks.is_transient)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ def server_settings() -> tuple[str, str | None]:
     if os.environ.get("LABEL_STUDIO_URL"):
         token = os.environ.get("LABEL_STUDIO_API_KEY")
         if not token:
-            raise LabelStudioError("LABEL_STUDIO_URL is set but LABEL_STUDIO_API_KEY is not")
+            raise LabelStudioRefused("LABEL_STUDIO_URL is set but LABEL_STUDIO_API_KEY is not")
         return os.environ["LABEL_STUDIO_URL"], token
     local = _local_settings()
     port = local.get("XBL_LABEL_STUDIO_PORT") or DEFAULT_PORT
@@ -143,7 +149,7 @@ def connect(
     env_url, env_token = server_settings() if not (url and token) else (url, token)
     url, token = (url or env_url).rstrip("/"), token or env_token
     if not token:
-        raise LabelStudioError(
+        raise LabelStudioRefused(
             "no Label Studio API token: set LABEL_STUDIO_API_KEY, or start the local "
             "server with `infra/labelstudio.sh start` (it writes .labelstudio/env)"
         )
@@ -159,8 +165,10 @@ def connect(
         ) from err
     except ApiError as err:
         http.close()
-        what = "rejected the API token" if err.status_code in (401, 403) else "answered"
-        raise LabelStudioError(f"Label Studio at {url} {what} (HTTP {err.status_code})") from None
+        refused = err.status_code in (401, 403)
+        what = "rejected the API token" if refused else "answered"
+        error = LabelStudioRefused if refused else LabelStudioError
+        raise error(f"Label Studio at {url} {what} (HTTP {err.status_code})") from None
     return LabelStudioClient(url, sdk)
 
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from services import labelstudio as client_api
+from xbl.errors import XblError
 from xbl.explain.cells import cells_to_mask
 from xbl.labelstudio.oracle import Oracle, oracle_annotation
 from xbl.labelstudio.results import masks_from_annotations
@@ -216,6 +217,7 @@ def test_connect_fails_clearly_and_never_shows_the_token(labelstudio):
     with pytest.raises(client_api.LabelStudioError, match="rejected the API token") as err:
         client_api.connect(labelstudio.url, "0" * 40)
     assert "0" * 40 not in str(err.value)
+    assert isinstance(err.value, XblError)  # the user's to fix: a task never retries it
     with pytest.raises(client_api.LabelStudioUnavailable, match="not reachable"):
         client_api.connect(f"http://127.0.0.1:{free_port()}", labelstudio.token)
 
