@@ -10,7 +10,15 @@ from prefect.runtime import flow_run
 from services import tracking
 from tasks.data import prepare_data
 from tasks.links import link_mlflow_runs
-from tasks.runs import close_run, log_model_run, open_parent_run, publish_table, set_model_alias
+from tasks.runs import (
+    close_run,
+    log_model_run,
+    log_probe_saliency,
+    open_parent_run,
+    publish_table,
+    set_model_alias,
+    start_model_run,
+)
 from tasks.training import evaluate_checkpoint, train_baseline
 from xbl.config import TrainConfig, as_params, fingerprint, load_config, with_overrides
 
@@ -49,9 +57,11 @@ def baseline_flow(
     cfg = with_overrides(load_config(root / params_file), given)
     data = prepare_data(str(root), cfg.data.out, params_file)
     parent = open_parent_run(str(root), cfg.mlflow.experiment, "baseline", data.version)
-    trained = train_baseline(data.path, cfg.train, str(run_dir(root) / "baseline.pt"))
-    evaluation = evaluate_checkpoint(trained.checkpoint, data.path)
     name = cfg.mlflow.model_name
+    settings = {tracking.TRAIN_SETTINGS_TAG: baseline_fingerprint(cfg.train)}
+    run = start_model_run(str(root), parent, "baseline", data.version, name, settings)
+    trained = train_baseline(data.path, cfg.train, str(run_dir(root) / "baseline.pt"), run)
+    evaluation = evaluate_checkpoint(trained.checkpoint, data.path)
     child = log_model_run(
         str(root),
         parent,
@@ -61,8 +71,10 @@ def baseline_flow(
         evaluation,
         data.version,
         name,
-        extra_tags={tracking.TRAIN_SETTINGS_TAG: baseline_fingerprint(cfg.train)},
+        extra_tags=settings,
+        run=run,
     )
+    log_probe_saliency(str(root), child["run_id"], data.path, trained.checkpoint, 0)
     set_model_alias(str(root), name, "baseline", child["model_version"])
     close_run(str(root), parent)
     table = publish_table(

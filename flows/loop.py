@@ -70,11 +70,13 @@ from tasks.runs import (
     compare_models,
     current_model,
     log_model_run,
+    log_probe_saliency,
     log_round_annotation,
     log_round_clusters,
     open_parent_run,
     promote,
     set_model_alias,
+    start_model_run,
     tag_run,
 )
 from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedback
@@ -294,7 +296,10 @@ def _baseline(rnd: _Round, parent: str) -> tuple[dict, str | None]:
     known = current_model(root, cfg.mlflow.model_name, "baseline", rnd.data.version, settings)
     if known is not None:
         return known, None
-    base = train_baseline(rnd.data.path, cfg.train, str(run_dir(rnd.root) / "baseline.pt"))
+    run = start_model_run(
+        root, parent, "baseline", rnd.data.version, cfg.mlflow.model_name, settings
+    )
+    base = train_baseline(rnd.data.path, cfg.train, str(run_dir(rnd.root) / "baseline.pt"), run)
     baseline = log_model_run(
         root,
         parent,
@@ -305,7 +310,9 @@ def _baseline(rnd: _Round, parent: str) -> tuple[dict, str | None]:
         rnd.data.version,
         cfg.mlflow.model_name,
         extra_tags=settings,
+        run=run,
     )
+    log_probe_saliency(root, baseline["run_id"], rnd.data.path, base.checkpoint, 0)
     set_model_alias(root, cfg.mlflow.model_name, "baseline", baseline["model_version"])
     crash_point("baseline")
     return baseline, base.checkpoint
@@ -380,6 +387,13 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
     feedback_version = version_feedback(root, FEEDBACK_ROOT)
     by_round = {**earlier_feedback(rnd.root, state.completed), **orphans, n: manifest}
     manifests = list(by_round.values())
+    tags = {
+        tracking.FEEDBACK_VERSION_TAG: feedback_version,
+        tracking.ROUND_TAG: str(n),
+        tracking.FEEDBACK_ROUNDS_TAG: ",".join(str(k) for k in by_round),
+    }
+    name = f"feedback-round-{n}"
+    run = start_model_run(root, opened.parent, name, rnd.data.version, cfg.mlflow.model_name, tags)
     tuned = train_with_feedback(
         rnd.data.path,
         opened.checkpoint,
@@ -388,23 +402,22 @@ def _retrain_and_promote(rnd: _Round, state: RoundState, opened: _Opened) -> dic
         cfg.feedback,
         str(run_dir(rnd.root) / "feedback.pt"),
         rnd.data.version,
+        run=run,
     )
     feedback = log_model_run(
         root,
         opened.parent,
-        f"feedback-round-{n}",
+        name,
         _feedback_params(cfg),
         tuned,
         evaluate_checkpoint(tuned.checkpoint, rnd.data.path),
         rnd.data.version,
         cfg.mlflow.model_name,
-        extra_tags={
-            tracking.FEEDBACK_VERSION_TAG: feedback_version,
-            tracking.ROUND_TAG: str(n),
-            tracking.FEEDBACK_ROUNDS_TAG: ",".join(str(k) for k in by_round),
-        },
+        extra_tags=tags,
         extra_files=(str(rnd.root / f"{FEEDBACK_ROOT}.dvc"),),
+        run=run,
     )
+    log_probe_saliency(root, feedback["run_id"], rnd.data.path, tuned.checkpoint, n)
     clusters = Path(opened.queries).parent / "clusters.json" if opened.propagation else None
     log_round_annotation(root, feedback["run_id"], manifests, clusters and str(clusters))
     crash_point("retrain")

@@ -1,4 +1,5 @@
-"""The one MLflow module: experiments, parent/child runs, metrics, models and aliases.
+"""The one MLflow module: experiments, parent/child runs, their data versions (as datasets),
+metrics (in batches), images, models and aliases.
 
 Runs are addressed by id (never the thread-local active run), so Prefect may run these
 calls on any worker thread.
@@ -9,15 +10,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from services import lock
 from services import offline as _offline  # noqa: F401
-from xbl.paths import round_name
+from xbl.paths import FEEDBACK_ROOT, round_name
 
 DATA_VERSION_TAG = "xbl.data_version"
 TRAIN_SETTINGS_TAG = "xbl.train_settings"  # fingerprint of params' train section (a baseline's)
@@ -75,28 +80,142 @@ def start_run(
     return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
 
 
-def log_params(client: MlflowClient, run_id: str, params: dict, prefix: str = "") -> None:
-    """Flatten nested settings into dotted keys (MLflow params are flat strings)."""
+@dataclass(frozen=True)
+class ModelRun:
+    """A model's run, started before its training so its curves reach MLflow as it trains."""
+
+    project: str
+    run_id: str
+
+
+# what a model learnt from, as MLflow datasets: the prepared images (the DVC `prepare` stage's
+# output) and, for a feedback model, every round's masks; name -> (DVC file, input context)
+DVC_INPUTS = {
+    "prepared": ("dvc.lock", "training"),
+    "feedback": (f"{FEEDBACK_ROOT}.dvc", "feedback"),
+}
+
+
+def log_data_versions(
+    client: MlflowClient, run_id: str, project: Path, versions: dict[str, str]
+) -> None:
+    """Each DVC-versioned input of the run (`versions`: a DVC_INPUTS name -> its DVC content
+    hash) as a dataset whose digest is that hash, in one call: the UI's Datasets column."""
+    inputs = []
+    for name, md5 in versions.items():
+        dvc_file, context = DVC_INPUTS[name]
+        source = {"repo": str(Path(project).resolve()), "dvc_file": dvc_file, "md5": md5}
+        dataset = Dataset(name, md5, "dvc", json.dumps(source))
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def log_images(client: MlflowClient, run_id: str, images: dict[str, Path], step: int) -> None:
+    """PNG files as time-stepped images (key -> file): the UI's image charts show a key side
+    by side across runs, with a slider over the steps (here: rounds)."""
+    for key, path in images.items():
+        client.log_image(run_id, mlflow.Image(str(path)), key=key, step=step)
+
+
+def logged_images(client: MlflowClient, run_id: str, key: str) -> dict[int, str]:
+    """The steps at which the run logged image `key`, each to its artifact path."""
+    prefix = f"{key.replace('/', '~')}+step+"
+    found = {}
+    for item in client.list_artifacts(run_id, "images"):
+        name = Path(item.path).name
+        if name.startswith(prefix) and name.endswith(".png"):
+            found[int(name[len(prefix) :].split("+")[0])] = item.path
+    return found
+
+
+# MLflow's limits on one log_batch call (mlflow.utils.validation)
+BATCH_METRICS, BATCH_PARAMS_OR_TAGS, BATCH_ENTITIES = 1000, 100, 1000
+
+
+def log_batch(
+    client: MlflowClient,
+    run_id: str,
+    metrics: dict | None = None,
+    params: dict | None = None,
+    tags: dict | None = None,
+) -> None:
+    """Metrics (the finite ones, at step 0), nested params (as dotted keys) and tags, in as few
+    calls as MLflow's limits allow: one request, where one call per value was one each."""
+    tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    _log_entities(client, run_id, _metric_list(metrics or {}), _flat_params(params or {}), tag_list)
+
+
+def _log_entities(
+    client: MlflowClient,
+    run_id: str,
+    metrics: list[Metric] = (),
+    params: list[Param] = (),
+    tags: list[RunTag] = (),
+) -> None:
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    while metrics or params or tags:
+        p, t = params[:BATCH_PARAMS_OR_TAGS], tags[:BATCH_PARAMS_OR_TAGS]
+        m = metrics[: min(BATCH_METRICS, BATCH_ENTITIES - len(p) - len(t))]
+        client.log_batch(run_id, metrics=m, params=p, tags=t)
+        metrics, params, tags = metrics[len(m) :], params[len(p) :], tags[len(t) :]
+
+
+def _metric_list(metrics: dict) -> list[Metric]:
+    now = _now_ms()
+    return [
+        Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and np.isfinite(v)
+    ]
+
+
+def _flat_params(params: dict, prefix: str = "") -> list[Param]:
+    """Nested settings as dotted keys (MLflow params are flat strings)."""
+    flat = []
     for key, value in params.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            log_params(client, run_id, value, prefix=f"{name}.")
+            flat += _flat_params(value, prefix=f"{name}.")
         else:
-            client.log_param(run_id, name, value)
+            flat.append(Param(name, str(value)))
+    return flat
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict, prefix: str = "") -> None:
+    _log_entities(client, run_id, params=_flat_params(params, prefix))
+
+
+def _curve_metrics(row: dict) -> list[Metric]:
+    """An epoch's row of the learning curves, under `curve/` so they never shadow the final
+    metrics of the best epoch; step = the epoch."""
+    now, step = _now_ms(), int(row["epoch"])
+    return [Metric(f"curve/{k}", float(v), now, step) for k, v in row.items() if k != "epoch"]
 
 
 def log_history(client: MlflowClient, run_id: str, history: list[dict]) -> None:
-    """Learning curves under `curve/`, so they never shadow the final metrics of the best epoch."""
-    for row in history:
-        for key, value in row.items():
-            if key != "epoch":
-                client.log_metric(run_id, f"curve/{key}", float(value), step=int(row["epoch"]))
+    _log_entities(client, run_id, [m for row in history for m in _curve_metrics(row)])
+
+
+def epoch_logger(client: MlflowClient, run_id: str) -> Callable[[dict], None]:
+    """A training callback: each epoch's row to the run as it ends, in one log_batch call."""
+    return lambda row: _log_entities(client, run_id, _curve_metrics(row))
+
+
+def logged_epochs(client: MlflowClient, run_id: str) -> set[int]:
+    """The epochs whose curves the run holds (logged live, or by an earlier attempt)."""
+    return {m.step for m in client.get_metric_history(run_id, "curve/val_loss")}
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict) -> None:
-    for key, value in metrics.items():
-        if value is not None and np.isfinite(value):
-            client.log_metric(run_id, key, float(value))
+    log_batch(client, run_id, metrics=metrics)
+
+
+def log_series(client: MlflowClient, run_id: str, key: str, values: list[float]) -> None:
+    """One metric's values at steps 0, 1, ... (one per task, say), in batches."""
+    now = _now_ms()
+    _log_entities(client, run_id, [Metric(key, float(v), now, i) for i, v in enumerate(values)])
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def log_file(
@@ -304,9 +423,12 @@ def record_decision(client: MlflowClient, run_id: str, compared_with: str, decis
         "champion_evidence_explanation_score",
         "candidate_evidence_explanation_score",
     )
-    log_metrics(client, run_id, {f"promotion/{k}": decision[k] for k in figures if k in decision})
-    client.set_tag(run_id, COMPARED_WITH_TAG, compared_with)
-    client.set_tag(run_id, PROMOTED_TAG, str(decision["promoted"]).lower())
+    log_batch(
+        client,
+        run_id,
+        metrics={f"promotion/{k}": decision[k] for k in figures if k in decision},
+        tags={COMPARED_WITH_TAG: compared_with, PROMOTED_TAG: str(decision["promoted"]).lower()},
+    )
     client.set_tag(run_id, DECISION_TAG, json.dumps(decision))
 
 
@@ -447,14 +569,18 @@ def discard_unfinished_attempts(
 def _discard(client: MlflowClient, runs: list, registered_name: str) -> int:
     """Fail the runs and unregister their models, except the champion's: deleting it would
     take the alias with it and leave the registry without a champion."""
-    champion = alias_version(client, registered_name, CHAMPION)
     for run in runs:
-        for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
-            if champion is not None and str(version.version) == str(champion.version):
-                continue
-            client.delete_model_version(registered_name, version.version)
+        unregister_models(client, run.info.run_id, registered_name)
         client.set_terminated(run.info.run_id, status="FAILED")
     return len(runs)
+
+
+def unregister_models(client: MlflowClient, run_id: str, registered_name: str) -> None:
+    """Delete the model versions the run registered, except the champion's."""
+    champion = alias_version(client, registered_name, CHAMPION)
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        if champion is None or str(version.version) != str(champion.version):
+            client.delete_model_version(registered_name, version.version)
 
 
 def download_artifact(client: MlflowClient, run_id: str, path: str, out_dir: Path) -> Path:

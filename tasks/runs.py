@@ -20,7 +20,7 @@ from xbl.feedback.masks import read_feedback
 from xbl.judge.evidence import correct_on, explanation_on, gather_evidence
 from xbl.judge.paired import compare_paired
 from xbl.judge.promotion import promotion_decision
-from xbl.report.page import cost_columns, report_columns
+from xbl.report.page import cost_columns, probe_indices, report_columns, saliency_grid
 from xbl.train.checkpoint import load_model
 from xbl.train.loop import TrainResult
 
@@ -42,7 +42,43 @@ def open_parent_run(project: str, experiment: str, name: str, data_version: str)
     """One MLflow parent run per flow run; children hang under it."""
     client = tracking.client_for(Path(project))
     exp_id = tracking.experiment_id(client, Path(project), experiment)
-    return tracking.start_run(client, exp_id, name, tags={tracking.DATA_VERSION_TAG: data_version})
+    tags = {tracking.DATA_VERSION_TAG: data_version}
+    run_id = tracking.start_run(client, exp_id, name, tags=tags)
+    tracking.log_data_versions(client, run_id, Path(project), _data_versions(tags))
+    return run_id
+
+
+@task(**SERVICE_RETRIES)
+def start_model_run(
+    project: str,
+    parent_id: str,
+    name: str,
+    data_version: str,
+    registered_name: str,
+    extra_tags: dict | None = None,
+) -> tracking.ModelRun:
+    """The model's child run, started before its training so the training task logs each
+    epoch to it as it ends; with its data versions as MLflow datasets. A retry, or a rerun of
+    the step, first fails the earlier attempt's run and unregisters its model."""
+    tags = {tracking.DATA_VERSION_TAG: data_version, **(extra_tags or {})}
+    return tracking.ModelRun(project, _start(project, parent_id, name, registered_name, tags))
+
+
+def _start(project: str, parent_id: str, name: str, registered_name: str, tags: dict) -> str:
+    client = tracking.client_for(Path(project))
+    exp_id = client.get_run(parent_id).info.experiment_id
+    tracking.discard_unfinished_attempts(client, exp_id, parent_id, name, registered_name)
+    run_id = tracking.start_run(client, exp_id, name, parent_id, tags)
+    tracking.log_data_versions(client, run_id, Path(project), _data_versions(tags))
+    return run_id
+
+
+def _data_versions(tags: dict) -> dict[str, str]:
+    """What the run learnt from, by DVC version: the prepared data and any feedback masks."""
+    versions = {"prepared": tags[tracking.DATA_VERSION_TAG]}
+    if tracking.FEEDBACK_VERSION_TAG in tags:
+        versions["feedback"] = tags[tracking.FEEDBACK_VERSION_TAG]
+    return versions
 
 
 @task(**SERVICE_RETRIES)
@@ -57,27 +93,20 @@ def log_model_run(
     registered_name: str,
     extra_tags: dict | None = None,
     extra_files: tuple[str, ...] = (),
+    run: tracking.ModelRun | None = None,
 ) -> dict:
-    """A child run with settings, per-epoch curves, final metrics, confusion matrix and model."""
+    """A child run with settings, per-epoch curves, final metrics, confusion matrix and model:
+    `run` when the training logged to it (start_model_run), else a new one."""
     root = Path(project)
     client = tracking.client_for(root)
-    parent = client.get_run(parent_id)
     tags = {tracking.DATA_VERSION_TAG: data_version, **(extra_tags or {})}
-    # a retry of this task must not leave the failed attempt's run or model version behind
-    tracking.discard_unfinished_attempts(
-        client, parent.info.experiment_id, parent_id, name, registered_name
-    )
-    run_id = tracking.start_run(client, parent.info.experiment_id, name, parent_id, tags)
-    tracking.log_params(client, run_id, {**params, "device": trained.device})
-    tracking.log_history(client, run_id, trained.history)
-    final = {
-        **evaluation["metrics"],
-        "min_val_loss": trained.min_val_loss,
-        "best_epoch": trained.best_epoch,
-    }
-    if trained.effective_lambda is not None:
-        final["effective_lambda"] = trained.effective_lambda
-    tracking.log_metrics(client, run_id, final)
+    run_id = run.run_id if run else _start(project, parent_id, name, registered_name, tags)
+    # a retry of this step must not leave the failed attempt's model version behind
+    tracking.unregister_models(client, run_id, registered_name)
+    live = tracking.logged_epochs(client, run_id)
+    tracking.log_history(client, run_id, [r for r in trained.history if r["epoch"] not in live])
+    final = _final_metrics(trained, evaluation)
+    tracking.log_batch(client, run_id, final, {**params, "device": trained.device}, tags)
     crash_point("mlflow-logging")  # fault drill: the run started, its model not logged
     tracking.log_confusion_matrix(
         client, run_id, np.array(evaluation["confusion_matrix"]), evaluation["classes"]
@@ -97,6 +126,37 @@ def log_model_run(
     )
     client.set_terminated(run_id)
     return {"run_id": run_id, "name": name, "model_version": version, "metrics": final}
+
+
+def _final_metrics(trained: TrainResult, evaluation: dict) -> dict:
+    final = {
+        **evaluation["metrics"],
+        "min_val_loss": trained.min_val_loss,
+        "best_epoch": trained.best_epoch,
+    }
+    if trained.effective_lambda is not None:
+        final["effective_lambda"] = trained.effective_lambda
+    return final
+
+
+@task(**SERVICE_RETRIES)
+def log_probe_saliency(
+    project: str, run_id: str, dataset: str, checkpoint: str, round_number: int
+) -> str:
+    """The model's saliency maps of the fixed probe images (the report's probes: the same
+    held-out images every round) as image `saliency/probes` at step `round_number` (0: a
+    baseline), so MLflow's image charts set runs side by side and slide over the rounds."""
+    client = tracking.client_for(Path(project))
+    data = PreparedData.load(Path(dataset))
+    model = load_model(checkpoint)[0]
+    title = client.get_run(run_id).info.run_name
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = saliency_grid({title: model}, data, probe_indices(data), Path(tmp) / "probes.png")
+        tracking.log_images(client, run_id, {PROBE_SALIENCY: grid}, round_number)
+    return PROBE_SALIENCY
+
+
+PROBE_SALIENCY = "saliency/probes"
 
 
 def _cluster_params(clusters_json: str) -> dict:
@@ -143,8 +203,8 @@ def log_round_annotation(
     client = tracking.client_for(Path(project))
     cost = read_cost(manifests[-1])
     tracking.log_metrics(client, run_id, {f"round/{k}": cost[k] for k in ROUND_COST if k in cost})
-    for step, item in enumerate(cost.get("per_task", [])):
-        client.log_metric(run_id, "round/task_seconds", item["seconds"], step=step)
+    seconds = [item["seconds"] for item in cost.get("per_task", [])]
+    tracking.log_series(client, run_id, "round/task_seconds", seconds)
     budget = annotation_budget(manifests)
     tracking.log_metrics(
         client,
@@ -199,9 +259,7 @@ def current_model(
 
 @task(**SERVICE_RETRIES)
 def tag_run(project: str, run_id: str, tags: dict[str, str]) -> None:
-    client = tracking.client_for(Path(project))
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    tracking.log_batch(tracking.client_for(Path(project)), run_id, tags=tags)
 
 
 @task(**SERVICE_RETRIES)

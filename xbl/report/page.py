@@ -2,8 +2,9 @@
 compare, where each looks (before and after, on the round's queries and on a fixed probe set of
 held-out images), what the annotations cost, and why the champion is who it is.
 
-MLflow cannot compare images across runs, so the saliency grids are drawn here, every model's
-maps side by side on the same images. Everything the page shows is computed and drawn here,
+The saliency grids put every model's maps side by side on the same images in one picture (the
+probe maps also go to MLflow as the image `saliency/probes`, one step per round, for its image
+charts across runs). Everything the page shows is computed and drawn here,
 from values and local files; reading MLflow and rendering the HTML in a browser are the
 task's (tasks/report.py).
 """

@@ -27,6 +27,8 @@ def fit(
 
     With `cfg.devices` > 1 the same training runs data-parallel in that many processes. On
     divergence the last good weights are saved beside `out` and FeedbackDiverged names them.
+    `on_epoch` gets each epoch's row of the history as that epoch ends (in this process, also
+    under N), so a caller can log live curves before training returns.
     """
     if cfg.devices > 1:  # one process per device under torchrun (gloo on CPU, nccl on GPUs)
         return launch(cfg.devices, data, cfg, Path(out), init, feedback, on_epoch)
