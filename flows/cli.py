@@ -795,5 +795,13 @@ def _dispatch(argv: list[str] | None) -> int:
     return args.func(args)
 
 
+def console() -> int:
+    """The `xbl` command. Prefect keeps its runs where `make`, `xbl server start` and
+    infra/services.sh keep them, the checkout's .prefect, unless PREFECT_HOME says otherwise:
+    a bare `xbl round` then shows in the UI that `xbl server start` serves."""
+    os.environ.setdefault("PREFECT_HOME", str(REPO / ".prefect"))
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -131,3 +132,24 @@ def test_version_falls_back_to_pyproject_when_not_installed(monkeypatch):
     monkeypatch.setattr(metadata, "version", missing)
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert cli.package_version() == pyproject["project"]["version"]
+
+
+PRINT_PREFECT_HOME = """
+import os
+from flows import cli
+cli.main = lambda: 0  # only what `xbl` does before the command runs
+cli.console()
+print(os.environ["PREFECT_HOME"])
+"""
+
+
+@pytest.mark.parametrize("given", [None, "/somewhere/else"])
+def test_xbl_keeps_prefect_runs_where_make_and_the_server_do(given, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"}
+    if given:
+        env["PREFECT_HOME"] = given
+    out = subprocess.run(
+        [sys.executable, "-c", PRINT_PREFECT_HOME], cwd=tmp_path, env=env,
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == (given or str(REPO / ".prefect"))
