@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,14 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from services.faults import crash_point
-from xbl.errors import XblError
+from services.labelstudio_access import (  # noqa: F401  (the errors are this module's API too)
+    LabelStudioError,
+    LabelStudioRefused,
+    LabelStudioUnavailable,
+    authorization,
+    is_loopback,
+    server_settings,
+)
 from xbl.labelstudio.interface import labeling_config, review_labeling_config
 from xbl.labelstudio.payloads import (
     cell_predictions,
@@ -39,11 +45,10 @@ from xbl.labelstudio.payloads import (
     task_payload,
 )
 from xbl.labelstudio.results import review_verdict
+from xbl.progress import progress
 
 log = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_PORT = 8089
 # Retries live here, not in the SDK (its own are turned off): a read is repeated after any
 # transport error, a gateway/overload answer or a server error (Label Studio answers 500 when
 # its database connection was cut, e.g. by a PostgreSQL restart, and reconnects on the next
@@ -55,57 +60,19 @@ ACTIONS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED")
 SECRET_HEADER = "X-XBL-Webhook-Secret"
 
 
-class LabelStudioError(RuntimeError):
-    """The server answered, but not as needed (rejected token, invalid request)."""
-
-
-class LabelStudioUnavailable(LabelStudioError):
-    """The server could not be reached."""
-
-
-class LabelStudioRefused(LabelStudioError, XblError):
-    """A setting the user must fix (no token, a rejected token): a retry cannot help, so
-    Prefect's tasks never retry it (tasks.is_transient)."""
-
-
 @dataclass(frozen=True)
 class LabelStudioClient:
     """The server's URL and an SDK client; the token stays inside the SDK and out of repr."""
 
     url: str
     sdk: LabelStudio = field(repr=False, compare=False)
+    token: str = field(repr=False, compare=False, default="")  # for the calls the SDK lacks
 
     def __repr__(self) -> str:
         return f"LabelStudioClient(url={self.url!r}, token='***')"
 
 
 # --- settings and connection -----------------------------------------------------------------
-
-
-def _local_settings() -> dict[str, str]:
-    """XBL_LABEL_STUDIO_* from the environment over the git-ignored .labelstudio/env file."""
-    home = Path(os.environ.get("XBL_LABEL_STUDIO_HOME") or PROJECT_DIR / ".labelstudio")
-    values: dict[str, str] = {}
-    env_file = home / "env"
-    if env_file.is_file():
-        for line in env_file.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep and not key.startswith("#"):
-                values[key.strip()] = value.strip()
-    values.update({k: v for k, v in os.environ.items() if k.startswith("XBL_LABEL_STUDIO_") and v})
-    return values
-
-
-def server_settings() -> tuple[str, str | None]:
-    """(url, token) of the server to use: a team's server when LABEL_STUDIO_URL is set."""
-    if os.environ.get("LABEL_STUDIO_URL"):
-        token = os.environ.get("LABEL_STUDIO_API_KEY")
-        if not token:
-            raise LabelStudioRefused("LABEL_STUDIO_URL is set but LABEL_STUDIO_API_KEY is not")
-        return os.environ["LABEL_STUDIO_URL"], token
-    local = _local_settings()
-    port = local.get("XBL_LABEL_STUDIO_PORT") or DEFAULT_PORT
-    return f"http://127.0.0.1:{port}", local.get("XBL_LABEL_STUDIO_TOKEN")
 
 
 def _transient(err: Exception, write: bool) -> bool:
@@ -138,10 +105,6 @@ def _retry(
             time.sleep(delay)
 
 
-def _is_loopback(url: str) -> bool:
-    return urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
-
-
 def connect(
     url: str | None = None, token: str | None = None, timeout_s: float = 30.0
 ) -> LabelStudioClient:
@@ -153,7 +116,7 @@ def connect(
             "no Label Studio API token: set LABEL_STUDIO_API_KEY, or start the local "
             "server with `infra/labelstudio.sh start` (it writes .labelstudio/env)"
         )
-    http = httpx.Client(timeout=timeout_s, trust_env=not _is_loopback(url))  # no proxy for loopback
+    http = httpx.Client(timeout=timeout_s, trust_env=not is_loopback(url))  # no proxy for loopback
     try:
         sdk = LabelStudio(base_url=url, api_key=token, httpx_client=http, max_retries=0)
         _retry(sdk.users.whoami, attempts=2)
@@ -169,7 +132,7 @@ def connect(
         what = "rejected the API token" if refused else "answered"
         error = LabelStudioRefused if refused else LabelStudioError
         raise error(f"Label Studio at {url} {what} (HTTP {err.status_code})") from None
-    return LabelStudioClient(url, sdk)
+    return LabelStudioClient(url, sdk, token)
 
 
 def project_link(client: LabelStudioClient, project_id: int) -> str:
@@ -322,18 +285,14 @@ def upload_file(client: LabelStudioClient, project_id: int, path: str | Path) ->
     Label Studio serves it at."""
     path = Path(path)
     mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    http = (
-        client.sdk._client_wrapper.httpx_client
-    )  # the SDK's authenticated client; it has no upload call
 
     def post() -> httpx.Response:
-        with path.open("rb") as fh:
-            return http.request(
-                f"api/projects/{project_id}/import",
-                method="POST",
+        # the SDK has no upload call: the same REST endpoint, through our own client
+        with _http(client) as http, path.open("rb") as fh:
+            return http.post(
+                f"/api/projects/{project_id}/import",
                 params={"commit_to_project": "false"},
                 files={"file": (path.name, fh, mime)},
-                force_multipart=True,
             )
 
     response = _retry(post, write=True)
@@ -344,6 +303,15 @@ def upload_file(client: LabelStudioClient, project_id: int, path: str | Path) ->
     file_id = response.json()["file_upload_ids"][0]
     name = _retry(lambda: client.sdk.files.get(file_id).file)
     return f"{urlparse(client.url).path.rstrip('/')}/data/{name}"
+
+
+def _http(client: LabelStudioClient, timeout_s: float = 60.0) -> httpx.Client:
+    """An authenticated client of the server, for the REST calls the SDK does not make."""
+    http = httpx.Client(
+        base_url=client.url, timeout=timeout_s, trust_env=not is_loopback(client.url)
+    )
+    http.headers["Authorization"] = authorization(http, client.token)
+    return http
 
 
 def _task(client: LabelStudioClient, images_id: int, query: dict, model_version: str) -> dict:
@@ -391,7 +359,10 @@ def push_round(
     a task whose (image_id, round) is already in the project is skipped."""
     new = _not_pushed(client, project_id, queries)
     images_id = _images_project(client, project_id) if new else None
-    tasks = [_task(client, images_id, query, model_version) for query in new]
+    tasks = [
+        _task(client, images_id, query, model_version)
+        for query in progress(new, f"uploading {len(new)} tasks to Label Studio")
+    ]
     if tasks:  # one request: the round's tasks and predictions are created together
         _retry(lambda: client.sdk.projects.import_tasks(project_id, request=tasks), write=True)
         _retry(lambda: _use_model_version(client, project_id, model_version))
@@ -538,7 +509,7 @@ def push_reviews(client: LabelStudioClient, project_id: int, members: list[dict]
         images_id = _images_project(client, project_id)
         tasks = [
             review_payload({**m, "image_url": upload_file(client, images_id, m["image_path"])})
-            for m in new
+            for m in progress(new, f"uploading {len(new)} review tasks to Label Studio")
         ]
         _retry(lambda: client.sdk.projects.import_tasks(project_id, request=tasks), write=True)
     return {"created": len(new), "skipped": len(members) - len(new)}

@@ -10,7 +10,6 @@ Nothing here writes: a missing store stays missing, the round lock is only peeke
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -22,6 +21,12 @@ from urllib.parse import urlparse
 import httpx
 
 from services import lock
+from services.labelstudio_access import (
+    LabelStudioRefused,
+    authorization,
+    is_loopback,
+    server_settings,
+)
 from xbl.config import load_config
 from xbl.errors import ProjectBusy
 from xbl.paths import ROUNDS_ROOT
@@ -362,8 +367,8 @@ def labelstudio_progress(title: str, round_: int) -> Progress:
             "local server with `xbl labelstudio start`)",
         )
     try:
-        with httpx.Client(base_url=url, timeout=TIMEOUT_S, trust_env=not _is_loopback(url)) as http:
-            http.headers["Authorization"] = _authorization(http, token)
+        with httpx.Client(base_url=url, timeout=TIMEOUT_S, trust_env=not is_loopback(url)) as http:
+            http.headers["Authorization"] = authorization(http, token)
             return _progress(http, url, title, round_)
     except httpx.TransportError:
         return Progress(url, error=f"Label Studio unreachable at {url}")
@@ -408,44 +413,10 @@ def _json(response: httpx.Response):
 
 
 def labelstudio_settings() -> tuple[str, str | None]:
-    """services.labelstudio.server_settings, without the SDK's second of imports: a team's
-    server from LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, else the local one of
-    infra/labelstudio.sh (XBL_LABEL_STUDIO_* over .labelstudio/env)."""
-    if os.environ.get("LABEL_STUDIO_URL"):
-        return os.environ["LABEL_STUDIO_URL"].rstrip("/"), os.environ.get("LABEL_STUDIO_API_KEY")
-    repo = Path(__file__).resolve().parent.parent
-    env = Path(os.environ.get("XBL_LABEL_STUDIO_HOME") or repo / ".labelstudio") / "env"
-    local = dict(
-        line.split("=", 1)
-        for line in (env.read_text().splitlines() if env.is_file() else [])
-        if "=" in line and not line.startswith("#")
-    )
-    local = {k.strip(): v.strip() for k, v in local.items()}
-    local.update({k: v for k, v in os.environ.items() if k.startswith("XBL_LABEL_STUDIO_") and v})
-    port = local.get("XBL_LABEL_STUDIO_PORT") or 8089
-    return f"http://127.0.0.1:{port}", local.get("XBL_LABEL_STUDIO_TOKEN")
-
-
-def _is_loopback(url: str) -> bool:
-    return urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
-
-
-def _authorization(http: httpx.Client, token: str) -> str:
-    """A legacy token as is; a personal access token (a JWT refresh token) exchanged for an
-    access token first, as the SDK does."""
-    claims = _jwt_claims(token)
-    if claims is None:
-        return f"Token {token}"
-    if claims.get("token_type") == "refresh":
-        token = _json(http.post("/api/token/refresh/", json={"refresh": token}))["access"]
-    return f"Bearer {token}"
-
-
-def _jwt_claims(token: str) -> dict | None:
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
+    """The server and token services.labelstudio uses; no token (rather than an error) when
+    LABEL_STUDIO_URL is set without LABEL_STUDIO_API_KEY: status reports it."""
     try:
-        return json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except ValueError:
-        return None
+        url, token = server_settings()
+    except LabelStudioRefused:
+        url, token = os.environ["LABEL_STUDIO_URL"], None
+    return url.rstrip("/"), token

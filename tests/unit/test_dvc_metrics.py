@@ -174,7 +174,7 @@ def test_the_committed_dvc_lock_is_what_dvc_repro_would_record(tmp_path):
         for stage, changes in json.loads(status.stdout).items()
     }
     assert not any(stale.values()), (
-        f"dvc.lock is stale: {stale}. Record the stage again with `.venv/bin/dvc repro "
-        "prepare` (a few seconds; data/prepared comes out the same when only code changed) "
+        f"dvc.lock is stale: {stale}. Record the stage again with `PATH=.venv/bin:$PATH "
+        "dvc repro prepare` (a few seconds; data/prepared comes out the same when only code changed) "
         "and commit dvc.lock"
     )

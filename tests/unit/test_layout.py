@@ -6,6 +6,7 @@ source, so a module that crosses a line fails here before it confuses a reader."
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,16 @@ def test_no_import_circles_between_modules_or_between_xbls_concerns():
                 concern(m) for m in imported if m.startswith("xbl.") and concern(m) != mine
             )
     assert _cycle(concerns) is None, f"xbl's concerns import each other: {_cycle(concerns)}"
+
+
+def test_no_client_reaches_into_a_library_s_private_attributes():
+    """The SDK's private `_client_wrapper` once carried uploads: a library update may drop it."""
+    private = re.compile(r"\b(sdk|client|mlflow|prefect)\._[a-z]\w*")
+    found = [
+        f"{path.relative_to(REPO)}:{n}"
+        for folder in ("services", "tasks", "flows", "xbl", "webhook")
+        for path in (REPO / folder).rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
+    assert found == []

@@ -21,6 +21,7 @@ from functools import lru_cache
 import numpy as np
 
 from xbl.data.prepared import AUDIT, PreparedData, stratified_split
+from xbl.progress import progress
 
 CLASSES = ("nevus-like", "irregular", "halo")
 CONFOUNDERS = ("blue patch", "ruler", "yellow patch")  # the code k draws CONFOUNDERS[k]
@@ -61,7 +62,10 @@ def decoy_lesions(
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(classes, dtype=np.int64), n_per_class)
     splits = stratified_split(labels, split, rng)
-    lesions = [_draw_lesion(rng, int(y), image_size) for y in labels]
+    lesions = [
+        _draw_lesion(rng, int(y), image_size)
+        for y in progress(labels, f"drawing {len(labels)} lesions")
+    ]
     ids = np.array([f"lesion-{i:04d}" for i in range(len(labels))])
     val = np.flatnonzero(splits == "val")
     lesions += [lesions[i] for i in val]

@@ -124,7 +124,9 @@ def decode_rle(rle: Sequence[int], size: int | None = None) -> np.ndarray:
 
     The declared count is checked before the output is allocated: against `size` when given,
     and always against the most values the stream's remaining bits could encode, so a short
-    RLE declaring billions of values allocates nothing.
+    RLE declaring billions of values allocates nothing. That is why this is not the SDK's
+    `label_studio_sdk.converter.brush.decode_rle`, which allocates the declared count (up to
+    4 GiB) first; a test decodes the SDK's own encoder's output here.
     """
     bits = _BitReader(rle)
     count = bits.read(32)

@@ -28,6 +28,7 @@ from xbl.config import TrainConfig
 from xbl.data.images import Images, ShuffledBatches, as_images, batches, in_order
 from xbl.feedback.methods import AnnotatedImages
 from xbl.feedback.schedule import Feedback
+from xbl.progress import progress
 from xbl.train.runtime import autocast, model_device, seed_everything
 
 EXPLOSION = 1e12  # a finite loss above this is treated as diverged, like NaN
@@ -71,15 +72,19 @@ class TrainResult:
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images, batch_size: int = 128, workers: int = 0) -> np.ndarray:
+def predict_proba(
+    model: nn.Module, images, batch_size: int = 128, workers: int = 0, what: str | None = None
+) -> np.ndarray:
     """Softmax probabilities of `images` (Images, an (x, y) pair or an image tensor), streamed
     in batches (on a CPU 64-128 images per batch run ~2x faster than 512: the activations stay
-    in cache)."""
+    in cache). `what`: a progress bar's label, for a pool that takes minutes."""
     images = as_images(images)
     was_training = model.training
     model.eval()
     device = model_device(model)
     loader = batches(images, in_order(len(images), batch_size), workers, device)
+    if what:
+        loader = progress(loader, what, -(-len(images) // batch_size))
     out = [
         F.softmax(model(x.to(device, non_blocking=True)).float(), dim=1).cpu() for x, _ in loader
     ]
