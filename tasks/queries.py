@@ -29,8 +29,9 @@ def select_round_queries(
     data = PreparedData.load(Path(dataset))
     model, _ = load_model(checkpoint)
     pool = data.indices("train")
-    pool = data.split_images("train")
-    probs = predict_proba(model, pool, what=f"scoring {len(pool)} pool images")
+    probs = predict_proba(
+        model, data.split_images("train"), what=f"scoring {len(pool)} pool images"
+    )
     exclude = np.isin(data.ids[pool], list(already_annotated))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
