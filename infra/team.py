@@ -296,9 +296,9 @@ class Team:
     def client_env(self) -> dict[str, str]:
         """What a client of the team needs (a developer's shell, the worker, a test): the
         worker's settings in compose.yaml (the servers' addresses and the credentials to use
-        them), less its project folder, which is the worker's own."""
+        them), less its project folder and its poll interval, which are the worker's own."""
         env = self.compose_env("prefect-worker")
-        del env["XBL_PROJECT_DIR"]
+        del env["XBL_PROJECT_DIR"], env["PREFECT_WORKER_QUERY_SECONDS"]
         return env | {"AWS_DEFAULT_REGION": REGION}
 
     def secret_values(self) -> list[str]:
