@@ -72,18 +72,16 @@ def cmd_baseline(args) -> int:
 
 def cmd_round(args) -> int:
     """One feedback round; `demo` first makes sure the local Label Studio is up."""
-    from flows.loop import ROUND_SETTINGS, feedback_round_flow, round_overrides
-    from xbl.config import load_config, with_overrides
+    from flows.loop import ROUND_SETTINGS, feedback_round_flow, round_config
 
     if getattr(args, "dataset", None):
         args.project = str(demo_project(args.dataset))
-    # the options given (`round`'s; `demo` has none), under the flow's parameter names, and
-    # checked with the file as _checked_project does
+    # the options (`round`'s; `demo` has none) under the flow's parameter names, checked with
+    # the file before any server or flow starts, as _checked_project does
     given = {name: getattr(args, name, None) for name in ROUND_SETTINGS}
     given = {name: value for name, value in given.items() if value is not None}
     project = Path(args.project).resolve()
-    cfg = load_config(project / args.params)
-    with_overrides(cfg, round_overrides(cfg.feedback.method, **given))
+    round_config(project / args.params, **given)
     # a round already running here: one line naming it, before Prefect starts (the flow's own
     # lock stays the guard; this only spares the user the failed flow's traceback)
     lock.check_free(project)
@@ -143,9 +141,8 @@ def demo_project(name: str) -> Path:
 def cmd_annotate(args) -> int:
     """The simulated annotator answers a round (the newest by default) through the API, as a
     person would; it needs the prepared dataset for the relevance masks."""
-    from flows.loop import project_title
     from services import labelstudio as ls
-    from xbl.config import load_config
+    from xbl.config import load_config, project_title
     from xbl.data.prepared import PreparedData
     from xbl.labelstudio.oracle import Oracle, relevance_lookup
 

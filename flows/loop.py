@@ -80,7 +80,7 @@ from tasks.runs import (
     tag_run,
 )
 from tasks.training import evaluate_checkpoint, train_baseline, train_with_feedback
-from xbl.config import Config, as_params, load_config, with_overrides
+from xbl.config import Config, as_params, load_config, project_title, with_overrides
 from xbl.errors import ProjectBusy
 from xbl.feedback.schedule import method_lambda
 from xbl.labelstudio.results import annotation_target
@@ -92,10 +92,6 @@ def crash_point(step: str) -> None:
     that step, as a power cut would, so tests can check that the next run loses nothing (the
     mid-step points live in the steps themselves: services/faults.py)."""
     faults.crash_point(step)
-
-
-def project_title(cfg: Config) -> str:
-    return f"{cfg.labelstudio.project_prefix}-{cfg.mlflow.experiment}"
 
 
 def earlier_feedback(project: Path, completed: tuple[int, ...]) -> dict[int, str]:
@@ -162,16 +158,14 @@ def feedback_round_flow(
         query_k: images asked per round; empty: query.k
     """
     root = Path(project).resolve()
-    loaded = load_config(root / params_file)
-    given = round_overrides(
-        loaded.feedback.method,
+    cfg, given = round_config(
+        root / params_file,
         wait_mode=wait_mode,
         feedback_method=feedback_method,
         feedback_lambda=feedback_lambda,
         query_strategy=query_strategy,
         query_k=query_k,
     )
-    cfg = with_overrides(loaded, given)
     if given:
         get_run_logger().info("this run replaces settings of %s: %s", params_file, given)
     with round_lock(root, cfg.mlflow.experiment) as holder:
@@ -186,6 +180,15 @@ ROUND_SETTINGS = {
     "query_strategy": "query.strategy",
     "query_k": "query.k",
 }
+
+
+def round_config(settings: Path, **given: object) -> tuple[Config, dict[str, object]]:
+    """The settings file's configuration with a round's parameters applied (`given`: flow
+    parameter names, None for not given), each checked as the file's value is; and the
+    dotted settings they replaced."""
+    loaded = load_config(settings)
+    dotted = round_overrides(loaded.feedback.method, **given)
+    return with_overrides(loaded, dotted), dotted
 
 
 def round_overrides(file_method: str, **given: object) -> dict[str, object]:

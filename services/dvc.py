@@ -22,6 +22,7 @@ import yaml
 from services.faults import crash_point
 from services.offline import OFFLINE_ENV
 from xbl.errors import ConfigError, XblError
+from xbl.files import write_whole
 
 REMOTE_NAME = "local"
 REMOTE_DIR = ".dvc-remote"
@@ -142,14 +143,7 @@ def _write_params_var(spec: Path, value: str) -> None:
             f"only: copy this repository's dvc.yaml, or run without --params"
         )
     if _params_var(text) != value:
-        _replace_text(spec, _PARAMS_VAR_LINE.sub(rf"\g<1>{value}\g<3>", text, count=1))
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write a file whole or not at all (a reader never sees half a dvc.yaml)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        write_whole(spec, _PARAMS_VAR_LINE.sub(rf"\g<1>{value}\g<3>", text, count=1))
 
 
 def push(project: Path, *targets: str) -> None:
@@ -176,7 +170,7 @@ def locked_out_hash(project: Path, stage: str, out: str) -> str:
 def checkout_lock(project: Path, lock_text: str, stage: str) -> None:
     """Write a dvc.lock and restore the stage's outputs it describes (from the cache, else the
     remote); nothing outside those outputs is touched."""
-    _replace_text(Path(project) / "dvc.lock", lock_text)
+    write_whole(Path(project) / "dvc.lock", lock_text)
     try:
         dvc(project, "checkout", "--force", stage)
     except DvcError:

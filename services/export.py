@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from services import labelstudio as ls
+from xbl.files import write_whole
 
 EXPORTS_DIR = "exports"
 
@@ -75,12 +75,7 @@ def _write_new(out_dir: Path, stem: str, snapshot: dict) -> Path:
     path, n = out_dir / f"{stem}.json", 1
     while path.exists():  # two exports in one second
         path, n = out_dir / f"{stem}-{n}.json", n + 1
-    tmp = out_dir / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(json.dumps(snapshot, indent=1, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_whole(path, json.dumps(snapshot, indent=1, default=str) + "\n")
     return path
 
 

@@ -27,18 +27,20 @@ from services.labelstudio_access import (
     is_loopback,
     server_settings,
 )
-from xbl.config import load_config
+from services.tracking_names import (  # noqa: F401  (tracking_uri: this module's API too)
+    BASELINE,
+    CHAMPION,
+    FEEDBACK_ROUNDS_TAG,
+    PROMOTED_TAG,
+    PROMOTION_TAG,
+    ROUND_TAG,
+    tracking_uri,
+)
+from xbl.config import load_config, project_title
 from xbl.errors import ProjectBusy
 from xbl.paths import ROUNDS_ROOT
 
 TIMEOUT_S = 1.0  # each request; an outage costs at most this, once
-# services/tracking.py's names, spelled again because importing it imports mlflow (a test
-# holds them equal)
-CHAMPION, BASELINE = "champion", "baseline"
-ROUND_TAG = "xbl.round"
-FEEDBACK_ROUNDS_TAG = "xbl.feedback_rounds"
-PROMOTION_TAG = "xbl.promotion"
-PROMOTED_TAG = "xbl.promoted"
 SHOWN_METRICS = ("audit_accuracy", "test_accuracy", "val_accuracy")
 
 
@@ -102,8 +104,7 @@ def project_status(project: Path, params_file: str = "params.yaml") -> Status:
     # which rounds are finished only the tracking store knows: unread, no round is called open
     unfinished = set() if tracked.error else set(rounds_on_disk(project)) - tracked.completed
     open_round = max(unfinished, default=None)
-    title = f"{cfg.labelstudio.project_prefix}-{cfg.mlflow.experiment}"  # flows.loop.project_title
-    progress = None if open_round is None else labelstudio_progress(title, open_round)
+    progress = None if open_round is None else labelstudio_progress(project_title(cfg), open_round)
     return Status(
         project,
         cfg.mlflow.experiment,
@@ -134,11 +135,6 @@ def round_holder(project: Path) -> str | None:
 
 
 # --- MLflow ----------------------------------------------------------------------------------
-
-
-def tracking_uri(project: Path) -> str:
-    """services.tracking.tracking_uri, without importing mlflow (a test holds them equal)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(project).resolve()}/mlflow.db"
 
 
 def read_tracking(uri: str, experiment: str, model_name: str) -> Tracked:

@@ -22,16 +22,22 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 
 from services import lock
 from services import offline as _offline  # noqa: F401
+from services.tracking_names import (  # noqa: F401  (this module's API too)
+    CHAMPION,
+    COMPARED_WITH_TAG,
+    DATA_VERSION_TAG,
+    DECISION_TAG,
+    FEEDBACK_ROUNDS_TAG,
+    FEEDBACK_VERSION_TAG,
+    HOLDER_TAG,
+    PROMOTED_TAG,
+    PROMOTION_TAG,
+    QUERY_MODEL_TAG,
+    ROUND_TAG,
+    TRAIN_SETTINGS_TAG,
+    tracking_uri,
+)
 from xbl.paths import FEEDBACK_ROOT, round_name
-
-DATA_VERSION_TAG = "xbl.data_version"
-TRAIN_SETTINGS_TAG = "xbl.train_settings"  # fingerprint of params' train section (a baseline's)
-FEEDBACK_VERSION_TAG = "xbl.feedback_version"
-
-
-def tracking_uri(project: Path) -> str:
-    """MLFLOW_TRACKING_URI when set, else a SQLite store inside the project."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(project).resolve()}/mlflow.db"
 
 
 def client_for(project: Path) -> MlflowClient:
@@ -389,19 +395,6 @@ def round_parent(client: MlflowClient, exp_id: str, round_number: int, query_run
             f"parent run '{round_name(round_number)}' tagged {QUERY_MODEL_TAG}={query_run}"
         )
     return runs[0].info.run_id
-
-
-ROUND_TAG = "xbl.round"
-PROMOTION_TAG = "xbl.promotion"
-FEEDBACK_ROUNDS_TAG = "xbl.feedback_rounds"  # the rounds whose masks a feedback run learnt from
-QUERY_MODEL_TAG = "xbl.query_model_run"  # on a round's parent: the model that chose its queries
-COMPARED_WITH_TAG = "xbl.compared_with"  # on a feedback run: the champion it was judged against
-PROMOTED_TAG = "xbl.promoted"  # on a feedback run: true when it became champion
-HOLDER_TAG = "xbl.round_holder"  # on a round's parent: the run that opened it (services.lock)
-# on a feedback run, before the alias moves: the promotion decision as JSON (promote?, why, the
-# evidence, the paired figures, the run compared with); a retry or a rerun reads it back
-DECISION_TAG = "xbl.promotion_decision"
-CHAMPION = "champion"
 
 
 def recorded_decision(client: MlflowClient, run_id: str) -> dict | None:

@@ -467,6 +467,11 @@ def _overridden_section(cfg: Config, name: str) -> Any:
     return getattr(cfg, name)
 
 
+def project_title(cfg: Config) -> str:
+    """The Label Studio project of the experiment's rounds."""
+    return f"{cfg.labelstudio.project_prefix}-{cfg.mlflow.experiment}"
+
+
 def load_config(path: str | Path = "params.yaml") -> Config:
     """Read and check params.yaml; errors name the file and the key."""
     path = Path(path)

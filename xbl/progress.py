@@ -35,7 +35,7 @@ def progress(items: Iterable[T], what: str, total: int | None = None) -> Iterato
             bar.advance(task)
 
 
-def batches(count: int, size: int, what: str) -> Iterator[int]:
+def batch_starts(count: int, size: int, what: str) -> Iterator[int]:
     """The start of each batch of `size` out of `count`, with a bar counting batches."""
     starts = range(0, count, size)
     return progress(starts, what, len(starts))

@@ -178,7 +178,6 @@ def test_sql_rest_and_mlflow_client_read_the_store_alike(store, tmp_path):
     """The read-only SQL and the REST API give what mlflow's own client gives."""
     project, cfg = store[0], store[1]
     uri = tracking.tracking_uri(project)
-    assert status.tracking_uri(project) == uri
     args = (cfg.mlflow.experiment, cfg.mlflow.model_name)
     by_client = status._tracked(uri, status._ClientStore(uri), *args)
     assert status.read_tracking(uri, *args) == by_client
@@ -193,17 +192,6 @@ def test_sql_rest_and_mlflow_client_read_the_store_alike(store, tmp_path):
         by_client.decision,
         by_client.completed,
     )
-
-
-def test_status_spells_trackings_names_alike():
-    for name in (
-        "ROUND_TAG",
-        "FEEDBACK_ROUNDS_TAG",
-        "PROMOTION_TAG",
-        "PROMOTED_TAG",
-        "CHAMPION",
-    ):
-        assert getattr(status, name) == getattr(tracking, name), name
 
 
 class _mlflow_server:

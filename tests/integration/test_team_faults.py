@@ -52,7 +52,7 @@ pytestmark = [
 
 EXPERIMENT = "team-faults"
 MODEL = "xbl-faults-classifier"
-TITLE = f"xbl-{EXPERIMENT}"  # flows.loop.project_title
+TITLE = f"xbl-{EXPERIMENT}"  # xbl.config.project_title
 K = 20  # tasks per round ...
 ANNOTATORS = 20  # ... one each, all submitting at once
 DEPLOYMENT = "xbl-feedback-round/scheduled"

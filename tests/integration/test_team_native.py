@@ -24,7 +24,7 @@ from tests.integration.project import REPO, as_worker_project, make_project
 pytestmark = [pytest.mark.integration, pytest.mark.labelstudio]
 
 EXPERIMENT = "team"
-TITLE = f"xbl-{EXPERIMENT}"  # flows.loop.project_title
+TITLE = f"xbl-{EXPERIMENT}"  # xbl.config.project_title
 K = 5
 CRON = "7 5 * * *"  # not the default: the deployment's cron must come from the project's params
 

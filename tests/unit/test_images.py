@@ -19,8 +19,7 @@ from xbl.train.models import SmallCNN
 def stored(tmp_path_factory):
     """A small decoy-digits set (every sixth image) saved and loaded back from disk."""
     full = decoy_digits(seed=3)
-    keep = np.arange(0, len(full), 6)
-    data = PreparedData(**{k: v if k == "classes" else v[keep] for k, v in full.__dict__.items()})
+    data = full.take(np.arange(0, len(full), 6))
     folder = tmp_path_factory.mktemp("prepared") / "prepared"
     data.save(folder)
     return data, PreparedData.load(folder)

@@ -8,7 +8,7 @@ import pty
 import subprocess
 import sys
 
-from xbl.progress import batches, progress
+from xbl.progress import batch_starts, progress
 
 DRAW = """
 import time
@@ -21,7 +21,7 @@ print("done", flush=True)
 
 def test_off_a_terminal_it_only_passes_the_items_through(capsys):
     assert list(progress(iter([1, 2, 3]), "counting")) == [1, 2, 3]
-    assert list(batches(10, 4, "batches")) == [0, 4, 8]
+    assert list(batch_starts(10, 4, "batches")) == [0, 4, 8]
     assert capsys.readouterr() == ("", "")
 
 

@@ -51,6 +51,12 @@ class PreparedData:
         idx = self.indices(split)
         return to_tensor(self.images[idx]), torch.from_numpy(self.labels[idx])
 
+    def take(self, rows: np.ndarray) -> PreparedData:
+        """The same dataset restricted to `rows` (positions or a boolean mask), every
+        per-image array alike; the classes stay."""
+        per_image = {k: np.asarray(v)[rows] for k, v in vars(self).items() if k != "classes"}
+        return PreparedData(**per_image, classes=self.classes)
+
     def split_images(self, split: str) -> ArrayImages:
         """The split as labelled images read from disk batch by batch."""
         return ArrayImages(self.images, self.labels, self.indices(split))

@@ -8,7 +8,7 @@ from torch import nn
 
 from xbl.data.images import to_tensor
 from xbl.explain.saliency import saliency_map
-from xbl.progress import batches
+from xbl.progress import batch_starts
 
 
 def pool_saliency(
@@ -23,6 +23,6 @@ def pool_saliency(
     are read a batch at a time, so a pool on disk never sits in memory whole."""
     maps = [
         saliency_map(model, to_tensor(images[idx[s : s + batch]]), method, blur_sigma)
-        for s in batches(len(idx), batch, f"{method} maps of {len(idx)} pool images")
+        for s in batch_starts(len(idx), batch, f"{method} maps of {len(idx)} pool images")
     ]
     return torch.cat(maps) if maps else torch.zeros(0, *images.shape[-2:])

@@ -35,7 +35,7 @@ from torch import nn
 
 from xbl.config import K_SELECTION, QueryConfig
 from xbl.explain.saliency import eval_mode, upsample_map
-from xbl.progress import batches
+from xbl.progress import batch_starts
 
 _EPS = 1e-12
 
@@ -238,7 +238,7 @@ def layer_activations(
     hook = layer.register_forward_hook(lambda _m, _i, acts: out.append(acts.detach()))
     try:
         with eval_mode(model), torch.no_grad():
-            for s in batches(len(x), batch_size, f"activations of {len(x)} images"):
+            for s in batch_starts(len(x), batch_size, f"activations of {len(x)} images"):
                 model(x[s : s + batch_size])
     finally:
         hook.remove()

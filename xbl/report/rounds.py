@@ -16,10 +16,10 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 from xbl.errors import DataError
+from xbl.files import write_whole
 
 METRICS_ROOT = "metrics"  # in the project, beside dvc.yaml, which names these files
 ROUND_FILE = "round.json"
@@ -73,7 +73,7 @@ def write_round_metrics(
         texts[folder / CURVES_FILE] = curves_text(curves)
     folder.mkdir(parents=True, exist_ok=True)
     for path, text in texts.items():
-        _replace_text(path, text)
+        write_whole(path, text)  # DVC or a reader never sees half a file
     return list(texts)
 
 
@@ -108,13 +108,6 @@ def _csv_text(columns, rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write a file whole or not at all: DVC or a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _has(values: dict, key: str) -> bool:
